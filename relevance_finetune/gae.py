@@ -1,0 +1,369 @@
+"""Differentiable GAE relevance (Chefer et al., 2021) for timm vision transformers.
+
+``attach_gae(model)`` instruments the attention modules of one model instance so that each
+forward records its post-softmax attention maps. ``handle.relevance(logits)`` then turns the
+maps of that forward into the relevance row the classifier reads, with one
+``torch.autograd.grad`` call over all maps and a row-vector rollout (O(L N^2)).
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+__all__ = [
+    "AttentionFamily",
+    "ATTENTION_FAMILIES",
+    "GAEHandle",
+    "UnsupportedModelError",
+    "attach_gae",
+    "explicit_attention",
+    "normalize_relevance",
+    "upsample_relevance",
+]
+
+# Attention modules whose maps GAE cannot read as token-to-token rows of one sequence.
+_UNSUPPORTED_ATTENTION = (
+    "WindowAttention",      # Swin: windows, no class token
+    "XCA",                  # XCiT: channel attention
+    "ClassAttn",            # CaiT: class attention
+    "TalkingHeadAttn",      # CaiT: mixes heads after softmax
+    "AttentionPoolLatent",  # 'map' pooling head
+)
+_SUPPORTED_POOLS = ("token", "avg")
+
+
+class UnsupportedModelError(TypeError):
+    """The model has no attention that ``attach_gae`` can instrument."""
+
+
+@dataclass(frozen=True)
+class AttentionFamily:
+    """One family of timm attention modules and how to read its post-softmax map.
+
+    The families listed in ``ATTENTION_FAMILIES`` all compute ``softmax(q k^T + bias)`` on an
+    explicit path that feeds the probabilities to ``attn_drop``, and choose the fused (SDPA)
+    path by the instance flag ``fused_attn``. A family that differs overrides the methods.
+    """
+
+    name: str
+    module_path: str  # "package.module:ClassName"
+
+    def module_type(self) -> type | None:
+        module_name, class_name = self.module_path.split(":")
+        try:
+            module = __import__(module_name, fromlist=[class_name])
+        except ImportError:
+            return None
+        return getattr(module, class_name, None)
+
+    def matches(self, module: nn.Module) -> bool:
+        module_type = self.module_type()
+        return module_type is not None and isinstance(module, module_type)
+
+    def map_source(self, module: nn.Module) -> nn.Module:
+        """The submodule whose input is the post-softmax attention (B, heads, N, N)."""
+        if not hasattr(module, "attn_drop") or not hasattr(module, "fused_attn"):
+            raise UnsupportedModelError(
+                f"{type(module).__name__} has no `attn_drop`/`fused_attn`: this timm version's "
+                f"{self.name} attention is not supported")
+        return module.attn_drop
+
+    def use_explicit(self, module: nn.Module) -> bool:
+        """Switch the instance to the explicit softmax path; returns the previous flag."""
+        previous = bool(module.fused_attn)
+        module.fused_attn = False
+        return previous
+
+    def restore(self, module: nn.Module, previous: bool) -> None:
+        module.fused_attn = previous
+
+
+ATTENTION_FAMILIES: tuple[AttentionFamily, ...] = (
+    AttentionFamily("timm Attention (ViT, AugReg, DeiT, DeiT3, register and CLIP ViTs)",
+                    "timm.layers.attention:Attention"),
+    AttentionFamily("BEiT Attention (relative position bias)", "timm.models.beit:Attention"),
+    AttentionFamily("EVA Attention (RoPE)", "timm.models.eva:EvaAttention"),
+)
+
+
+def _supported_names() -> str:
+    return "; ".join(family.name for family in ATTENTION_FAMILIES)
+
+
+def _find_attention(model: nn.Module) -> list[tuple[nn.Module, AttentionFamily]]:
+    found = []
+    for name, module in model.named_modules():
+        if type(module).__name__ in _UNSUPPORTED_ATTENTION:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} uses {type(module).__name__} ({name}), which GAE "
+                f"relevance does not support. Supported: {_supported_names()}.")
+        family = next((f for f in ATTENTION_FAMILIES if f.matches(module)), None)
+        if family is not None:
+            found.append((module, family))
+    if not found:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no supported attention module. "
+            f"Supported: {_supported_names()}.")
+    return found
+
+
+@contextlib.contextmanager
+def explicit_attention(model: nn.Module) -> Iterator[nn.Module]:
+    """Run every supported attention module of ``model`` on the explicit softmax path.
+
+    Needed by anything that takes a double backward through attention (second-order GAE,
+    GradMask, RRR): SDPA has no double backward. The fused flags are restored on exit.
+    """
+    modules = _find_attention(model)
+    previous = [family.use_explicit(module) for module, family in modules]
+    try:
+        yield model
+    finally:
+        for (module, family), flag in zip(modules, previous):
+            family.restore(module, flag)
+
+
+def normalize_relevance(relevance: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-image min-max normalisation of (B, ...) maps to [0, 1]; a constant map gives 0."""
+    flat = relevance.flatten(1)
+    low = flat.min(dim=1, keepdim=True).values
+    high = flat.max(dim=1, keepdim=True).values
+    return ((flat - low) / (high - low + eps)).view_as(relevance)
+
+
+def upsample_relevance(relevance: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear upsampling of (B, gh, gw) maps to (B, H, W)."""
+    out = F.interpolate(relevance[:, None], size=tuple(size), mode="bilinear", align_corners=False)
+    return out[:, 0]
+
+
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, GAEHandle]" = weakref.WeakKeyDictionary()
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+class GAEHandle:
+    """Records the attention maps of a model's forwards and computes GAE relevance from them.
+
+    Made by :func:`attach_gae`. Use as a context manager or call :meth:`remove`.
+    """
+
+    def __init__(self, model: nn.Module, second_order: bool = False) -> None:
+        self.model = model
+        self.second_order = second_order
+        self.pool = _readout_pool(model)
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+        self._modules = _find_attention(model)
+        self._maps: list[torch.Tensor | None] = [None] * len(self._modules)
+        self._input_size: tuple[int, int] | None = None
+        self._fused_flags = [family.use_explicit(module) for module, family in self._modules]
+        self._hooks = [model.patch_embed.register_forward_pre_hook(self._on_forward_start)]
+        for index, (module, family) in enumerate(self._modules):
+            hook = family.map_source(module).register_forward_hook(self._recorder(index))
+            self._hooks.append(hook)
+        _ATTACHED[model] = self
+
+    # -- recording -------------------------------------------------------------------------
+    def _on_forward_start(self, module: nn.Module, args: tuple) -> None:
+        if _in_backward():  # a checkpointed patch_embed re-run: keep the first forward's maps
+            return
+        self._maps = [None] * len(self._modules)
+        self._input_size = tuple(args[0].shape[-2:])
+
+    def _recorder(self, index: int):
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            # Re-runs in backward (gradient checkpointing) and repeats are ignored.
+            if self._maps[index] is None and not _in_backward():
+                self._maps[index] = args[0]
+        return record
+
+    @property
+    def attention_maps(self) -> list[torch.Tensor]:
+        """Post-softmax maps (B, heads, N, N) of the latest forward, first block first."""
+        if self._input_size is None or any(m is None for m in self._maps):
+            raise RuntimeError(
+                "no complete forward has been recorded: call the model on a batch of images "
+                "(with gradients enabled) after attach_gae and before computing relevance")
+        return list(self._maps)
+
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid (gh, gw) of the latest forward, from the model and the input size."""
+        patch_embed = self.model.patch_embed
+        if self._input_size is not None and hasattr(patch_embed, "dynamic_feat_size"):
+            return tuple(patch_embed.dynamic_feat_size(self._input_size))
+        return tuple(patch_embed.grid_size)
+
+    # -- relevance -------------------------------------------------------------------------
+    def relevance(
+            self,
+            logits: torch.Tensor,
+            target: int | torch.Tensor | None = None,
+            second_order: bool | None = None,
+    ) -> torch.Tensor:
+        """Raw GAE relevance (B, gh, gw) of ``target`` for the forward that produced ``logits``.
+
+        Differentiable through the attention maps. With ``second_order`` (default: the
+        handle's setting) the attention gradients are differentiable too.
+        """
+        maps = self.attention_maps
+        if not all(m.requires_grad for m in maps):
+            raise RuntimeError(
+                "the latest forward ran without gradients (torch.no_grad() or inference_mode, "
+                "or reentrant gradient checkpointing); relevance needs a forward with gradients")
+        if logits.ndim != 2 or logits.shape[0] != maps[0].shape[0]:
+            raise ValueError(
+                f"expected logits of shape (B, classes) with B={maps[0].shape[0]} as in the "
+                f"latest forward, got {tuple(logits.shape)}")
+        target = _resolve_target(logits, target)
+        score = logits.gather(1, target[:, None]).sum()
+        create_graph = self.second_order if second_order is None else second_order
+        grads = torch.autograd.grad(
+            score, maps, retain_graph=True, create_graph=create_graph, allow_unused=True)
+        if any(g is None for g in grads):
+            raise RuntimeError(
+                "these logits do not come from the latest recorded forward of the attached "
+                "model: pass the logits of the most recent `model(images)` call")
+        row = self._readout_row(maps[0])
+        for attn, grad in zip(reversed(maps), reversed(grads)):
+            cam = (grad * attn).clamp(min=0).mean(dim=1)  # (B, N, N)
+            row = row + torch.einsum("bn,bnm->bm", row, cam.to(row.dtype))
+        gh, gw = self.grid_size()
+        patches = row[:, self.num_prefix_tokens:]
+        if patches.shape[1] != gh * gw:
+            raise RuntimeError(
+                f"{patches.shape[1]} patch tokens do not fill the {gh}x{gw} grid expected for "
+                f"input size {self._input_size}")
+        return rearrange(patches, "b (h w) -> b h w", h=gh, w=gw)
+
+    def _readout_row(self, attn: torch.Tensor) -> torch.Tensor:
+        """The rollout's starting row: the token(s) the classifier reads, as (B, N)."""
+        batch, tokens = attn.shape[0], attn.shape[-1]
+        row = attn.new_zeros(batch, tokens, dtype=torch.float32)
+        if self.pool == "token":
+            row[:, 0] = 1.0
+        else:
+            row[:, self.num_prefix_tokens:] = 1.0 / (tokens - self.num_prefix_tokens)
+        return row
+
+    @torch.no_grad()
+    def explain(
+            self,
+            images: torch.Tensor,
+            target: int | torch.Tensor | None = None,
+            normalize: bool = True,
+            upsample: bool = True,
+    ) -> torch.Tensor:
+        """Detached relevance maps for ``images`` (B, C, H, W).
+
+        Returns (B, H, W) in [0, 1] by default; with ``normalize=False, upsample=False`` the raw
+        GAE row on the patch grid (B, gh, gw). ``target`` None means the predicted class. Runs in
+        eval mode and restores the model's mode and the recorded maps of the caller's forward.
+        """
+        saved = (self._maps, self._input_size)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.enable_grad():
+                logits = self.model(images)
+                relevance = self.relevance(logits, target, second_order=False)
+        finally:
+            self.model.train(was_training)
+            self._maps, self._input_size = saved
+        relevance = relevance.detach().float()
+        if upsample:
+            relevance = upsample_relevance(relevance, images.shape[-2:])
+        if normalize:
+            relevance = normalize_relevance(relevance)
+        return relevance
+
+    # -- lifetime --------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Remove the hooks and restore the fused attention flags. Idempotent."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for (module, family), flag in zip(self._modules, self._fused_flags):
+            family.restore(module, flag)
+        self._maps = [None] * len(self._modules)
+        if _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
+
+    def __enter__(self) -> "GAEHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (f"GAEHandle({type(self.model).__name__}, blocks={len(self._modules)}, "
+                f"pool={self.pool!r}, second_order={self.second_order})")
+
+
+def _readout_pool(model: nn.Module) -> str:
+    if not hasattr(model, "patch_embed"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no `patch_embed`: attach_gae supports timm vision "
+            f"transformers. Supported attention: {_supported_names()}.")
+    pool = getattr(model, "global_pool", None)
+    if pool not in _SUPPORTED_POOLS:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} pools tokens with global_pool={pool!r}; GAE relevance needs "
+            f"one of {_SUPPORTED_POOLS} (the classifier reads the class token or the patch mean)")
+    return pool
+
+
+def _resolve_target(logits: torch.Tensor, target: int | torch.Tensor | None) -> torch.Tensor:
+    batch, classes = logits.shape
+    if target is None:
+        return logits.detach().argmax(dim=1)
+    target = torch.as_tensor(target, device=logits.device).long()
+    if target.ndim == 0:
+        target = target.expand(batch)
+    if target.shape != (batch,):
+        raise ValueError(f"target must be an int or a ({batch},) tensor, got shape {tuple(target.shape)}")
+    if target.min() < 0 or target.max() >= classes:
+        raise ValueError(f"target classes must lie in [0, {classes}), got {target.tolist()}")
+    return target
+
+
+def attach_gae(model: nn.Module, second_order: bool = False) -> GAEHandle:
+    """Instrument ``model``'s attention so that its forwards yield GAE relevance.
+
+    Parameters
+    ----------
+    model:
+        A timm vision transformer whose attention is one of ``ATTENTION_FAMILIES``, pooled by
+        the class token (``global_pool='token'``) or the patch mean (``'avg'``).
+    second_order:
+        Take the attention gradients with ``create_graph=True`` so the loss also reaches the
+        weights through them. Default False: constant gradients, as the paper's code.
+
+    Returns
+    -------
+    GAEHandle
+        ``handle.relevance(logits)`` after the model's forward, ``handle.explain(images)`` for
+        pictures; ``handle.remove()`` (or leaving a ``with`` block) restores the model.
+
+    Raises
+    ------
+    UnsupportedModelError
+        For models without supported attention (Swin, XCiT, CaiT, CNNs) or readout.
+    RuntimeError
+        If the model already has a handle attached: call its ``remove()`` first.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach_gae expects a torch.nn.Module, got {type(model).__name__}")
+    if model in _ATTACHED:
+        raise RuntimeError(
+            f"a GAE handle is already attached to this {type(model).__name__}: "
+            "use that handle, or call its remove() before attaching again")
+    return GAEHandle(model, second_order=second_order)

@@ -1,0 +1,206 @@
+"""attach_gae: the relevance equals a naive N x N GAE; recording, restoring and bad input."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_images, tiny_model
+from relevance_finetune import UnsupportedModelError, attach_gae, explicit_attention
+
+
+def naive_gae(model, images, target=None):
+    """The reference algorithm: own hooks, one autograd.grad per block, full N x N rollout."""
+    maps = []
+    hooks = [m.attn_drop.register_forward_hook(lambda mod, args, out: maps.append(args[0]))
+             for m in model.modules() if hasattr(m, "attn_drop") and hasattr(m, "fused_attn")]
+    with explicit_attention(model):
+        logits = model(images)
+    for hook in hooks:
+        hook.remove()
+    target = logits.argmax(1) if target is None else target
+    score = logits[torch.arange(len(images)), target].sum()
+    batch, _, tokens, _ = maps[0].shape
+    rollout = torch.eye(tokens).expand(batch, tokens, tokens)
+    for attn in maps:
+        (grad,) = torch.autograd.grad(score, attn, retain_graph=True)
+        cam = (grad * attn).clamp(min=0).mean(1)
+        rollout = rollout + cam @ rollout
+    prefix = model.num_prefix_tokens
+    if model.global_pool == "token":
+        row = rollout[:, 0]
+    else:
+        row = rollout[:, prefix:].mean(1)
+    gh, gw = model.patch_embed.grid_size
+    return row[:, prefix:].reshape(batch, gh, gw).detach()
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.parametrize("given_target", [False, True])
+def test_relevance_matches_naive_gae(model_key, second_order, given_target):
+    model = tiny_model(model_key)
+    images = tiny_images(model)
+    target = torch.tensor([3, 1]) if given_target else None
+    expected = naive_gae(model, images, target)
+    with attach_gae(model, second_order=second_order) as gae:
+        logits = model(images)
+        relevance = gae.relevance(logits, target)
+    assert relevance.shape == expected.shape
+    torch.testing.assert_close(relevance.detach(), expected, rtol=1e-4, atol=1e-6)
+    assert relevance.requires_grad
+
+
+def test_readout_rows_differ_between_pools():
+    """The CLS row and the patch-mean row are different rows: the pool really selects."""
+    model = tiny_model("vit_cls")
+    images = tiny_images(model)
+    with attach_gae(model) as gae:
+        token = gae.relevance(model(images)).detach()
+    model.global_pool = "avg"
+    with attach_gae(model) as gae:
+        avg = gae.relevance(model(images)).detach()
+    assert not torch.allclose(token, avg)
+
+
+def test_grid_non_square_and_dynamic_size():
+    model = tiny_model("vit_cls", img_size=(32, 48))
+    with attach_gae(model) as gae:
+        assert gae.relevance(model(torch.randn(2, 3, 32, 48))).shape == (2, 4, 6)
+    dynamic = tiny_model("vit_cls", dynamic_img_size=True)
+    with attach_gae(dynamic) as gae:
+        assert gae.relevance(dynamic(torch.randn(1, 3, 40, 24))).shape == (1, 5, 3)
+        assert gae.explain(torch.randn(1, 3, 40, 24)).shape == (1, 40, 24)
+
+
+def test_remove_restores_fused_path_and_outputs():
+    model = tiny_model("vit_cls")
+    images = tiny_images(model)
+    attn = model.blocks[0].attn
+    fused_before = attn.fused_attn
+    with torch.no_grad():
+        before = model(images)
+    gae = attach_gae(model)
+    assert attn.fused_attn is False
+    gae.remove()
+    assert attn.fused_attn == fused_before
+    with torch.no_grad():
+        after = model(images)
+    assert torch.equal(before, after)
+    with attach_gae(model):
+        pass
+    assert attn.fused_attn == fused_before
+    assert not attn.attn_drop._forward_hooks
+
+
+def test_attach_twice_raises_until_removed():
+    model = tiny_model()
+    gae = attach_gae(model)
+    with pytest.raises(RuntimeError, match="already attached"):
+        attach_gae(model)
+    gae.remove()
+    attach_gae(model).remove()
+
+
+def test_no_grad_forward_is_refused():
+    model = tiny_model()
+    images = tiny_images(model)
+    with attach_gae(model) as gae:
+        model(images).sum()  # a forward with grad...
+        with torch.no_grad():
+            logits = model(images)  # ...then one without: its maps replace the earlier ones
+        with pytest.raises(RuntimeError, match="without gradients"):
+            gae.relevance(logits)
+
+
+def test_logits_of_an_earlier_forward_are_refused():
+    model = tiny_model()
+    images = tiny_images(model)
+    with attach_gae(model) as gae:
+        old_logits = model(images)
+        model(images + 1)
+        with pytest.raises(RuntimeError, match="latest recorded forward"):
+            gae.relevance(old_logits)
+
+
+def test_relevance_before_any_forward_is_refused():
+    model = tiny_model()
+    with attach_gae(model) as gae:
+        with pytest.raises(RuntimeError, match="no complete forward"):
+            gae.relevance(torch.zeros(2, 5))
+
+
+def test_gradient_checkpointing_keeps_the_first_forward_maps():
+    model = tiny_model()
+    images = tiny_images(model)
+    with attach_gae(model) as gae:
+        expected = gae.relevance(model(images)).detach()
+    model.set_grad_checkpointing(True)
+    model.train()  # timm checkpoints only in training mode; dropout rates are 0
+    with attach_gae(model) as gae:
+        logits = model(images)
+        maps = gae.attention_maps
+        relevance = gae.relevance(logits)
+        relevance.sum().backward()  # re-runs the blocks: their maps must not be recorded
+        assert all(a is b for a, b in zip(maps, gae.attention_maps))
+    torch.testing.assert_close(relevance.detach(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_explain_restores_mode_and_caller_maps():
+    model = tiny_model().train()
+    images = tiny_images(model)
+    with attach_gae(model) as gae:
+        logits = model(images)
+        maps = gae.attention_maps
+        heat = gae.explain(images)
+        assert model.training
+        assert all(a is b for a, b in zip(maps, gae.attention_maps))
+        gae.relevance(logits)  # still usable after explain
+        raw = gae.explain(images, normalize=False, upsample=False)
+    assert heat.shape == (2, 32, 32) and not heat.requires_grad
+    assert heat.min() >= 0 and heat.max() <= 1
+    assert raw.shape == (2, 4, 4)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_explain_target_selects_classes():
+    model = tiny_model()
+    images = tiny_images(model)
+    with attach_gae(model) as gae:
+        a = gae.explain(images, target=0, normalize=False, upsample=False)
+        b = gae.explain(images, target=torch.tensor([1, 2]), normalize=False, upsample=False)
+        assert not torch.allclose(a, b)
+        with pytest.raises(ValueError, match="target classes"):
+            gae.explain(images, target=7)
+        with pytest.raises(ValueError, match="target must be"):
+            gae.explain(images, target=torch.tensor([1, 2, 3]))
+
+
+@pytest.mark.parametrize("name, kwargs, match", [
+    ("swin_tiny_patch4_window7_224", dict(img_size=56, embed_dim=24, depths=(1, 1), num_heads=(1, 1)), "WindowAttention"),
+    ("xcit_nano_12_p16_224", dict(img_size=32, depth=1), "XCA"),
+    ("resnet18", dict(), "patch_embed"),
+    ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=1, global_pool="map"), "global_pool='map'"),
+])
+def test_unsupported_models_fail_clearly(name, kwargs, match):
+    model = timm.create_model(name, pretrained=False, num_classes=3, **kwargs)
+    with pytest.raises(UnsupportedModelError, match=match) as info:
+        attach_gae(model)
+    assert type(model).__name__ in str(info.value)
+
+
+def test_attach_rejects_non_modules():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        attach_gae("vit_base_patch16_224")
+
+
+def test_second_order_needs_and_gets_explicit_attention():
+    """A double backward through SDPA fails; through the attached model it works."""
+    model = tiny_model()
+    images = tiny_images(model).requires_grad_(True)
+    with attach_gae(model, second_order=True) as gae:
+        logits = model(images)
+        (grad,) = torch.autograd.grad(logits.sum(), images, create_graph=True)
+        grad.square().sum().backward()
+        assert model.blocks[0].attn.qkv.weight.grad is not None
+        assert F.cross_entropy(logits, logits.argmax(1)).isfinite()
