@@ -245,11 +245,17 @@ class GAEHandle:
         return rearrange(patches, "b (h w) -> b h w", h=gh, w=gw)
 
     def _readout_row(self, attn: torch.Tensor) -> torch.Tensor:
-        """The rollout's starting row: the token(s) the classifier reads, as (B, N)."""
+        """The rollout's starting row: the token(s) the classifier reads, as (B, N).
+
+        The class token (and the distillation token of distilled DeiTs) for ``'token'``
+        pooling; the mean of the patch tokens for ``'avg'``.
+        """
         batch, tokens = attn.shape[0], attn.shape[-1]
         row = attn.new_zeros(batch, tokens, dtype=torch.float32)
         if self.pool == "token":
-            row[:, 0] = 1.0
+            # distilled DeiT: the logits average the class and distillation heads
+            readout = 2 if getattr(self.model, "dist_token", None) is not None else 1
+            row[:, :readout] = 1.0 / readout
         else:
             row[:, self.num_prefix_tokens:] = 1.0 / (tokens - self.num_prefix_tokens)
         return row

@@ -1,17 +1,25 @@
 """Model creation for the command line: any ``timm.create_model`` name plus optional weights."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import timm
 import torch
+from safetensors import safe_open
 from torch import nn
 
-__all__ = ["create_model", "load_weights"]
+__all__ = ["CHECKPOINT_FORMAT", "TRAINER_STATE_PREFIX", "create_model", "load_weights"]
+
+# The header of a training checkpoint (relevance_finetune.train): model tensors under their own
+# keys, optimiser/RNG tensors under TRAINER_STATE_PREFIX, JSON "info" with the architecture.
+CHECKPOINT_FORMAT = "relevance_finetune.checkpoint"
+TRAINER_STATE_PREFIX = "trainer_state/"
 
 
 def load_weights(model: nn.Module, checkpoint: str | Path) -> nn.Module:
-    """Load a ``.safetensors`` file, a timm/torch state dict, or an exported directory into ``model``.
+    """Load weights into ``model``: a ``.safetensors`` file (a training checkpoint included), a
+    timm/torch state dict, or an exported directory.
 
     A directory is read as ``DIR/model.safetensors``. Raises ``ValueError`` naming both
     architectures when the weights belong to another model.
@@ -21,19 +29,36 @@ def load_weights(model: nn.Module, checkpoint: str | Path) -> nn.Module:
         path = path / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    source = None
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(path))
+        state, source = _read_safetensors(path)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict):
             state = state.get("state_dict", state.get("model", state))
-    _check_compatible(model, state, path)
+    _check_compatible(model, state, path, source)
     model.load_state_dict(state)
     return model
 
 
-def _check_compatible(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The model tensors of ``path`` and their architecture, where the file or a config.json beside it says."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        checkpoint = metadata.get("format") == CHECKPOINT_FORMAT
+        state = {k: f.get_tensor(k) for k in f.keys() if not (checkpoint and k.startswith(TRAINER_STATE_PREFIX))}
+    if checkpoint:
+        return state, json.loads(metadata["info"]).get("architecture")
+    config = path.with_name("config.json")
+    return state, json.loads(config.read_text()).get("architecture") if config.is_file() else None
+
+
+def _check_compatible(
+        model: nn.Module,
+        state: dict[str, torch.Tensor],
+        path: Path,
+        source: str | None = None,
+) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in state.items()}
     missing = sorted(set(expected) - set(given))
@@ -49,7 +74,7 @@ def _check_compatible(model: nn.Module, state: dict[str, torch.Tensor], path: Pa
             k = mismatched[0]
             details.append(f"{len(mismatched)} shape mismatches (e.g. {k}: model {expected[k]}, file {given[k]})")
         raise ValueError(
-            f"{path} does not fit this {type(model).__name__} "
+            f"{path} ({source or 'architecture not recorded'}) does not fit this {type(model).__name__} "
             f"({getattr(model, 'default_cfg', {}).get('architecture', '?')}): " + "; ".join(details))
 
 

@@ -29,7 +29,7 @@ def naive_gae(model, images, target=None):
         rollout = rollout + cam @ rollout
     prefix = model.num_prefix_tokens
     if model.global_pool == "token":
-        row = rollout[:, 0]
+        row = rollout[:, :2].mean(1) if getattr(model, "dist_token", None) is not None else rollout[:, 0]
     else:
         row = rollout[:, prefix:].mean(1)
     gh, gw = model.patch_embed.grid_size

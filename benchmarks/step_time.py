@@ -1,0 +1,517 @@
+"""Step time and peak memory of relevance finetuning, in one process so that ratios are fair.
+
+Cases (all on the same model, weights, batch and AdamW optimiser):
+
+- ``plain_fused``      cross-entropy finetune step as timm runs it by default (fused SDPA attention)
+- ``plain_explicit``   the same step on the explicit softmax path
+- ``relevance``        ``attach_gae`` + ``RelevanceRegularizer``: constant gradients, one forward
+- ``second_order``     the same with ``attach_gae(model, second_order=True)``
+- ``reference``        the paper's reference algorithm, re-implemented here from its description:
+                       two forwards, one ``autograd.grad`` per block, full N x N rollout
+- ``explain`` / ``reference_explain``   explanation throughput (images/s), no weight update
+
+Timings interleave the cases round by round (warm-up rounds first) and report the median;
+peak memory runs each case in a fresh subprocess (CPU: ``VmHWM`` of /proc/self/status after a
+reset; CUDA: ``torch.cuda.max_memory_allocated``), counted above the resident model and batch.
+
+Examples::
+
+    python benchmarks/step_time.py                                  # vit_small, batch 8, 224 px
+    python benchmarks/step_time.py --model vit_tiny_patch16_224 vit_base_patch16_224
+    python benchmarks/step_time.py --scaling --quick                # vs image size and depth
+    python benchmarks/step_time.py --device cuda --dtype bf16
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, ContextManager, Iterator
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers.attention import Attention
+from torch import nn
+
+from relevance_finetune import RelevanceRegularizer, attach_gae
+
+MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224")
+STEP_CASES = ("plain_fused", "plain_explicit", "relevance", "second_order", "reference")
+EXPLAIN_CASES = ("explain", "reference_explain")
+SCALING_SIZES = (224, 288, 384)
+SCALING_DEPTHS = (4, 8, 12)
+SCALING_CASES = ("plain_fused", "relevance", "reference")
+# The issue's targets (CPU, vit_small, batch 8): (name, case a, case b, measure, bound, limit),
+# each a ratio a / b of median step times or of peak memory deltas.
+TARGETS = (
+    ("relevance step / plain fused step", "relevance", "plain_fused", "time", "max", 1.3),
+    ("reference step / relevance step", "reference", "relevance", "time", "min", 2.7),
+    ("second-order step / plain fused step", "second_order", "plain_fused", "time", "max", 2.3),
+    ("relevance peak memory / plain fused", "relevance", "plain_fused", "memory", "max", 1.25),
+    ("explain() throughput / reference explanation", "reference_explain", "explain", "time", "min", 4.0),
+)
+MIB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class Config:
+    """One measured setting; ``model_kwargs`` go to ``timm.create_model`` (tests use tiny models)."""
+
+    model: str = "vit_small_patch16_224"
+    batch: int = 8
+    img_size: int = 224
+    depth: int | None = None
+    device: str = "cpu"
+    dtype: str = "fp32"  # "fp32" or "bf16" (autocast)
+    steps: int = 5
+    warmup: int = 2
+    seed: int = 0
+    model_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Workload:
+    """A model in training mode with its optimiser and one fixed batch of images, masks, labels."""
+
+    config: Config
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    images: torch.Tensor  # (B, 3, H, W)
+    masks: torch.Tensor  # (B, H, W) in {0, 1}
+    labels: torch.Tensor  # (B,)
+
+    def autocast(self) -> ContextManager:
+        device_type = torch.device(self.config.device).type
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.config.dtype == "bf16")
+
+    def update(self, loss: torch.Tensor) -> None:
+        """Backward, optimiser step, zero grads: the part every training step shares."""
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def make_workload(config: Config) -> Workload:
+    """Random-weight model (``pretrained=False``), AdamW as in the paper, a random batch."""
+    torch.manual_seed(config.seed)
+    kwargs = dict(img_size=config.img_size, **config.model_kwargs)
+    if config.depth is not None:
+        kwargs["depth"] = config.depth
+    model = timm.create_model(config.model, pretrained=False, **kwargs).to(config.device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=1e-4)
+    size = model.patch_embed.img_size
+    images = torch.randn(config.batch, 3, *size, device=config.device)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size[0]), torch.linspace(-1, 1, size[1]), indexing="ij")
+    masks = (yy.square() + xx.square() < 0.5).float().expand(config.batch, -1, -1).to(config.device)
+    labels = torch.randint(0, model.num_classes, (config.batch,), device=config.device)
+    return Workload(config, model, optimizer, images, masks, labels)
+
+
+# -- the reference algorithm, from its description (docs: reference-facts section 1) ---------
+
+class ReferenceGAE:
+    """GAE as the paper's code computes it: per-block ``autograd.grad`` and an N x N rollout.
+
+    Use as a context manager: it switches the timm ``Attention`` modules to the explicit path
+    and records their post-softmax maps during :meth:`forward`. CLS readout (the paper's models).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modules = [m for m in model.modules() if isinstance(m, Attention)]
+        self.maps: list[torch.Tensor] = []
+        self._recording = False
+        self._undo: list[Callable[[], None]] = []
+
+    def __enter__(self) -> "ReferenceGAE":
+        for module in self.modules:
+            self._undo.append(lambda m=module, flag=module.fused_attn: setattr(m, "fused_attn", flag))
+            module.fused_attn = False
+            self._undo.append(module.attn_drop.register_forward_hook(self._record).remove)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo = []
+
+    def _record(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self._recording:
+            self.maps.append(args[0])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """A forward whose attention maps are kept for :meth:`relevance`."""
+        self.maps, self._recording = [], True
+        try:
+            return self.model(images)
+        finally:
+            self._recording = False
+
+    def relevance(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Raw relevance (B, gh, gw) of ``target``: CLS row of the rollout, patch columns."""
+        score = logits[torch.arange(logits.shape[0]), target].sum()
+        batch, tokens = logits.shape[0], self.maps[0].shape[-1]
+        rollout = torch.eye(tokens, device=logits.device).repeat(batch, 1, 1)
+        for attn in self.maps:
+            grad = torch.autograd.grad(score, attn, retain_graph=True)[0]
+            cam = (grad * attn).clamp(min=0).mean(dim=1)
+            rollout = rollout + torch.bmm(cam, rollout)
+        gh, gw = self.model.patch_embed.grid_size
+        return rollout[:, 0, self.model.num_prefix_tokens:].reshape(batch, gh, gw)
+
+
+def reference_heatmap(relevance: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling to ``size`` and per-image min-max (an epsilon guards constant maps)."""
+    heat = F.interpolate(relevance[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    low = heat.amin(dim=(1, 2), keepdim=True)
+    high = heat.amax(dim=(1, 2), keepdim=True)
+    return (heat - low) / (high - low + 1e-8)
+
+
+def reference_loss(ref: ReferenceGAE, work: Workload) -> torch.Tensor:
+    """The paper's loss the reference way: relevance forward, then a second forward for L_cls."""
+    relevance = ref.relevance(ref.forward(work.images), work.labels)
+    heat = reference_heatmap(relevance, tuple(work.masks.shape[-2:]))
+    background = F.mse_loss(heat * (1 - work.masks), torch.zeros_like(heat))
+    foreground = F.mse_loss(heat * work.masks, work.masks)
+    logits = work.model(work.images)
+    classification = F.cross_entropy(logits, logits.argmax(dim=1))
+    return 0.8 * (2.0 * background + 0.3 * foreground) + 0.2 * classification
+
+
+def reference_explain(ref: ReferenceGAE, images: torch.Tensor) -> torch.Tensor:
+    """The reference explanation of the predicted class: (B, H, W) in [0, 1]."""
+    with torch.enable_grad():
+        logits = ref.forward(images)
+        relevance = ref.relevance(logits, logits.argmax(dim=1)).detach()
+    return reference_heatmap(relevance, tuple(images.shape[-2:]))
+
+
+# -- cases: each yields a zero-argument callable that runs one step -------------------------
+
+Step = Callable[[], object]
+
+
+@contextlib.contextmanager
+def plain_case(work: Workload, explicit: bool) -> Iterator[Step]:
+    """Cross-entropy with the labels; timm's default attention path unless ``explicit``."""
+    attention = [m for m in work.model.modules() if isinstance(m, Attention)]
+    flags = [m.fused_attn for m in attention]
+    for module in attention:
+        module.fused_attn = module.fused_attn and not explicit
+    try:
+        def step() -> None:
+            with work.autocast():
+                loss = F.cross_entropy(work.model(work.images), work.labels)
+            work.update(loss)
+        yield step
+    finally:
+        for module, flag in zip(attention, flags):
+            module.fused_attn = flag
+
+
+@contextlib.contextmanager
+def relevance_case(work: Workload, second_order: bool) -> Iterator[Step]:
+    with attach_gae(work.model, second_order=second_order) as gae:
+        criterion = RelevanceRegularizer(gae)
+
+        def step() -> None:
+            with work.autocast():
+                logits = work.model(work.images)
+                loss = criterion(logits, work.masks, labels=work.labels).loss
+            work.update(loss)
+        yield step
+
+
+@contextlib.contextmanager
+def reference_case(work: Workload) -> Iterator[Step]:
+    with ReferenceGAE(work.model) as ref:
+        def step() -> None:
+            with work.autocast():
+                loss = reference_loss(ref, work)
+            work.update(loss)
+        yield step
+
+
+@contextlib.contextmanager
+def explain_case(work: Workload) -> Iterator[Step]:
+    with attach_gae(work.model) as gae:
+        def step() -> torch.Tensor:
+            with work.autocast():
+                return gae.explain(work.images)
+        yield step
+
+
+@contextlib.contextmanager
+def reference_explain_case(work: Workload) -> Iterator[Step]:
+    with ReferenceGAE(work.model) as ref, torch.no_grad():
+        def step() -> torch.Tensor:
+            with work.autocast():
+                return reference_explain(ref, work.images)
+        yield step
+
+
+CASES: dict[str, Callable[[Workload], ContextManager[Step]]] = {
+    "plain_fused": lambda work: plain_case(work, explicit=False),
+    "plain_explicit": lambda work: plain_case(work, explicit=True),
+    "relevance": lambda work: relevance_case(work, second_order=False),
+    "second_order": lambda work: relevance_case(work, second_order=True),
+    "reference": reference_case,
+    "explain": explain_case,
+    "reference_explain": reference_explain_case,
+}
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_cases(work: Workload, cases: tuple[str, ...]) -> dict[str, list[float]]:
+    """Seconds per step of each case, interleaved round by round; warm-up rounds dropped."""
+    config = work.config
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(config.warmup + config.steps):
+        for name in cases:
+            with CASES[name](work) as step:
+                _synchronize(config.device)
+                start = time.perf_counter()
+                step()
+                _synchronize(config.device)
+                times[name].append(time.perf_counter() - start)
+    return {name: values[config.warmup:] for name, values in times.items()}
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key} line")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory(config: Config, case: str, steps: int = 1) -> dict:
+    """Peak memory of ``steps`` steps of ``case`` in this process, in MiB.
+
+    ``delta_mib``: the peak above the resident model, optimiser and batch (grads, AdamW state,
+    activations, relevance); ``peak_mib``: the process's peak RSS (CPU) or allocated (CUDA).
+    """
+    work = make_workload(config)
+    cuda = torch.device(config.device).type == "cuda"
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        reset = _reset_peak_rss()
+        baseline = _proc_status_kib("VmRSS") * 1024
+    with CASES[case](work) as step:
+        for _ in range(steps):
+            step()
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        source = "torch.cuda.max_memory_allocated"
+    else:
+        peak = _proc_status_kib("VmHWM") * 1024
+        source = "VmHWM" + ("" if reset else " (not reset: includes model creation)")
+    return dict(delta_mib=(peak - baseline) / MIB, peak_mib=peak / MIB, source=source)
+
+
+def memory_in_subprocess(config: Config, case: str) -> dict:
+    """:func:`measure_memory` in a fresh interpreter, so that no other case's peak leaks in."""
+    command = [sys.executable, os.path.abspath(__file__), "--memory-worker", case,
+               "--config-json", json.dumps(asdict(config))]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory worker for {case!r} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def summarize(config: Config, times: dict[str, list[float]], memory: dict[str, dict]) -> dict:
+    """Medians, ratios to the plain fused step (or to the reference explanation), targets."""
+    steps, explain = {}, {}
+    for name, values in times.items():
+        entry = dict(median_s=statistics.median(values), times_s=values, **memory.get(name, {}))
+        (explain if name in EXPLAIN_CASES else steps)[name] = entry
+    for name, entry in explain.items():
+        entry["images_per_s"] = config.batch / entry["median_s"]
+    _add_ratios(steps, "plain_fused", ("time_vs_plain", "memory_vs_plain"))
+    if "reference_explain" in explain:
+        for entry in explain.values():
+            entry["speedup_vs_reference"] = explain["reference_explain"]["median_s"] / entry["median_s"]
+    return dict(config=asdict(config), steps=steps, explain=explain,
+                targets=evaluate_targets({**steps, **explain}))
+
+
+def _add_ratios(entries: dict[str, dict], base: str, keys: tuple[str, str]) -> None:
+    if base not in entries:
+        return
+    for entry in entries.values():
+        entry[keys[0]] = entry["median_s"] / entries[base]["median_s"]
+        if "delta_mib" in entry and "delta_mib" in entries[base]:
+            entry[keys[1]] = entry["delta_mib"] / entries[base]["delta_mib"]
+
+
+def evaluate_targets(entries: dict[str, dict]) -> list[dict]:
+    """The issue's targets that these cases allow to check, each with its measured ratio."""
+    results = []
+    for name, a, b, measure, bound, limit in TARGETS:
+        key = "median_s" if measure == "time" else "delta_mib"
+        if key not in entries.get(a, {}) or key not in entries.get(b, {}):
+            continue
+        value = entries[a][key] / entries[b][key]
+        met = value >= limit if bound == "min" else value <= limit
+        results.append(dict(name=name, value=value, bound=bound, limit=limit, met=met))
+    return results
+
+
+def run_config(config: Config, cases: tuple[str, ...], memory: bool) -> dict:
+    """Time ``cases`` on one workload (one process), then their memory in subprocesses."""
+    times = time_cases(make_workload(config), cases)
+    mem = {name: memory_in_subprocess(config, name) for name in cases} if memory else {}
+    return summarize(config, times, mem)
+
+
+def environment() -> dict:
+    return dict(torch=torch.__version__, timm=timm.__version__, python=platform.python_version(),
+                platform=platform.platform(), processor=_cpu_name(), threads=torch.get_num_threads(),
+                cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                load_average=os.getloadavg())
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+# -- reporting --------------------------------------------------------------------------------
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown_run(run: dict) -> str:
+    """One configuration: the step table, the explanation table and the targets."""
+    c = run["config"]
+    lines = [f"**{c['model']}**, batch {c['batch']}, {c['img_size']} px, depth {c['depth'] or 'default'}, "
+             f"{c['device']}, {c['dtype']}; median of {c['steps']} steps after {c['warmup']} warm-up",
+             "", "| step | median (ms) | × plain fused | peak mem Δ (MiB) | × plain fused | peak RSS (MiB) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, e in run["steps"].items():
+        lines.append(f"| {name} | {e['median_s'] * 1e3:.0f} | {_fmt(e.get('time_vs_plain'), '.2f')} | "
+                     f"{_fmt(e.get('delta_mib'), '.0f')} | {_fmt(e.get('memory_vs_plain'), '.2f')} | "
+                     f"{_fmt(e.get('peak_mib'), '.0f')} |")
+    if run["explain"]:
+        lines += ["", "| explanation | median (ms / batch) | images/s | × reference |", "|---|---:|---:|---:|"]
+        for name, e in run["explain"].items():
+            lines.append(f"| {name} | {e['median_s'] * 1e3:.0f} | {e['images_per_s']:.2f} | "
+                         f"{_fmt(e.get('speedup_vs_reference'), '.2f')} |")
+    if run["targets"]:
+        lines += ["", "| target | measured | limit | met |", "|---|---:|---:|---|"]
+        for t in run["targets"]:
+            bound = "≥" if t["bound"] == "min" else "≤"
+            lines.append(f"| {t['name']} | {t['value']:.2f} | {bound} {t['limit']} | {'yes' if t['met'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def markdown_scaling(runs: list[dict]) -> str:
+    """Step time (ms) and peak memory Δ (MiB) per case against image size and depth."""
+    cases = list(runs[0]["steps"])
+    header = "| img | depth | tokens | " + " | ".join(f"{n} ms | {n} MiB" for n in cases) + " |"
+    lines = [header, "|" + "---:|" * (3 + 2 * len(cases))]
+    for run in runs:
+        c = run["config"]
+        tokens = (c["img_size"] // 16) ** 2 + 1
+        cells = [f"{run['steps'][n]['median_s'] * 1e3:.0f} | {_fmt(run['steps'][n].get('delta_mib'), '.0f')}"
+                 for n in cases]
+        lines.append(f"| {c['img_size']} | {c['depth'] or 'default'} | {tokens} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -- command line -----------------------------------------------------------------------------
+
+def scaling_configs(base: Config) -> list[Config]:
+    """Image sizes at full depth, then smaller depths at the base image size."""
+    sizes = [replace(base, img_size=size) for size in SCALING_SIZES]
+    depths = [replace(base, depth=depth) for depth in SCALING_DEPTHS if depth != 12]
+    return sizes + depths
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", default=["vit_small_patch16_224"],
+                        help=f"timm model name(s), pretrained=False; measured: {', '.join(MODELS)}")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--depth", type=int, default=None, help="override the model's depth")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps (default 5; --quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 1)")
+    parser.add_argument("--cases", nargs="+", choices=tuple(CASES), default=None,
+                        help="default: all; with --scaling: " + " ".join(SCALING_CASES))
+    parser.add_argument("--scaling", action="store_true", help="step time and memory vs image size and depth")
+    parser.add_argument("--quick", action="store_true", help="3 steps, 1 warm-up (below the 5-step rule)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--json", default="step_time.json", help="where to write the results")
+    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--config-json", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.memory_worker:
+        config = Config(**json.loads(args.config_json))
+        print(json.dumps(measure_memory(config, args.memory_worker)))
+        return {}
+    steps = args.steps or (3 if args.quick else 5)
+    warmup = 1 if args.warmup is None else args.warmup
+    cases = tuple(args.cases or (SCALING_CASES if args.scaling else STEP_CASES + EXPLAIN_CASES))
+    report = dict(environment=environment(), command=" ".join(sys.argv), runs=[], scaling=[])
+    started = time.perf_counter()
+    for model in args.model:
+        base = Config(model=model, batch=args.batch, img_size=args.img_size, depth=args.depth,
+                      device=args.device, dtype=args.dtype, steps=steps, warmup=warmup)
+        configs = scaling_configs(base) if args.scaling else [base]
+        runs = [run_config(config, cases, memory=not args.no_memory) for config in configs]
+        report["scaling" if args.scaling else "runs"].extend(runs)
+        print(markdown_scaling(runs) if args.scaling else "\n\n".join(markdown_run(r) for r in runs), flush=True)
+    report["environment"]["load_average_end"] = os.getloadavg()
+    report["wall_s"] = time.perf_counter() - started
+    with open(args.json, "w") as out:
+        json.dump(report, out, indent=1)
+    print(f"\nwall {report['wall_s']:.0f} s; load average {report['environment']['load_average']} -> "
+          f"{report['environment']['load_average_end']}; JSON: {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The built-in spurious-background benchmark (data generator and runner)."""

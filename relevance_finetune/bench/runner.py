@@ -1,0 +1,327 @@
+"""The built-in benchmark: an "original" ViT with a background shortcut, finetuned by each method.
+
+One seed runs: data -> original model (trained on unbiased, then on biased data, cached) ->
+for every method, the learning rate chosen on the validation set by the paper's rule ->
+finetune -> evaluation (accuracy under shift, relevance-mask agreement, reliance probes,
+perturbation test).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..gae import attach_gae
+from ..losses import InputGradientRegularizer, RelevanceRegularizer
+from ..metrics import SegmentationMeter, area_under_curve, perturbation_curve
+from ..probes import reliance_probes
+from .synthetic import SpuriousConfig, make_split
+
+__all__ = ["METHODS", "BenchConfig", "Method", "run_seed"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A finetuning method: the relevance loss with settings, or an input-gradient baseline."""
+
+    name: str
+    loss: str = "relevance"  # "relevance" | "gradmask" | "rrr"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    second_order: bool = False
+    description: str = ""
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("ours", description="paper loss (Eq. 5), confidence boosting"),
+    Method("ours_ground_truth", kwargs=dict(classification="ground_truth"),
+           description="paper loss, CE with the labels (Table 4)"),
+    Method("control", kwargs=dict(lambda_relevance=0.0),
+           description="confidence CE alone: the same finetune without relevance terms"),
+    Method("gradmask", loss="gradmask", description="GradMask (input-gradient mask penalty + CE)"),
+    Method("rrr", loss="rrr", description="Right for the Right Reasons (+ CE)"),
+    Method("wo_classification", kwargs=dict(lambda_classification=0.0), description="w/o L_cls"),
+    Method("wo_bg", kwargs=dict(lambda_bg=0.0), description="w/o L_bg"),
+    Method("wo_fg", kwargs=dict(lambda_fg=0.0), description="w/o L_fg"),
+    Method("only_bg", kwargs=dict(lambda_fg=0.0, lambda_classification=0.0), description="only L_bg"),
+    Method("only_fg", kwargs=dict(lambda_bg=0.0, lambda_classification=0.0), description="only L_fg"),
+    Method("ours_second_order", second_order=True, description="paper loss, second-order GAE"),
+)}
+
+
+@dataclass
+class BenchConfig:
+    """Everything that defines a benchmark run; written into ``results.json``."""
+
+    # data
+    num_classes: int = 10
+    image_size: int = 48
+    p: float = 0.9
+    # the original model
+    patch_size: int = 8
+    embed_dim: int = 64
+    depth: int = 4
+    num_heads: int = 4
+    pretrain_images: int = 6000
+    pretrain_epochs: int = 6
+    biased_images: int = 6000
+    biased_epochs: int = 3
+    train_batch: int = 64
+    # finetuning (the paper's recipe, scaled down)
+    finetune_per_class: int = 16  # masked images per set-A class (the first half of the classes)
+    val_per_class: int = 8  # masked images per set-B class
+    finetune_epochs: int = 10
+    finetune_batch: int = 8
+    lr_grid: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4)
+    max_val_drop: float = 2.5  # the paper's rule: val accuracy may fall by at most this much
+    finetune_distribution: str = "biased"
+    baseline_lambda: float = 1.0  # input-gradient penalty, relative to its initial CE ratio
+    # evaluation
+    test_images: int = 1000
+    perturbation_images: int = 300
+    methods: tuple[str, ...] = tuple(METHODS)
+
+    @property
+    def set_a(self) -> tuple[int, ...]:
+        return tuple(range(self.num_classes // 2))
+
+    @property
+    def set_b(self) -> tuple[int, ...]:
+        return tuple(range(self.num_classes // 2, self.num_classes))
+
+    def spurious(self) -> SpuriousConfig:
+        return SpuriousConfig(num_classes=self.num_classes, image_size=self.image_size)
+
+    def original_key(self, seed: int) -> str:
+        fields = ("num_classes", "image_size", "p", "patch_size", "embed_dim", "depth", "num_heads",
+                  "pretrain_images", "pretrain_epochs", "biased_images", "biased_epochs", "train_batch")
+        text = json.dumps({k: getattr(self, k) for k in fields} | {"seed": seed}, sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """The benchmark models' input normalisation (mean = std = 0.5)."""
+    return (images - 0.5) / 0.5
+
+
+def create_original(config: BenchConfig) -> nn.Module:
+    """The untrained small ViT that plays the pretrained model."""
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=config.num_classes,
+        img_size=config.image_size, patch_size=config.patch_size, embed_dim=config.embed_dim,
+        depth=config.depth, num_heads=config.num_heads)
+
+
+def _train_classifier(model: nn.Module, data, epochs: int, lr: float, batch: int, seed: int, desc: str) -> None:
+    images, _, labels, _ = data.tensors
+    steps_per_epoch = len(labels) // batch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in tqdm(range(epochs), desc=desc, leave=False):
+        order = torch.randperm(len(labels), generator=generator)
+        for step in range(steps_per_epoch):
+            index = order[step * batch:(step + 1) * batch]
+            loss = F.cross_entropy(model(normalize(images[index])), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
+
+
+def train_original(config: BenchConfig, seed: int, cache_dir: Path | None = None) -> nn.Module:
+    """Train (or load from ``cache_dir``) the original model of ``seed``.
+
+    First on images whose background is independent of the class (it learns the objects), then
+    on the biased set (it learns the shortcut), the way real pretrained models come to have both.
+    """
+    torch.manual_seed(seed)
+    model = create_original(config)
+    path = None if cache_dir is None else Path(cache_dir) / f"original-{config.original_key(seed)}.safetensors"
+    if path is not None and path.is_file():
+        model.load_state_dict(load_file(str(path)))
+        return model.eval()
+    spurious = config.spurious()
+    unbiased = make_split(config.pretrain_images, "independent", config=spurious, seed=1000 * seed + 1)
+    _train_classifier(model, unbiased, config.pretrain_epochs, 2e-3, config.train_batch, seed, "original: objects")
+    biased = make_split(config.biased_images, "biased", config.p, spurious, seed=1000 * seed + 2)
+    _train_classifier(model, biased, config.biased_epochs, 1e-3, config.train_batch, seed, "original: shortcut")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(model.state_dict(), str(tmp))
+        tmp.replace(path)
+    return model
+
+
+def _loss_fn(method: Method, model: nn.Module, gae, scale: float) -> Callable:
+    """(images, masks, labels) -> loss for one finetuning step."""
+    if method.loss == "relevance":
+        criterion = RelevanceRegularizer(gae, **method.kwargs)
+        return lambda images, masks, labels: criterion(model(normalize(images)), masks, labels).loss
+    criterion = InputGradientRegularizer(method.loss, lambda_mask=scale)
+
+    def input_gradient_loss(images, masks, labels):
+        inputs = normalize(images).requires_grad_(True)
+        return criterion(model(inputs), inputs, masks, labels).loss
+    return input_gradient_loss
+
+
+def _baseline_scale(method: Method, model: nn.Module, data, config: BenchConfig) -> float:
+    """Weight of an input-gradient penalty: ``baseline_lambda`` x (initial CE / initial penalty)."""
+    if method.loss == "relevance":
+        return 1.0
+    images, masks, labels, _ = data.tensors
+    inputs = normalize(images[:64]).requires_grad_(True)
+    out = InputGradientRegularizer(method.loss)(model(inputs), inputs, masks[:64], labels[:64])
+    return config.baseline_lambda * float(out.classification) / max(float(out.mask_penalty), 1e-12)
+
+
+def finetune(original: nn.Module, method: Method, data, lr: float, config: BenchConfig, seed: int) -> nn.Module:
+    """A copy of ``original`` finetuned by ``method`` on ``data`` with AdamW and the paper's decay."""
+    model = copy.deepcopy(original)
+    images, masks, labels, _ = data.tensors
+    with attach_gae(model, second_order=method.second_order) as gae:
+        scale = _baseline_scale(method, model, data, config)
+        loss_fn = _loss_fn(method, model, gae, scale)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.85 ** (epoch // 2))
+        generator = torch.Generator().manual_seed(seed)
+        model.eval()  # dropout and drop-path are 0; eval keeps the model deterministic
+        for _ in range(config.finetune_epochs):
+            order = torch.randperm(len(labels), generator=generator)
+            for start in range(0, len(labels), config.finetune_batch):
+                index = order[start:start + config.finetune_batch]
+                loss = loss_fn(images[index], masks[index], labels[index])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            schedule.step()
+    return model
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    return torch.cat([model(normalize(images[i:i + batch])) for i in range(0, len(images), batch)])
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * (logits.argmax(1) == labels).float().mean().item()
+
+
+def validation_score(model: nn.Module, data) -> dict[str, float]:
+    """Validation accuracy and confidence CE (L_cls), the quantities of the paper's lr rule."""
+    images, _, labels, _ = data.tensors
+    logits = _predict(model, images)
+    return {"acc": _accuracy(logits, labels),
+            "l_cls": F.cross_entropy(logits, logits.argmax(1)).item()}
+
+
+def choose_lr(original: nn.Module, method: Method, train, val, config: BenchConfig, seed: int):
+    """The paper's rule: the highest lr whose validation accuracy falls by at most
+    ``max_val_drop`` points and whose L_cls does not increase. Returns (lr, model, trials)."""
+    reference = validation_score(original, val)
+    chosen, trials = None, []
+    for lr in config.lr_grid:
+        model = finetune(original, method, train, lr, config, seed)
+        score = validation_score(model, val)
+        trials.append({"lr": lr, **score})
+        if score["acc"] >= reference["acc"] - config.max_val_drop and score["l_cls"] <= reference["l_cls"] + 1e-6:
+            chosen = (lr, model)
+    if chosen is None:  # nothing passes: the smallest lr is the most conservative choice
+        chosen = (config.lr_grid[0], finetune(original, method, train, config.lr_grid[0], config, seed))
+    return chosen[0], chosen[1], trials
+
+
+def evaluate_model(model: nn.Module, tests: dict, config: BenchConfig) -> dict[str, Any]:
+    """Accuracy under shift, relevance-mask agreement on OOD images, reliance probes, perturbation."""
+    result: dict[str, Any] = {}
+    for name, data in tests.items():
+        images, _, labels, _ = data.tensors
+        logits = _predict(model, images)
+        result[f"{name}_acc"] = _accuracy(logits, labels)
+        if name == "ood":
+            for set_name, classes in (("set_a", config.set_a), ("set_b", config.set_b)):
+                keep = torch.isin(labels, torch.tensor(classes))
+                result[f"ood_acc_{set_name}"] = _accuracy(logits[keep], labels[keep])
+    images, masks, labels, _ = tests["ood"].tensors
+    meter = SegmentationMeter()
+    with attach_gae(model) as gae:
+        for start in range(0, len(images), 250):
+            meter.update(gae.explain(normalize(images[start:start + 250])), masks[start:start + 250])
+        count = config.perturbation_images
+        probe_images, probe_labels = normalize(images[:count]), labels[:count]
+        relevance = gae.explain(probe_images)
+    result.update({k: v for k, v in meter.compute().items() if k != "images"})
+    fractions = tuple(i / 10 for i in range(1, 10))
+    for mode in ("positive", "negative"):
+        curve = perturbation_curve(model, probe_images, probe_labels, relevance, fractions, mode)
+        result[f"perturbation_{mode}_auc"] = area_under_curve(fractions, curve) / (fractions[-1] - fractions[0])
+    images, masks, labels, _ = tests["id"].tensors
+    result["probes"] = reliance_probes(model, images, masks, labels, normalize)
+    return result
+
+
+def make_data(config: BenchConfig, seed: int) -> dict[str, Any]:
+    """Finetuning, validation and test sets of ``seed``."""
+    spurious = config.spurious()
+    base = 1000 * seed
+    train_distribution = config.finetune_distribution
+    return {
+        "train": make_split(config.finetune_per_class * len(config.set_a), train_distribution, config.p,
+                            spurious, seed=base + 3, classes=config.set_a),
+        "val": make_split(config.val_per_class * len(config.set_b), train_distribution, config.p,
+                          spurious, seed=base + 4, classes=config.set_b),
+        "tests": {
+            "id": make_split(config.test_images, "biased", config.p, spurious, seed=base + 5),
+            "ood": make_split(config.test_images, "independent", config.p, spurious, seed=base + 6),
+            "adv": make_split(config.test_images, "adversarial", config.p, spurious, seed=base + 7),
+        },
+    }
+
+
+def run_seed(
+        config: BenchConfig,
+        seed: int,
+        cache_dir: Path | None = None,
+        progress: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
+    """All methods for one seed: ``{"original": metrics, method: metrics | {"lr", "lr_trials"}}``
+    plus ``"models"`` (the finetuned models, for pictures and export)."""
+    progress("original model")
+    original = train_original(config, seed, cache_dir)
+    data = make_data(config, seed)
+    results = {"original": evaluate_model(original, data["tests"], config)}
+    models = {"original": original}
+    for name in config.methods:
+        progress(name)
+        lr, model, trials = choose_lr(original, METHODS[name], data["train"], data["val"], config, seed)
+        results[name] = {**evaluate_model(model, data["tests"], config), "lr": lr, "lr_trials": trials}
+        models[name] = model
+    results["models"] = models
+    results["samples"] = data["tests"]["ood"]
+    return results
+
+
+def config_dict(config: BenchConfig) -> dict[str, Any]:
+    """The config as JSON-ready data, the derived class sets included."""
+    out = asdict(config)
+    out["set_a"], out["set_b"] = list(config.set_a), list(config.set_b)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -1,0 +1,29 @@
+"""Foreground masks: ImageNet-S decoding and split, TokenCut unsupervised masks."""
+from .imagenet_s import (
+    IGNORE_ID,
+    MERGED_WNIDS,
+    ImageNetSRecord,
+    ImageNetSSplit,
+    decode_imagenet_s_mask,
+    imagenet_s_foreground,
+    imagenet_s_records,
+    imagenet_s_split,
+    read_categories,
+)
+from .tokencut import last_block_keys, tokencut_masks, tokencut_partition, upsample_mask
+
+__all__ = [
+    "IGNORE_ID",
+    "MERGED_WNIDS",
+    "ImageNetSRecord",
+    "ImageNetSSplit",
+    "decode_imagenet_s_mask",
+    "imagenet_s_foreground",
+    "imagenet_s_records",
+    "imagenet_s_split",
+    "last_block_keys",
+    "read_categories",
+    "tokencut_masks",
+    "tokencut_partition",
+    "upsample_mask",
+]

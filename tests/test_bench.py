@@ -1,0 +1,79 @@
+"""The built-in benchmark: the generator's distributions, the probes, and the demo's files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from relevance_finetune.bench.synthetic import SpuriousConfig, make_split
+from relevance_finetune.probes import reliance_probes, replace_region
+
+
+def test_generator_is_deterministic_and_masks_are_exact():
+    a = make_split(40, "biased", seed=3)
+    b = make_split(40, "biased", seed=3)
+    c = make_split(40, "biased", seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a.tensors, b.tensors))
+    assert not torch.equal(a.tensors[0], c.tensors[0])
+    images, masks, labels, _ = a.tensors
+    assert images.shape == (40, 3, 64 if SpuriousConfig().image_size == 64 else SpuriousConfig().image_size,
+                            SpuriousConfig().image_size)
+    assert set(masks.unique().tolist()) == {0.0, 1.0}
+    assert 0.05 < masks.mean() < 0.6
+    assert torch.bincount(labels, minlength=10).tolist() == [4] * 10
+    assert images.min() >= 0 and images.max() <= 1
+
+
+@pytest.mark.parametrize("distribution, low, high", [
+    ("biased", 0.85, 0.95), ("independent", 0.03, 0.2), ("adversarial", 0.0, 0.0)])
+def test_background_agreement(distribution, low, high):
+    _, _, labels, backgrounds = make_split(1000, distribution, p=0.9, seed=0, config=SpuriousConfig(image_size=16)).tensors
+    agreement = (labels == backgrounds).float().mean().item()
+    assert low <= agreement <= high
+
+
+def test_classes_subset_and_bad_input():
+    _, _, labels, _ = make_split(20, "biased", seed=0, classes=(0, 1), config=SpuriousConfig(image_size=16)).tensors
+    assert set(labels.tolist()) == {0, 1}
+    with pytest.raises(ValueError, match="distribution"):
+        make_split(4, "shifted")
+    with pytest.raises(ValueError, match="num_classes"):
+        SpuriousConfig(num_classes=11)
+
+
+def test_replace_region():
+    images = torch.rand(2, 3, 4, 4)
+    masks = torch.zeros(2, 4, 4)
+    masks[:, :2] = 1
+    obj_only = replace_region(images, masks, "background", "grey")
+    assert torch.equal(obj_only[:, :, :2], images[:, :, :2])
+    assert torch.all(obj_only[:, :, 2:] == 0.5)
+    bg_only = replace_region(images, masks, "object", "mean")
+    assert torch.equal(bg_only[:, :, 2:], images[:, :, 2:])
+    torch.testing.assert_close(bg_only[0, :, 0, 0], images.mean(dim=(0, 2, 3)))
+    with pytest.raises(ValueError, match="do not match"):
+        replace_region(images, masks[:, :3], "object")
+    with pytest.raises(ValueError, match="region"):
+        replace_region(images, masks, "sky")
+
+
+class _BackgroundReader(nn.Module):
+    """Predicts from the mean colour of the bottom rows (the background in the probe below)."""
+
+    def forward(self, x):
+        return x[:, :, 2:].mean(dim=(2, 3))
+
+
+def test_probes_see_background_reliance():
+    images = torch.zeros(30, 3, 4, 4)
+    labels = torch.arange(30) % 3
+    images[torch.arange(30), labels, 2:] = 1.0  # the class lives in the background rows
+    masks = torch.zeros(30, 4, 4)
+    masks[:, :2] = 1
+    probes = reliance_probes(_BackgroundReader(), images, masks, labels, fills=("grey", "mean"))
+    assert probes["full"] == 100.0
+    assert probes["background_only"] == 100.0
+    assert probes["object_only"] < 50.0
+    assert probes["background_reliance"] > 50.0

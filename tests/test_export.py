@@ -1,0 +1,113 @@
+"""Export: timm's hub layout with metadata, loading with timm, wrong architectures, the command."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from conftest import tiny_images, tiny_model
+from relevance_finetune import __version__, cli
+from relevance_finetune import export as export_module
+from relevance_finetune.export import finetune_metadata, load_finetuned, save_finetuned
+from relevance_finetune.models import load_weights
+from relevance_finetune.train import TrainConfig, finetune
+from test_train import SyntheticMasked, config, one_thread  # noqa: F401  (one_thread: autouse fixture)
+
+
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with weights no initialiser would give, standing in for a finetune."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.01)
+    return model
+
+
+@pytest.mark.parametrize("key", ["vit_reg_avg", "deit_distilled", "beit", "eva"])
+def test_timm_loads_the_export_with_identical_logits(tmp_path, key):
+    model = perturbed(tiny_model(key))
+    out = save_finetuned(model, tmp_path / "export", base_model="tiny", finetune_config=TrainConfig(lr=1e-5))
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json"}
+    images = tiny_images(model)
+    with torch.no_grad():
+        expected = model(images)
+        assert torch.equal(timm.create_model(f"local-dir:{out}", pretrained=True).eval()(images), expected)
+        assert torch.equal(load_finetuned(out).eval()(images), expected)
+
+
+def test_config_json_carries_the_finetune_metadata(tmp_path):
+    model = tiny_model("deit_distilled")  # ImageNet mean/std of its own
+    save_finetuned(model, tmp_path, finetune_config=TrainConfig(lr=1e-5, lambda_bg=1.5),
+                   data_config={"mean": (0.5,) * 3, "std": (0.5,) * 3})
+    metadata = finetune_metadata(tmp_path)
+    assert metadata["library_version"] == __version__
+    assert metadata["base_model"] == "deit_tiny_distilled_patch16_224.fb_in1k"
+    assert metadata["finetune_config"]["lr"] == 1e-5
+    assert metadata["lambdas"] == {"lambda_bg": 1.5, "lambda_fg": 0.3, "lambda_relevance": 0.8,
+                                   "lambda_classification": 0.2, "lambda_mask": 1.0}
+    hub_config = json.loads((tmp_path / "config.json").read_text())
+    assert hub_config["architecture"] == "deit_tiny_distilled_patch16_224"
+    assert hub_config["pretrained_cfg"]["mean"] == [0.5, 0.5, 0.5]
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        save_finetuned(model, tmp_path / "bad", finetune_config={"optimizer": torch.optim.SGD})
+
+
+def test_wrong_architecture_names_both(tmp_path):
+    save_finetuned(tiny_model("vit_cls"), tmp_path / "vit")
+    with pytest.raises(ValueError, match=r"\(vit_tiny_patch16_224\) does not fit this .*deit_tiny_distilled"):
+        load_weights(tiny_model("deit_distilled"), tmp_path / "vit")
+
+
+def test_export_replaces_files_atomically(tmp_path, monkeypatch):
+    out = tmp_path / "export"
+    first = tiny_model(seed=1)
+    save_finetuned(first, out)
+
+    def crash(model, directory, **kwargs):
+        (directory / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module.timm.models, "save_for_hf", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_finetuned(tiny_model(seed=2), out)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    images = tiny_images(first)
+    with torch.no_grad():
+        assert torch.equal(load_finetuned(out).eval()(images), first(images))
+    second = tiny_model(seed=2)
+    save_finetuned(second, out)  # over an existing export
+    with torch.no_grad():
+        assert torch.equal(load_finetuned(out).eval()(images), second(images))
+
+
+def test_export_command_turns_a_training_checkpoint_into_a_timm_model(tmp_path, capsys):
+    hub = tmp_path / "hub"
+    timm.models.save_for_hf(tiny_model("deit_distilled", num_classes=4), hub, safe_serialization=True)
+    model = timm.create_model(f"local-dir:{hub}", pretrained=True)
+    run = tmp_path / "run"
+    finetune(model, SyntheticMasked(4), None, config(out=str(run), model=f"local-dir:{hub}", normalization="half"))
+
+    assert cli.main(["export", str(run / "last.safetensors"), "--out", str(tmp_path / "export")]) == 0
+    assert "local-dir:" in capsys.readouterr().out
+    exported = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    images = tiny_images(exported)
+    with torch.no_grad():
+        assert torch.equal(exported(images), model.eval()(images))
+    metadata = finetune_metadata(tmp_path / "export")
+    assert metadata["base_model"] == f"local-dir:{hub}" and metadata["finetune_config"]["epochs"] == 1
+    assert model.pretrained_cfg["mean"] != (0.5, 0.5, 0.5) and exported.pretrained_cfg["mean"] == [0.5] * 3
+
+
+def test_export_command_needs_a_model_name_for_bare_weights(tmp_path):
+    weights = tmp_path / "weights.safetensors"
+    save_file(tiny_model().state_dict(), str(weights))
+    with pytest.raises(ValueError, match="pass the timm model name"):
+        cli.main(["export", str(weights), "--out", str(tmp_path / "export")])
+    hub = tmp_path / "hub"
+    timm.models.save_for_hf(tiny_model(), hub, safe_serialization=True)
+    assert cli.main(["export", str(weights), "--out", str(tmp_path / "export"), "--model", f"local-dir:{hub}"]) == 0
+    with pytest.raises(ValueError, match="does not fit"):
+        cli.main(["export", str(weights), "--out", str(tmp_path / "x"), "--model", "deit_tiny_distilled_patch16_224"])

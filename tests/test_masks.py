@@ -1,0 +1,306 @@
+"""ImageNet-S decoding, split and dataset; TokenCut; the ``masks`` command (real on-disk formats)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+from timm.models import save_for_hf
+
+from conftest import TINY_MODELS, tiny_images, tiny_model
+from relevance_finetune.cli import main
+from relevance_finetune.data import ImageNetSDataset, MaskedImageFolder, imagenet_class_index
+from relevance_finetune.masks import (
+    MERGED_WNIDS, decode_imagenet_s_mask, imagenet_s_foreground, imagenet_s_split, last_block_keys,
+    tokencut_masks, tokencut_partition)
+
+WNIDS = sorted(imagenet_class_index())
+CATEGORIES = sorted(set(WNIDS) - set(MERGED_WNIDS))  # category file: sorted wnids, ids are 1-based rows
+CLASSES = [WNIDS[i] for i in (600, 2, 300, 0, 601, 1, 301)] + ["n04355933"]  # unsorted on purpose
+
+
+# -- ImageNet-S fixture ------------------------------------------------------------------------
+def encode_ids(ids):
+    """ImageNet-S PNG encoding: R = id % 256, G = id // 256."""
+    return np.stack([ids % 256, ids // 256, np.zeros_like(ids)], axis=-1).astype(np.uint8)
+
+
+def id_map(width, height, class_id):
+    ids = np.zeros((height, width), dtype=np.int64)
+    ids[3:12, 4:15] = class_id
+    ids[:, -2:] = 1000  # ignored region
+    return ids
+
+
+def make_imagenet_s(root, per_class=3, merged_sources=2):
+    """ImageNetS919/{train-semi-segmentation, data/...} and imagenet/train in the real layouts."""
+    semi, imagenet = root / "ImageNetS919" / "train-semi-segmentation", root / "imagenet" / "train"
+    lines = []
+    for folder in CLASSES:
+        names = [f"{folder}_{100 + i}" for i in range(per_class)]
+        if folder == "n04355933":
+            names += [f"n04356056_{200 + i}" for i in range(merged_sources)]
+        for i, name in enumerate(names):
+            width, height = 20 + i, 16
+            source = name.split("_")[0]
+            (imagenet / source).mkdir(parents=True, exist_ok=True)
+            (semi / folder).mkdir(parents=True, exist_ok=True)
+            pixels = np.random.default_rng(i).integers(0, 256, (height, width, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(imagenet / source / f"{name}.JPEG")
+            ids = id_map(width, height, CATEGORIES.index(folder) + 1)
+            Image.fromarray(encode_ids(ids)).save(semi / folder / f"{name}.png")
+            lines.append(f"{folder}/{name}.JPEG {folder}/{name}.png")
+    data = root / "ImageNetS919" / "data"
+    (data / "names").mkdir(parents=True)
+    (data / "categories").mkdir(parents=True)
+    (data / "names" / "ImageNetSemi_im919_train.txt").write_text("\n".join(lines) + "\n")
+    (data / "categories" / "ImageNetS_categories_im919.txt").write_text("\n".join(CATEGORIES) + "\n")
+    return dict(root=root / "ImageNetS919", imagenet=root / "imagenet",
+                list_file=data / "names" / "ImageNetSemi_im919_train.txt",
+                categories_file=data / "categories" / "ImageNetS_categories_im919.txt")
+
+
+@pytest.fixture
+def imagenet_s(tmp_path):
+    return make_imagenet_s(tmp_path)
+
+
+def test_decode_ids_above_255_and_ignored(tmp_path):
+    ids = id_map(20, 16, 700)
+    Image.fromarray(encode_ids(ids)).save(tmp_path / "m.png")
+    decoded = decode_imagenet_s_mask(tmp_path / "m.png")
+    assert decoded.dtype == np.int32
+    np.testing.assert_array_equal(decoded, ids)
+    np.testing.assert_array_equal(imagenet_s_foreground(decoded, 700), ids == 700)
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / "grey.png")
+    with pytest.raises(ValueError, match="grey.png"):
+        decode_imagenet_s_mask(tmp_path / "grey.png")
+
+
+def test_foreground_checks_ids():
+    ids = id_map(20, 16, 5)
+    with pytest.raises(ValueError, match=r"m.png holds foreground ids \[5\], expected only id 6"):
+        imagenet_s_foreground(ids, 6, "m.png")
+    ids[0, 0] = 7
+    with pytest.raises(ValueError, match="single class id"):
+        imagenet_s_foreground(ids)
+    assert not imagenet_s_foreground(np.full((3, 3), 1000)).any()
+
+
+def test_split_is_sorted_and_skips_merged(imagenet_s):
+    split = imagenet_s_split(imagenet_s["root"], imagenet_s["imagenet"], num_classes=4, images_per_class=2)
+    usable = sorted(set(CLASSES) - {"n04355933"})
+    assert split.train_classes == usable[:4] and split.val_classes == usable[4:]
+    assert [r.mask.stem for r in split.train[:2]] == [f"{usable[0]}_100", f"{usable[0]}_101"]
+    assert len(split.train) == 8 and [r.mask_wnid for r in split.val] == usable[4:]
+    assert all(r.image.is_file() and r.mask.is_file() for r in split.train + split.val)
+    listed = imagenet_s_split(imagenet_s["root"], imagenet_s["imagenet"], num_classes=4, images_per_class=2,
+                              list_file=imagenet_s["list_file"])
+    assert listed == split
+
+
+def test_split_options(imagenet_s):
+    def split(**kwargs):
+        return imagenet_s_split(imagenet_s["root"], imagenet_s["imagenet"], **kwargs)
+
+    seeded = split(num_classes=3, class_seed=1).train_classes
+    assert seeded == split(num_classes=3, class_seed=1).train_classes
+    assert seeded != split(num_classes=3).train_classes
+    first = sorted(CLASSES)[0]
+    assert first not in split(num_classes=6, exclude=[first]).train_classes + split(num_classes=6, exclude=[first]).val_classes
+    others = [c for c in CLASSES if c != "n04355933"]
+    merged = split(num_classes=1, images_per_class=5, merged="keep", exclude=others).train
+    assert [r.wnid for r in merged] == ["n04355933"] * 3 + ["n04356056"] * 2
+    assert [r.image.parent.name for r in merged] == [r.wnid for r in merged]
+    assert {r.mask.parent.name for r in merged} == {"n04355933"}
+    with pytest.raises(ValueError, match="num_classes=8 but 7"):
+        split(num_classes=8)
+    with pytest.raises(ValueError, match="has 3 masks, 4 requested"):
+        split(num_classes=2, images_per_class=4)
+
+
+def test_imagenet_s_dataset(imagenet_s):
+    dataset = ImageNetSDataset(imagenet_s["root"], imagenet_s["imagenet"], "train", num_classes=4,
+                               images_per_class=2, categories_file=imagenet_s["categories_file"],
+                               merged="keep")
+    val = ImageNetSDataset(imagenet_s["root"], imagenet_s["imagenet"], "val", num_classes=4, merged="keep")
+    assert len(dataset) == 8 and len(val) == 4
+    index = imagenet_class_index()
+    assert [label for *_, label in dataset][::2] == [index[w] for w in sorted(CLASSES)[:4]]
+    image, mask, _ = dataset[1]
+    assert image.shape == (3, 16, 21) and mask.shape == (1, 16, 21)
+    np.testing.assert_array_equal(mask[0].numpy(), id_map(21, 16, 7) == 7)  # the rectangle, not 1000
+    others = [c for c in CLASSES if c != "n04355933"]
+    labels = {s.image.stem: s.label for s in ImageNetSDataset(
+        imagenet_s["root"], imagenet_s["imagenet"], "train", num_classes=1, images_per_class=5,
+        merged="keep", exclude=others, categories_file=imagenet_s["categories_file"]).samples}
+    assert labels["n04356056_200"] == index["n04356056"] and labels["n04355933_100"] == index["n04355933"]
+
+
+def test_imagenet_s_bad_input(imagenet_s, tmp_path):
+    first = sorted(CLASSES)[0]
+    semi = imagenet_s["root"] / "train-semi-segmentation"
+    other = encode_ids(id_map(20, 16, CATEGORIES.index(first) + 2))
+    Image.fromarray(other).save(semi / first / f"{first}_100.png")
+    kwargs = dict(num_classes=2, images_per_class=2, categories_file=imagenet_s["categories_file"])
+    dataset = ImageNetSDataset(imagenet_s["root"], imagenet_s["imagenet"], **kwargs)
+    with pytest.raises(ValueError, match=f"{first}_100.png holds foreground ids"):
+        dataset[0]
+    with pytest.warns(UserWarning, match="skipped 1"):
+        assert len(ImageNetSDataset(imagenet_s["root"], imagenet_s["imagenet"], skip_bad=True, **kwargs)) == 3
+
+    (imagenet_s["imagenet"] / "train" / first / f"{first}_101.JPEG").unlink()
+    with pytest.raises(FileNotFoundError, match=f"expected .*train/{first}/{first}_101.JPEG"):
+        ImageNetSDataset(imagenet_s["root"], imagenet_s["imagenet"], **kwargs)
+
+    (semi / "n00000001").mkdir()
+    Image.fromarray(other).save(semi / "n00000001" / "n00000001_1.png")
+    with pytest.raises(ValueError, match="unknown ImageNet-1k wnid 'n00000001'"):
+        ImageNetSDataset(imagenet_s["root"], imagenet_s["imagenet"], num_classes=1, images_per_class=1)
+
+
+# -- TokenCut ----------------------------------------------------------------------------------
+def clustered_features(foreground, dim=16, noise=0.05, seed=0):
+    """Patch features: one direction on ``foreground`` patches, an orthogonal one elsewhere."""
+    rng = np.random.default_rng(seed)
+    features = np.where(foreground.reshape(-1, 1), np.eye(dim)[0], np.eye(dim)[1])
+    return torch.from_numpy(features + noise * rng.standard_normal(features.shape))
+
+
+def test_partition_finds_the_foreground_cluster():
+    foreground = np.zeros((6, 7), dtype=bool)
+    foreground[1:3, 1:4] = True
+    np.testing.assert_array_equal(tokencut_partition(clustered_features(foreground), (6, 7)), foreground)
+
+
+def test_partition_keeps_the_seed_component_only():
+    foreground = np.zeros((6, 7), dtype=bool)
+    foreground[0:2, 0:2] = True
+    foreground[4:6, 4:7] = True
+    result = tokencut_partition(clustered_features(foreground), (6, 7))
+    first, second = np.zeros_like(foreground), np.zeros_like(foreground)
+    first[0:2, 0:2], second[4:6, 4:7] = True, True
+    assert (result == first).all() or (result == second).all()
+
+
+def test_partition_ignores_the_eigenvector_sign(monkeypatch):
+    foreground = np.zeros((5, 5), dtype=bool)
+    foreground[1:3, 2:4] = True
+    features = clustered_features(foreground)
+    eigh = scipy.linalg.eigh
+    for sign in (1, -1):
+        monkeypatch.setattr(scipy.linalg, "eigh", lambda *a, **k: (lambda w, v: (w, sign * v))(*eigh(*a, **k)))
+        np.testing.assert_array_equal(tokencut_partition(features, (5, 5)), foreground)
+    with pytest.raises(ValueError, match=r"expected features of shape \(25, C\)"):
+        tokencut_partition(features[:-1], (5, 5))
+
+
+def test_last_block_keys_match_the_attention_keys(model_key):
+    model = tiny_model(model_key)
+    images = tiny_images(model)
+    attn = model.blocks[-1].attn
+    captured = []
+    if model_key == "beit":  # BEiT adds its (zero) k bias inside F.linear: compare to q, k, v from qkv
+        hook = attn.register_forward_pre_hook(lambda m, args: captured.append(
+            (args[0] @ m.qkv.weight.T).unflatten(-1, (3, m.num_heads, -1))[:, :, 1]))
+    else:
+        hook = attn.k_norm.register_forward_hook(lambda m, args, out: captured.append(out.transpose(1, 2)))
+    keys, grid = last_block_keys(model, images)
+    hook.remove()
+    gh, gw = model.patch_embed.grid_size
+    assert grid == (gh, gw) and keys.shape == (2, gh * gw, 32)
+    expected = captured[0][:, model.num_prefix_tokens:].flatten(2)
+    torch.testing.assert_close(keys, expected)
+
+
+def test_tokencut_masks_on_synthetic_images():
+    model = tiny_model("vit_cls", num_classes=0)
+    images = torch.full((2, 3, 32, 32), -1.0)
+    images[0, :, 8:24, 8:16] = 1.0
+    images[1, :, 0:8, :] = 1.0
+    masks = tokencut_masks(model, images)
+    assert masks.shape == (2, 32, 32) and masks.dtype == torch.bool
+    blocks = masks.reshape(2, 4, 8, 4, 8)
+    assert (blocks == blocks[:, :, :1, :, :1]).all()  # constant on each 8x8 patch: nearest upsampling
+    assert masks.flatten(1).any(1).all() and not masks.flatten(1).all(1).any()
+    assert tokencut_masks(model, images, size=(40, 48)).shape == (2, 40, 48)
+
+
+def test_tokencut_rejects_non_transformers():
+    with pytest.raises(TypeError, match="Sequential has no `blocks"):
+        tokencut_masks(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)), torch.zeros(1, 3, 8, 8))
+
+
+# -- the masks command -------------------------------------------------------------------------
+@pytest.fixture
+def dino_dir(tmp_path):
+    """A tiny headless ViT saved like a hub checkpoint, loadable as ``local-dir:``."""
+    _, kwargs = TINY_MODELS["vit_cls"]
+    model = tiny_model("vit_cls", num_classes=0)
+    save_for_hf(model, str(tmp_path / "dino"), model_args=dict(kwargs, num_classes=0))
+    return tmp_path / "dino"
+
+
+def make_images(root, sizes=((40, 30), (33, 50), (32, 32), (45, 41), (60, 20))):
+    for i, (width, height) in enumerate(sizes):
+        pixels = np.full((height, width, 3), 30, dtype=np.uint8)
+        pixels[height // 4: height // 2, width // 3:] = 220
+        folder = root / ("n01440764" if i % 2 else "n01443537")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"img_{i}.JPEG")
+    return root
+
+
+def masks_command(dino_dir, images, out, *extra):
+    return main(["masks", "--method", "tokencut", "--model", f"local-dir:{dino_dir}", "--pretrained",
+                 "--images", str(images), "--out", str(out), "--workers", "0", "--batch-size", "2",
+                 "--min-pixels", "0", *extra])
+
+
+def test_masks_command_round_trips_and_resumes(tmp_path, dino_dir, capsys):
+    images = make_images(tmp_path / "images")
+    assert masks_command(dino_dir, images, tmp_path / "out") == 0
+    assert "5 masks written" in capsys.readouterr().out
+    dataset = MaskedImageFolder(images=images, masks=tmp_path / "out")
+    assert len(dataset) == 5 and dataset.classes == ["n01440764", "n01443537"]
+    for sample in dataset.samples:
+        image, mask = dataset.load(sample)
+        assert mask.shape == (image.height, image.width) and mask.any()
+    assert sorted(p.name for p in (tmp_path / "out" / "n01440764").iterdir()) == ["img_1.png", "img_3.png"]
+
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.png")}
+    assert masks_command(dino_dir, images, tmp_path / "out") == 0
+    out = capsys.readouterr().out
+    assert "0 masks written" in out and "5 already there" in out
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.png")} == written
+
+
+def test_masks_command_shards_and_min_pixels(tmp_path, dino_dir, capsys, monkeypatch):
+    images = make_images(tmp_path / "images")
+    assert masks_command(dino_dir, images, tmp_path / "a", "--shard", "1/2") == 0
+    # classes in sorted order: n01440764 (img_1, img_3), n01443537 (img_0, img_2, img_4); shard 1/2 takes [1::2]
+    assert sorted(p.name for p in (tmp_path / "a").rglob("*.png")) == ["img_2.png", "img_3.png"]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert masks_command(dino_dir, images, tmp_path / "a") == 0
+    assert len(list((tmp_path / "a").rglob("*.png"))) == 5
+    capsys.readouterr()
+    assert masks_command(dino_dir, images, tmp_path / "b", "--min-pixels", "100000", "--shard", "0/1") == 0
+    out = capsys.readouterr().out
+    assert "0 masks written" in out and "5 under --min-pixels" in out and not list((tmp_path / "b").rglob("*.png"))
+    with pytest.raises(ValueError, match="--shard must look like i/n"):
+        masks_command(dino_dir, images, tmp_path / "b", "--shard", "2")
+
+
+def test_masks_command_bad_images(tmp_path, dino_dir, capsys):
+    images = make_images(tmp_path / "images")
+    (images / "n01440764" / "img_1.JPEG").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="img_1.JPEG"):
+        masks_command(dino_dir, images, tmp_path / "out")
+    with pytest.warns(UserWarning, match="img_1.JPEG"):
+        assert masks_command(dino_dir, images, tmp_path / "out", "--skip-bad") == 0
+    assert "1 bad images skipped" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty holds no class folders"):
+        masks_command(dino_dir, tmp_path / "empty", tmp_path / "out")

@@ -1,0 +1,69 @@
+"""benchmarks/step_time.py: the script runs on a tiny model, its output has the documented
+schema, and its independent re-implementation of the reference algorithm agrees with ours."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from relevance_finetune import attach_gae
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+TINY = dict(model="vit_tiny_patch16_224", batch=2, img_size=32, steps=1, warmup=0,
+            model_kwargs=dict(patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=5))
+
+
+@pytest.fixture(scope="module")
+def step_time():
+    spec = importlib.util.spec_from_file_location("step_time", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_run_config_schema(step_time, tmp_path):
+    config = step_time.Config(**TINY)
+    run = step_time.run_config(config, tuple(step_time.CASES), memory=False)
+    assert set(run) == {"config", "steps", "explain", "targets"}
+    assert set(run["steps"]) == set(step_time.STEP_CASES)
+    assert set(run["explain"]) == set(step_time.EXPLAIN_CASES)
+    for entry in run["steps"].values():
+        assert len(entry["times_s"]) == 1 and entry["median_s"] > 0 and entry["time_vs_plain"] > 0
+    for entry in run["explain"].values():
+        assert entry["images_per_s"] > 0 and entry["speedup_vs_reference"] > 0
+    assert {t["name"] for t in run["targets"]} == {t[0] for t in step_time.TARGETS if t[3] == "time"}
+    assert all(set(t) == {"name", "value", "bound", "limit", "met"} for t in run["targets"])
+    assert "| relevance |" in step_time.markdown_run(run)
+    (tmp_path / "run.json").write_text(json.dumps(run))  # JSON-serialisable
+
+
+def test_measure_memory_schema(step_time):
+    memory = step_time.measure_memory(step_time.Config(**TINY), "relevance")
+    assert set(memory) == {"delta_mib", "peak_mib", "source"}
+    assert memory["peak_mib"] > 0 and memory["delta_mib"] >= 0
+
+
+def test_scaling_configs_cover_sizes_and_depths(step_time):
+    configs = step_time.scaling_configs(step_time.Config())
+    assert [c.img_size for c in configs[:3]] == [224, 288, 384]
+    assert [c.depth for c in configs[3:]] == [4, 8]
+
+
+def test_reference_relevance_equals_ours(step_time):
+    work = step_time.make_workload(step_time.Config(**TINY))
+    model, images, labels = work.model, work.images, work.labels
+    with step_time.ReferenceGAE(model) as ref:
+        expected = ref.relevance(ref.forward(images), labels).detach()
+        reference_heat = step_time.reference_explain(ref, images)
+    assert model.blocks[0].attn.fused_attn  # restored on exit
+    with attach_gae(model) as gae:
+        relevance = gae.relevance(model(images), labels).detach()
+        heat = gae.explain(images)
+    torch.testing.assert_close(relevance, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(heat, reference_heat, rtol=1e-4, atol=1e-5)
