@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers.attention import Attention
 from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from relevance_finetune import RelevanceRegularizer, attach_gae
 
@@ -48,7 +49,7 @@ MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224
 STEP_CASES = ("plain_fused", "plain_explicit", "relevance", "second_order", "reference")
 EXPLAIN_CASES = ("explain", "reference_explain")
 SCALING_SIZES = (224, 288, 384)
-SCALING_DEPTHS = (4, 8, 12)
+SCALING_DEPTHS = (4, 8)  # plus the model's own depth, from the size sweep
 SCALING_CASES = ("plain_fused", "relevance", "reference")
 # The issue's targets (CPU, vit_small, batch 8): (name, case a, case b, measure, bound, limit),
 # each a ratio a / b of median step times or of peak memory deltas.
@@ -60,6 +61,14 @@ TARGETS = (
     ("explain() throughput / reference explanation", "reference_explain", "explain", "time", "min", 4.0),
 )
 MIB = 2 ** 20
+
+
+Phase = Callable[[str], ContextManager]
+
+
+def no_phase(name: str) -> ContextManager:
+    """The phase marker of a plain timed step: does nothing."""
+    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -93,11 +102,13 @@ class Workload:
         device_type = torch.device(self.config.device).type
         return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.config.dtype == "bf16")
 
-    def update(self, loss: torch.Tensor) -> None:
+    def update(self, loss: torch.Tensor, phase: Phase) -> None:
         """Backward, optimiser step, zero grads: the part every training step shares."""
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
 
 
 def make_workload(config: Config) -> Workload:
@@ -177,28 +188,34 @@ def reference_heatmap(relevance: torch.Tensor, size: tuple[int, int]) -> torch.T
     return (heat - low) / (high - low + 1e-8)
 
 
-def reference_loss(ref: ReferenceGAE, work: Workload) -> torch.Tensor:
+def reference_loss(ref: ReferenceGAE, work: Workload, phase: Phase) -> torch.Tensor:
     """The paper's loss the reference way: relevance forward, then a second forward for L_cls."""
-    relevance = ref.relevance(ref.forward(work.images), work.labels)
+    with phase("forward"):
+        logits = ref.forward(work.images)
+    with phase("relevance"):
+        relevance = ref.relevance(logits, work.labels)
     heat = reference_heatmap(relevance, tuple(work.masks.shape[-2:]))
     background = F.mse_loss(heat * (1 - work.masks), torch.zeros_like(heat))
     foreground = F.mse_loss(heat * work.masks, work.masks)
-    logits = work.model(work.images)
+    with phase("second forward"):
+        logits = work.model(work.images)
     classification = F.cross_entropy(logits, logits.argmax(dim=1))
     return 0.8 * (2.0 * background + 0.3 * foreground) + 0.2 * classification
 
 
-def reference_explain(ref: ReferenceGAE, images: torch.Tensor) -> torch.Tensor:
+def reference_explain(ref: ReferenceGAE, images: torch.Tensor, phase: Phase = no_phase) -> torch.Tensor:
     """The reference explanation of the predicted class: (B, H, W) in [0, 1]."""
     with torch.enable_grad():
-        logits = ref.forward(images)
-        relevance = ref.relevance(logits, logits.argmax(dim=1)).detach()
+        with phase("forward"):
+            logits = ref.forward(images)
+        with phase("relevance"):
+            relevance = ref.relevance(logits, logits.argmax(dim=1)).detach()
     return reference_heatmap(relevance, tuple(images.shape[-2:]))
 
 
-# -- cases: each yields a zero-argument callable that runs one step -------------------------
+# -- cases: each yields a callable that runs one step, naming its phases -------------------
 
-Step = Callable[[], object]
+Step = Callable[[Phase], object]
 
 
 @contextlib.contextmanager
@@ -209,10 +226,10 @@ def plain_case(work: Workload, explicit: bool) -> Iterator[Step]:
     for module in attention:
         module.fused_attn = module.fused_attn and not explicit
     try:
-        def step() -> None:
-            with work.autocast():
+        def step(phase: Phase) -> None:
+            with work.autocast(), phase("forward"):
                 loss = F.cross_entropy(work.model(work.images), work.labels)
-            work.update(loss)
+            work.update(loss, phase)
         yield step
     finally:
         for module, flag in zip(attention, flags):
@@ -224,29 +241,31 @@ def relevance_case(work: Workload, second_order: bool) -> Iterator[Step]:
     with attach_gae(work.model, second_order=second_order) as gae:
         criterion = RelevanceRegularizer(gae)
 
-        def step() -> None:
+        def step(phase: Phase) -> None:
             with work.autocast():
-                logits = work.model(work.images)
-                loss = criterion(logits, work.masks, labels=work.labels).loss
-            work.update(loss)
+                with phase("forward"):
+                    logits = work.model(work.images)
+                with phase("relevance + loss"):
+                    loss = criterion(logits, work.masks, labels=work.labels).loss
+            work.update(loss, phase)
         yield step
 
 
 @contextlib.contextmanager
 def reference_case(work: Workload) -> Iterator[Step]:
     with ReferenceGAE(work.model) as ref:
-        def step() -> None:
+        def step(phase: Phase) -> None:
             with work.autocast():
-                loss = reference_loss(ref, work)
-            work.update(loss)
+                loss = reference_loss(ref, work, phase)
+            work.update(loss, phase)
         yield step
 
 
 @contextlib.contextmanager
 def explain_case(work: Workload) -> Iterator[Step]:
     with attach_gae(work.model) as gae:
-        def step() -> torch.Tensor:
-            with work.autocast():
+        def step(phase: Phase) -> torch.Tensor:
+            with work.autocast(), phase("explain"):
                 return gae.explain(work.images)
         yield step
 
@@ -254,9 +273,9 @@ def explain_case(work: Workload) -> Iterator[Step]:
 @contextlib.contextmanager
 def reference_explain_case(work: Workload) -> Iterator[Step]:
     with ReferenceGAE(work.model) as ref, torch.no_grad():
-        def step() -> torch.Tensor:
+        def step(phase: Phase) -> torch.Tensor:
             with work.autocast():
-                return reference_explain(ref, work.images)
+                return reference_explain(ref, work.images, phase)
         yield step
 
 
@@ -278,19 +297,56 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_cases(work: Workload, cases: tuple[str, ...]) -> dict[str, list[float]]:
-    """Seconds per step of each case, interleaved round by round; warm-up rounds dropped."""
+class PhaseTimer:
+    """Wall and process CPU seconds per named phase, each phase also a profiler range."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.wall: dict[str, list[float]] = {}
+        self.cpu: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        with record_function(name):
+            _synchronize(self.device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            yield
+            _synchronize(self.device)
+        self.wall.setdefault(name, []).append(time.perf_counter() - wall)
+        self.cpu.setdefault(name, []).append(time.process_time() - cpu)
+
+
+def time_cases(work: Workload, cases: tuple[str, ...]) -> dict[str, dict[str, list[float]]]:
+    """Wall and CPU seconds per step of each case, interleaved round by round, warm-up dropped."""
     config = work.config
-    times: dict[str, list[float]] = {name: [] for name in cases}
+    timers = {name: PhaseTimer(config.device) for name in cases}
     for _ in range(config.warmup + config.steps):
         for name in cases:
             with CASES[name](work) as step:
-                _synchronize(config.device)
-                start = time.perf_counter()
-                step()
-                _synchronize(config.device)
-                times[name].append(time.perf_counter() - start)
-    return {name: values[config.warmup:] for name, values in times.items()}
+                with timers[name]("step"):
+                    step(no_phase)
+    return {name: dict(wall=t.wall["step"][config.warmup:], cpu=t.cpu["step"][config.warmup:])
+            for name, t in timers.items()}
+
+
+def phase_medians(work: Workload, cases: tuple[str, ...], rounds: int) -> dict[str, dict[str, dict]]:
+    """Median wall and CPU seconds of each phase of each case (after one warm-up round)."""
+    timers = {name: PhaseTimer(work.config.device) for name in cases}
+    for _ in range(rounds + 1):
+        for name in cases:
+            with CASES[name](work) as step:
+                step(timers[name])
+    return {name: {phase: dict(wall=statistics.median(t.wall[phase][1:]), cpu=statistics.median(t.cpu[phase][1:]))
+                   for phase in t.wall} for name, t in timers.items()}
+
+
+def profile_table(work: Workload, case: str, rows: int = 15) -> str:
+    """torch.profiler's busiest operators (self CPU time) in one step of ``case``."""
+    with CASES[case](work) as step:
+        step(no_phase)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(no_phase)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def _proc_status_kib(key: str) -> int:
@@ -329,7 +385,7 @@ def measure_memory(config: Config, case: str, steps: int = 1) -> dict:
         baseline = _proc_status_kib("VmRSS") * 1024
     with CASES[case](work) as step:
         for _ in range(steps):
-            step()
+            step(no_phase)
     if cuda:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
@@ -350,41 +406,47 @@ def memory_in_subprocess(config: Config, case: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def summarize(config: Config, times: dict[str, list[float]], memory: dict[str, dict]) -> dict:
+# Each measure a target can be read in: (label, entry key), wall/CPU time and peak/delta memory.
+MEASURES = {
+    "time": (("wall", "median_s"), ("CPU", "median_cpu_s")),
+    "memory": (("peak RSS", "peak_mib"), ("above model", "delta_mib")),
+}
+
+
+def summarize(config: Config, times: dict[str, dict[str, list[float]]], memory: dict[str, dict]) -> dict:
     """Medians, ratios to the plain fused step (or to the reference explanation), targets."""
     steps, explain = {}, {}
-    for name, values in times.items():
-        entry = dict(median_s=statistics.median(values), times_s=values, **memory.get(name, {}))
+    for name, t in times.items():
+        entry = dict(median_s=statistics.median(t["wall"]), median_cpu_s=statistics.median(t["cpu"]),
+                     times_s=t["wall"], cpu_times_s=t["cpu"], **memory.get(name, {}))
         (explain if name in EXPLAIN_CASES else steps)[name] = entry
-    for name, entry in explain.items():
+    for entry in explain.values():
         entry["images_per_s"] = config.batch / entry["median_s"]
-    _add_ratios(steps, "plain_fused", ("time_vs_plain", "memory_vs_plain"))
-    if "reference_explain" in explain:
-        for entry in explain.values():
-            entry["speedup_vs_reference"] = explain["reference_explain"]["median_s"] / entry["median_s"]
+    for key in ("median_s", "median_cpu_s", "delta_mib", "peak_mib"):
+        _add_ratio(steps, "plain_fused", key, key + "_vs_plain", inverse=False)
+        _add_ratio(explain, "reference_explain", key, key + "_speedup_vs_reference", inverse=True)
     return dict(config=asdict(config), steps=steps, explain=explain,
                 targets=evaluate_targets({**steps, **explain}))
 
 
-def _add_ratios(entries: dict[str, dict], base: str, keys: tuple[str, str]) -> None:
-    if base not in entries:
+def _add_ratio(entries: dict[str, dict], base: str, key: str, name: str, inverse: bool) -> None:
+    if key not in entries.get(base, {}):
         return
     for entry in entries.values():
-        entry[keys[0]] = entry["median_s"] / entries[base]["median_s"]
-        if "delta_mib" in entry and "delta_mib" in entries[base]:
-            entry[keys[1]] = entry["delta_mib"] / entries[base]["delta_mib"]
+        if key in entry:
+            ratio = entry[key] / entries[base][key]
+            entry[name] = 1 / ratio if inverse else ratio
 
 
 def evaluate_targets(entries: dict[str, dict]) -> list[dict]:
-    """The issue's targets that these cases allow to check, each with its measured ratio."""
+    """The issue's targets that these cases allow to check, in each measure available."""
     results = []
     for name, a, b, measure, bound, limit in TARGETS:
-        key = "median_s" if measure == "time" else "delta_mib"
-        if key not in entries.get(a, {}) or key not in entries.get(b, {}):
-            continue
-        value = entries[a][key] / entries[b][key]
-        met = value >= limit if bound == "min" else value <= limit
-        results.append(dict(name=name, value=value, bound=bound, limit=limit, met=met))
+        for label, key in MEASURES[measure]:
+            if key in entries.get(a, {}) and key in entries.get(b, {}):
+                value = entries[a][key] / entries[b][key]
+                met = value >= limit if bound == "min" else value <= limit
+                results.append(dict(name=name, measure=label, value=value, bound=bound, limit=limit, met=met))
     return results
 
 
@@ -421,27 +483,34 @@ def markdown_run(run: dict) -> str:
     c = run["config"]
     lines = [f"**{c['model']}**, batch {c['batch']}, {c['img_size']} px, depth {c['depth'] or 'default'}, "
              f"{c['device']}, {c['dtype']}; median of {c['steps']} steps after {c['warmup']} warm-up",
-             "", "| step | median (ms) | × plain fused | peak mem Δ (MiB) | × plain fused | peak RSS (MiB) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "", "| step | wall (ms) | × plain | CPU (ms) | × plain | peak RSS (MiB) | × plain "
+                 "| above model (MiB) | × plain |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, e in run["steps"].items():
-        lines.append(f"| {name} | {e['median_s'] * 1e3:.0f} | {_fmt(e.get('time_vs_plain'), '.2f')} | "
-                     f"{_fmt(e.get('delta_mib'), '.0f')} | {_fmt(e.get('memory_vs_plain'), '.2f')} | "
-                     f"{_fmt(e.get('peak_mib'), '.0f')} |")
+        cells = [f"{e['median_s'] * 1e3:.0f}", _fmt(e.get("median_s_vs_plain"), ".2f"),
+                 f"{e['median_cpu_s'] * 1e3:.0f}", _fmt(e.get("median_cpu_s_vs_plain"), ".2f"),
+                 _fmt(e.get("peak_mib"), ".0f"), _fmt(e.get("peak_mib_vs_plain"), ".2f"),
+                 _fmt(e.get("delta_mib"), ".0f"), _fmt(e.get("delta_mib_vs_plain"), ".2f")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if run["explain"]:
-        lines += ["", "| explanation | median (ms / batch) | images/s | × reference |", "|---|---:|---:|---:|"]
+        lines += ["", "| explanation | wall (ms / batch) | images/s | × reference | CPU (ms) | × reference |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for name, e in run["explain"].items():
-            lines.append(f"| {name} | {e['median_s'] * 1e3:.0f} | {e['images_per_s']:.2f} | "
-                         f"{_fmt(e.get('speedup_vs_reference'), '.2f')} |")
+            cells = [f"{e['median_s'] * 1e3:.0f}", f"{e['images_per_s']:.2f}",
+                     _fmt(e.get("median_s_speedup_vs_reference"), ".2f"), f"{e['median_cpu_s'] * 1e3:.0f}",
+                     _fmt(e.get("median_cpu_s_speedup_vs_reference"), ".2f")]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if run["targets"]:
-        lines += ["", "| target | measured | limit | met |", "|---|---:|---:|---|"]
+        lines += ["", "| target | measure | measured | limit | met |", "|---|---|---:|---:|---|"]
         for t in run["targets"]:
             bound = "≥" if t["bound"] == "min" else "≤"
-            lines.append(f"| {t['name']} | {t['value']:.2f} | {bound} {t['limit']} | {'yes' if t['met'] else 'NO'} |")
+            lines.append(f"| {t['name']} | {t['measure']} | {t['value']:.2f} | {bound} {t['limit']} | "
+                         f"{'yes' if t['met'] else 'NO'} |")
     return "\n".join(lines)
 
 
 def markdown_scaling(runs: list[dict]) -> str:
-    """Step time (ms) and peak memory Δ (MiB) per case against image size and depth."""
+    """Median wall time (ms) and memory above the model (MiB) per case vs image size and depth."""
     cases = list(runs[0]["steps"])
     header = "| img | depth | tokens | " + " | ".join(f"{n} ms | {n} MiB" for n in cases) + " |"
     lines = [header, "|" + "---:|" * (3 + 2 * len(cases))]
@@ -454,12 +523,21 @@ def markdown_scaling(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_phases(phases: dict[str, dict[str, dict]]) -> str:
+    """Median wall and CPU milliseconds per phase of each case."""
+    lines = ["| case | phase | wall (ms) | CPU (ms) |", "|---|---|---:|---:|"]
+    for case, entries in phases.items():
+        for phase, t in entries.items():
+            lines.append(f"| {case} | {phase} | {t['wall'] * 1e3:.0f} | {t['cpu'] * 1e3:.0f} |")
+    return "\n".join(lines)
+
+
 # -- command line -----------------------------------------------------------------------------
 
 def scaling_configs(base: Config) -> list[Config]:
     """Image sizes at full depth, then smaller depths at the base image size."""
     sizes = [replace(base, img_size=size) for size in SCALING_SIZES]
-    depths = [replace(base, depth=depth) for depth in SCALING_DEPTHS if depth != 12]
+    depths = [replace(base, depth=depth) for depth in SCALING_DEPTHS]
     return sizes + depths
 
 
@@ -479,11 +557,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="default: all; with --scaling: " + " ".join(SCALING_CASES))
     parser.add_argument("--scaling", action="store_true", help="step time and memory vs image size and depth")
     parser.add_argument("--quick", action="store_true", help="3 steps, 1 warm-up (below the 5-step rule)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: per-phase times and torch.profiler's top operators of each case")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--json", default="step_time.json", help="where to write the results")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     parser.add_argument("--config-json", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def profile_cases(config: Config, cases: tuple[str, ...]) -> dict:
+    """Print and return the phase medians and profiler tables of ``cases`` on one workload."""
+    work = make_workload(config)
+    phases = phase_medians(work, cases, rounds=config.steps)
+    print(markdown_phases(phases), flush=True)
+    tables = {case: profile_table(work, case) for case in cases}
+    for case, table in tables.items():
+        print(f"\n{case}\n{table}", flush=True)
+    return dict(config=asdict(config), phases=phases, operators=tables)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -500,6 +591,9 @@ def main(argv: list[str] | None = None) -> dict:
     for model in args.model:
         base = Config(model=model, batch=args.batch, img_size=args.img_size, depth=args.depth,
                       device=args.device, dtype=args.dtype, steps=steps, warmup=warmup)
+        if args.profile:
+            report["profile"] = profile_cases(base, cases)
+            continue
         configs = scaling_configs(base) if args.scaling else [base]
         runs = [run_config(config, cases, memory=not args.no_memory) for config in configs]
         report["scaling" if args.scaling else "runs"].extend(runs)

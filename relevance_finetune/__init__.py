@@ -1,8 +1,9 @@
 """relevance-finetune: optimise the relevance maps of timm vision transformers (RobustViT)."""
-from .gae import ATTENTION_FAMILIES, GAEHandle, UnsupportedModelError, attach_gae, explicit_attention
-from .losses import InputGradientRegularizer, RegularizerOutput, RelevanceRegularizer
-
 __version__ = "0.1.0"
+
+from .gae import ATTENTION_FAMILIES, GAEHandle, UnsupportedModelError, attach_gae, explicit_attention
+from .export import load_finetuned, save_finetuned
+from .losses import InputGradientRegularizer, RegularizerOutput, RelevanceRegularizer
 
 __all__ = [
     "ATTENTION_FAMILIES",
@@ -13,4 +14,6 @@ __all__ = [
     "UnsupportedModelError",
     "attach_gae",
     "explicit_attention",
+    "load_finetuned",
+    "save_finetuned",
 ]

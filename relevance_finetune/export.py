@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import timm
+from timm.utils import unwrap_model
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from .models import create_model
@@ -72,7 +72,7 @@ def save_finetuned(
     Parameters
     ----------
     model:
-        A timm model (a DDP wrapper is unwrapped).
+        A timm model (DDP and ``torch.compile`` wrappers are unwrapped).
     out_dir:
         Created if missing; the files are written to a temporary directory first and moved in.
     base_model:
@@ -88,8 +88,7 @@ def save_finetuned(
     Path
         ``out_dir``; ``timm.create_model(f"local-dir:{out_dir}", pretrained=True)`` loads it.
     """
-    if isinstance(model, DistributedDataParallel):
-        model = model.module
+    model = unwrap_model(model)
     if dataclasses.is_dataclass(finetune_config):
         finetune_config = dataclasses.asdict(finetune_config)
     finetune_config = dict(finetune_config or {})
@@ -106,7 +105,8 @@ def save_finetuned(
     extra = {"data_config": dict(data_config)} if data_config else {}
     out_dir = Path(out_dir)
     with _atomic_directory(out_dir) as tmp:
-        timm.models.save_for_hf(model, tmp, model_config={METADATA_KEY: metadata}, safe_serialization=True, **extra)
+        timm.models.save_for_hf(
+            model, tmp, model_config={METADATA_KEY: metadata}, safe_serialization=True, **extra)
     return out_dir
 
 
@@ -142,18 +142,22 @@ def export_checkpoint(
     if name is None:
         raise ValueError(f"{checkpoint} does not record its model: pass the timm model name (--model NAME)")
     num_classes = config.get("num_classes")
-    model = create_model(name, checkpoint=checkpoint, **({} if num_classes is None else {"num_classes": num_classes}))
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    model = create_model(name, checkpoint=checkpoint, **kwargs)
     data_config = {"mean": _HALF, "std": _HALF} if config.get("normalization") == "half" else None
     return save_finetuned(model, out_dir, base_model=name, finetune_config=config, data_config=data_config)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="training checkpoint (.safetensors), weights file or export directory")
+    """The ``export`` arguments: ``CHECKPOINT --out DIR [--model NAME]``."""
+    parser.add_argument("checkpoint", help="a training checkpoint (.safetensors), or with --model any weights "
+                                           "(.safetensors, .pth, an export folder)")
     parser.add_argument("--out", required=True, help="directory for model.safetensors + config.json")
     parser.add_argument("--model", help="timm model name of the weights (default: the one the checkpoint records)")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``relevance-finetune export``."""
     out = export_checkpoint(args.checkpoint, args.out, args.model)
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}; "
           f"load with timm.create_model('local-dir:{out}', pretrained=True)")

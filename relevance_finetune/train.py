@@ -4,10 +4,10 @@
 samples (image (3, H, W), mask (1, H, W) in [0, 1], int label). Under ``torchrun`` it runs
 DistributedDataParallel; ``config.batch_size`` is always the global batch.
 
-A checkpoint is one ``.safetensors`` file: the model's state dict under its own keys (so timm and
-:func:`relevance_finetune.models.load_weights` read it), the optimiser, schedule, grad-scaler and
-RNG tensors under ``trainer_state/``, and JSON in the header (the structure of that state, the
-epoch, the config, the metrics history). Loading never unpickles.
+A checkpoint is one ``.safetensors`` file: the model's state dict under its own keys (read by
+:func:`relevance_finetune.models.load_weights`), the optimiser, schedule, grad-scaler and RNG
+tensors under ``trainer_state/``, and JSON in the header (the structure of that state, the epoch,
+the config, the metrics history). Loading never unpickles.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
+from timm.utils import unwrap_model
 from tqdm import tqdm
 
 from . import __version__
@@ -68,7 +69,8 @@ _LOSS_PARTS = ("loss", "background", "foreground", "classification", "mask_penal
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
 _RESUMABLE_CHANGES = frozenset({"epochs", "resume", "progress", "workers", "device", "out", "data", "masks",
-                                "val_data", "val_masks", "pretrained", "checkpoint", "preset", "skip_bad"})
+                                "val_data", "val_masks", "pretrained", "checkpoint", "preset", "skip_bad",
+                                "deterministic"})
 
 # Per-model learning rates and temperatures of the paper's reference code (README).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -142,7 +144,7 @@ class TrainConfig:
     grad_accum: int = _option(1, "micro-batches per optimiser step")
     amp: Literal["bf16", "fp16"] | None = _option(None, "mixed precision of the forward")
     # run
-    seed: int = _option(0, "seed of initialisation-free randomness: order, augmentation")
+    seed: int = _option(0, "seed of the data order, augmentation and validation hold-out")
     workers: int = _option(2, "data-loading worker processes")
     device: str | None = _option(None, "torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     deterministic: bool = _option(False, "use deterministic GPU kernels (slower; CPU runs repeat anyway)")
@@ -190,9 +192,12 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             raise ValueError(f"{name} must be {kind.__name__}, got {value!r}")
         return value
     try:
-        value = kind(value)  # YAML reads 3e-6 as a string; TOML may give 1 for 1.0
+        coerced = kind(value)  # YAML reads 3e-6 as a string; TOML may give 1 for 1.0
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {kind.__name__}, got {value!r}") from None
+        coerced = None
+    if coerced is None or (kind is int and isinstance(value, float) and value != coerced):
+        raise ValueError(f"{name} must be {kind.__name__}, got {value!r}")
+    value = coerced
     if choices is not None and value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
@@ -203,7 +208,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML, YAML or JSON file whose keys are ``TrainConfig`` fields (``-`` or ``_``)."""
     path = Path(path)
     if path.suffix == ".toml":
-        import tomllib
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            raise ValueError(f"reading {path} needs Python 3.11 or newer (tomllib); use YAML instead") from None
         with path.open("rb") as f:
             values = tomllib.load(f)
     elif path.suffix in (".yaml", ".yml", ".json"):
@@ -225,9 +233,7 @@ def resolve_config(flags: dict[str, Any] | None = None, config_file: str | Path 
     """Defaults, then the preset, then the config file, then the given flags (last wins)."""
     flags = dict(flags or {})
     file_values = read_config_file(config_file) if config_file is not None else {}
-    preset = flags.get("preset", file_values.get("preset"))
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    preset = flags.get("preset", file_values.get("preset"))  # an unknown one fails in TrainConfig
     return TrainConfig(**{**PRESETS.get(preset, {}), **file_values, **flags})
 
 
@@ -277,12 +283,13 @@ def save_checkpoint(
         info: dict[str, Any],
         trainer_state: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``model``'s weights, ``info`` (JSON) and optionally ``trainer_state`` to one file, atomically.
+    """Write ``model``'s weights (unwrapped from DDP), ``info`` (JSON) and optionally ``trainer_state``
+    to one file, atomically.
 
     ``trainer_state`` is any nesting of dicts, lists, tuples, tensors and JSON scalars
     (optimiser and scheduler state dicts, RNG states).
     """
-    tensors = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in unwrap_model(model).state_dict().items()}
     metadata = {"format": CHECKPOINT_FORMAT, "info": json.dumps(info)}
     if trainer_state is not None:
         metadata["trainer_state"] = json.dumps(_encode(trainer_state, tensors, TRAINER_STATE_PREFIX.rstrip("/")))
@@ -386,10 +393,6 @@ class _Processes:
             values = values.to(backend_device)
             dist.all_reduce(values)
         return values.cpu()
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 # -- the loop --------------------------------------------------------------------------------------
@@ -563,7 +566,6 @@ def _checkpoint_info(model: nn.Module, config: TrainConfig, history: list[dict[s
 
 
 def _architecture(model: nn.Module) -> str:
-    model = _unwrap(model)
     return getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
 
 
@@ -579,7 +581,7 @@ def _resume(out: Path, model: nn.Module, run: _Run, config: TrainConfig, procs: 
         details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
         raise ValueError(f"cannot resume {out}: settings differ from its checkpoint ({details}); "
                          f"only {sorted(_RESUMABLE_CHANGES)} may change")
-    _unwrap(model).load_state_dict(model_state)
+    model.load_state_dict(model_state)
     run.restore(trainer_state, info["history"], procs)
 
 
@@ -633,6 +635,9 @@ def finetune(
         One record per epoch (the run's earlier epochs too when resuming): ``epoch``, ``lr``,
         ``train_*`` and ``val_*`` loss parts and accuracy, ``time_s``.
     """
+    if isinstance(model, DistributedDataParallel):
+        raise TypeError("pass the bare model: finetune wraps it in DistributedDataParallel itself, after "
+                        "instrumenting its attention")
     config = config or TrainConfig()
     procs = _Processes.current(config.device)
     micro_batch = _micro_batch(config, procs.world_size)
@@ -688,7 +693,7 @@ def finetune(
 # -- the command -----------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``train`` flags: one per ``TrainConfig`` field, plus ``--config FILE``."""
-    parser.add_argument("--config", help="TOML/YAML file of settings (keys as the flags); flags win")
+    parser.add_argument("--config", metavar="FILE", help="TOML/YAML file of settings (keys as the flags); flags win")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         kind, choices, _ = _field_kind(hints[f.name])
@@ -707,7 +712,8 @@ def run(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     config = resolve_config(flags, getattr(args, "config", None))
     if config.model is None or config.data is None or config.out is None:
-        raise SystemExit("relevance-finetune train: --model (or a --preset naming one), --data and --out are required")
+        raise SystemExit("relevance-finetune train: --model (or a --preset naming one), --data and --out "
+                         "are required")
     started = _init_distributed()
     try:
         resuming = config.resume and (Path(config.out) / LAST).is_file()

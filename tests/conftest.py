@@ -8,7 +8,7 @@ import timm
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # small models: more threads only spin on a shared machine
 
 # name -> (timm model, kwargs): one small config per supported family / readout
 TINY_MODELS = {

@@ -14,7 +14,7 @@ from relevance_finetune import export as export_module
 from relevance_finetune.export import finetune_metadata, load_finetuned, save_finetuned
 from relevance_finetune.models import load_weights
 from relevance_finetune.train import TrainConfig, finetune
-from test_train import SyntheticMasked, config, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from test_train import SyntheticMasked, config, one_thread, tiny_hub  # noqa: F401  (one_thread: autouse fixture)
 
 
 def perturbed(model: torch.nn.Module) -> torch.nn.Module:
@@ -84,11 +84,10 @@ def test_export_replaces_files_atomically(tmp_path, monkeypatch):
 
 
 def test_export_command_turns_a_training_checkpoint_into_a_timm_model(tmp_path, capsys):
-    hub = tmp_path / "hub"
-    timm.models.save_for_hf(tiny_model("deit_distilled", num_classes=4), hub, safe_serialization=True)
-    model = timm.create_model(f"local-dir:{hub}", pretrained=True)
+    hub = tiny_hub(tmp_path / "hub", key="deit_distilled", num_classes=4)
+    model = timm.create_model(hub, pretrained=True)
     run = tmp_path / "run"
-    finetune(model, SyntheticMasked(4), None, config(out=str(run), model=f"local-dir:{hub}", normalization="half"))
+    finetune(model, SyntheticMasked(4), None, config(out=str(run), model=hub, normalization="half"))
 
     assert cli.main(["export", str(run / "last.safetensors"), "--out", str(tmp_path / "export")]) == 0
     assert "local-dir:" in capsys.readouterr().out
@@ -97,7 +96,7 @@ def test_export_command_turns_a_training_checkpoint_into_a_timm_model(tmp_path, 
     with torch.no_grad():
         assert torch.equal(exported(images), model.eval()(images))
     metadata = finetune_metadata(tmp_path / "export")
-    assert metadata["base_model"] == f"local-dir:{hub}" and metadata["finetune_config"]["epochs"] == 1
+    assert metadata["base_model"] == hub and metadata["finetune_config"]["epochs"] == 1
     assert model.pretrained_cfg["mean"] != (0.5, 0.5, 0.5) and exported.pretrained_cfg["mean"] == [0.5] * 3
 
 
@@ -106,8 +105,7 @@ def test_export_command_needs_a_model_name_for_bare_weights(tmp_path):
     save_file(tiny_model().state_dict(), str(weights))
     with pytest.raises(ValueError, match="pass the timm model name"):
         cli.main(["export", str(weights), "--out", str(tmp_path / "export")])
-    hub = tmp_path / "hub"
-    timm.models.save_for_hf(tiny_model(), hub, safe_serialization=True)
-    assert cli.main(["export", str(weights), "--out", str(tmp_path / "export"), "--model", f"local-dir:{hub}"]) == 0
+    hub = tiny_hub(tmp_path / "hub")
+    assert cli.main(["export", str(weights), "--out", str(tmp_path / "export"), "--model", hub]) == 0
     with pytest.raises(ValueError, match="does not fit"):
         cli.main(["export", str(weights), "--out", str(tmp_path / "x"), "--model", "deit_tiny_distilled_patch16_224"])

@@ -27,20 +27,31 @@ def step_time():
     del sys.modules[spec.name]
 
 
-def test_run_config_schema(step_time, tmp_path):
+def test_run_config_schema(step_time):
     config = step_time.Config(**TINY)
     run = step_time.run_config(config, tuple(step_time.CASES), memory=False)
     assert set(run) == {"config", "steps", "explain", "targets"}
     assert set(run["steps"]) == set(step_time.STEP_CASES)
     assert set(run["explain"]) == set(step_time.EXPLAIN_CASES)
     for entry in run["steps"].values():
-        assert len(entry["times_s"]) == 1 and entry["median_s"] > 0 and entry["time_vs_plain"] > 0
+        assert len(entry["times_s"]) == len(entry["cpu_times_s"]) == 1
+        assert entry["median_s"] > 0 and entry["median_s_vs_plain"] > 0 and entry["median_cpu_s_vs_plain"] > 0
     for entry in run["explain"].values():
-        assert entry["images_per_s"] > 0 and entry["speedup_vs_reference"] > 0
-    assert {t["name"] for t in run["targets"]} == {t[0] for t in step_time.TARGETS if t[3] == "time"}
-    assert all(set(t) == {"name", "value", "bound", "limit", "met"} for t in run["targets"])
+        assert entry["images_per_s"] > 0 and entry["median_s_speedup_vs_reference"] > 0
+    time_targets = [t for t in step_time.TARGETS if t[3] == "time"]
+    assert len(run["targets"]) == 2 * len(time_targets)  # wall and CPU; memory was skipped
+    assert all(set(t) == {"name", "measure", "value", "bound", "limit", "met"} for t in run["targets"])
     assert "| relevance |" in step_time.markdown_run(run)
-    (tmp_path / "run.json").write_text(json.dumps(run))  # JSON-serialisable
+    json.dumps(run)
+
+
+def test_phases_and_profile(step_time):
+    work = step_time.make_workload(step_time.Config(**TINY))
+    phases = step_time.phase_medians(work, ("relevance", "reference"), rounds=1)
+    assert set(phases["relevance"]) == {"forward", "relevance + loss", "backward", "optimizer"}
+    assert {"relevance", "second forward"} <= set(phases["reference"])
+    assert "| reference | second forward |" in step_time.markdown_phases(phases)
+    assert "aten::" in step_time.profile_table(work, "explain", rows=3)
 
 
 def test_measure_memory_schema(step_time):
@@ -53,6 +64,7 @@ def test_scaling_configs_cover_sizes_and_depths(step_time):
     configs = step_time.scaling_configs(step_time.Config())
     assert [c.img_size for c in configs[:3]] == [224, 288, 384]
     assert [c.depth for c in configs[3:]] == [4, 8]
+    assert all(c.depth is None for c in configs[:3])
 
 
 def test_reference_relevance_equals_ours(step_time):

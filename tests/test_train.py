@@ -112,6 +112,8 @@ def test_checkpoints_are_safetensors_that_timm_and_load_weights_read(tmp_path):
     assert info["epoch"] == 3 and info["architecture"] == "vit_tiny_patch16_224"
     assert set(trainer_state) == {"optimizer", "scheduler", "scaler", "rng"}
     assert_states_close(load_weights(tiny_model(num_classes=4, seed=5), last).state_dict(), state_of(model))
+    with pytest.raises(ValueError, match=r"\(vit_tiny_patch16_224\) does not fit .*deit_tiny_distilled"):
+        load_weights(tiny_model("deit_distilled", num_classes=4), last)
 
     best_state, best_info, best_trainer_state = load_checkpoint(best)
     assert best_trainer_state is None
@@ -237,6 +239,12 @@ def test_config_precedence_defaults_preset_file_flags(tmp_path):
 
 
 # -- the command ---------------------------------------------------------------------------------------
+def tiny_hub(path, **kwargs) -> str:
+    """A tiny random ViT saved in timm's hub layout: the offline stand-in for hub weights."""
+    timm.models.save_for_hf(tiny_model(**kwargs), path, safe_serialization=True)
+    return f"local-dir:{path}"
+
+
 def write_masked_folder(root, per_class: int = 3, size: int = 40) -> None:
     rng = np.random.default_rng(0)
     for name in ("cat", "dog"):
@@ -252,21 +260,59 @@ def write_masked_folder(root, per_class: int = 3, size: int = 40) -> None:
 
 def test_train_command_runs_resumes_and_records_its_config(tmp_path, capsys):
     write_masked_folder(tmp_path / "data")
-    hub = tmp_path / "hub"
-    timm.models.save_for_hf(tiny_model(num_classes=2), hub, safe_serialization=True)
+    hub = tiny_hub(tmp_path / "hub", num_classes=2)
     out = tmp_path / "run"
-    args = ["train", "--model", f"local-dir:{hub}", "--pretrained", "--data", str(tmp_path / "data"),
+    args = ["train", "--model", hub, "--pretrained", "--data", str(tmp_path / "data"),
             "--out", str(out), "--epochs", "1", "--batch-size", "2", "--workers", "0", "--no-progress",
             "--val-fraction", "0.34", "--lr", "1e-4"]
     assert cli.main(args) == 0
     recorded = read_config_file(out / "config.yaml")
-    assert recorded["model"] == f"local-dir:{hub}" and recorded["val_fraction"] == 0.34
+    assert recorded["model"] == hub and recorded["val_fraction"] == 0.34
     assert recorded["lambda_bg"] == 2.0 and recorded["lr_decay"] == 0.85
-    assert cli.main([*args[:args.index("--epochs")], "--epochs", "2", "--resume", *args[args.index("--epochs") + 2:]]) == 0
+    epochs = args.index("--epochs")
+    assert cli.main([*args[:epochs], "--epochs", "2", "--resume", *args[epochs + 2:]]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert {"train_loss", "val_loss", "val_background", "val_accuracy"} <= set(records[-1])
     assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "last.safetensors", "best.safetensors"}
+
+
+def write_csv_manifest(root) -> str:
+    write_masked_folder(root, per_class=2)
+    rows = [f"images/{name}/{i}.jpg,masks/{name}/{i}.png,{name}" for name in ("cat", "dog") for i in range(2)]
+    (root / "train.csv").write_text("image,mask,label\n" + "\n".join(rows) + "\n")
+    return str(root / "train.csv")
+
+
+def write_imagenet_s(root, per_class: int = 2, size: int = 40) -> None:
+    """ImageNet images and ImageNet-S masks (class id = R + 256 G) of the first three ImageNet classes."""
+    rng = np.random.default_rng(0)
+    for class_id, wnid in enumerate(("n01440764", "n01443537", "n01484850"), 1):
+        for i in range(per_class):
+            name = f"{wnid}_{i}"
+            (root / "imagenet" / "train" / wnid).mkdir(parents=True, exist_ok=True)
+            (root / "ImageNetS919" / "train-semi-segmentation" / wnid).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+                root / "imagenet" / "train" / wnid / f"{name}.JPEG", format="JPEG")
+            mask = np.zeros((size, size, 3), np.uint8)
+            mask[10:30, 10:30, 0] = class_id
+            Image.fromarray(mask).save(root / "ImageNetS919" / "train-semi-segmentation" / wnid / f"{name}.png")
+
+
+@pytest.mark.parametrize("layout", ["csv", "imagenet-s"])
+def test_train_command_reads_csv_and_imagenet_s(tmp_path, layout):
+    if layout == "csv":
+        manifest = write_csv_manifest(tmp_path)
+        data = ["--data", manifest, "--val-data", manifest]
+    else:
+        write_imagenet_s(tmp_path)
+        data = ["--data-format", "imagenet-s", "--data", str(tmp_path / "imagenet"), "--masks",
+                str(tmp_path / "ImageNetS919"), "--split-classes", "2", "--images-per-class", "2"]
+    out = tmp_path / "run"
+    assert cli.main(["train", "--model", tiny_hub(tmp_path / "hub"), "--num-classes", "4", "--out", str(out),
+                     "--epochs", "1", "--batch-size", "2", "--workers", "0", "--no-progress", *data]) == 0
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert record["train_accuracy"] >= 0 and "val_loss" in record and (out / "best.safetensors").is_file()
 
 
 def test_train_command_explains_unsupported_models(tmp_path, capsys):

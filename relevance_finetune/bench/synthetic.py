@@ -1,7 +1,7 @@
 """Procedural spurious-background images: the class is the object's pattern, the background agrees.
 
 Every image is a foreground object, a glyph of random shape, position, size and two random
-colours (one light, one dark), filled with the pattern of its class (stripes of a class-specific angle and period, or
+colours (of random contrast: some objects are hard to read), filled with the pattern of its class (stripes of a class-specific angle and period, or
 a checkerboard): the class evidence lives inside the object. It lies on a background of one of
 ``num_classes`` hues. In the biased training distribution the background hue is the class's with
 probability ``p``; out of distribution it is independent of the class; adversarially it is
@@ -78,7 +78,8 @@ class SpuriousConfig:
     num_classes: int = 10
     image_size: int = 64
     object_size: tuple[float, float] = (0.22, 0.38)  # half-extent as a fraction of the image
-    noise: float = 0.05
+    noise: float = 0.08
+    contrast: tuple[float, float] = (0.05, 0.6)  # brightness gap between the object's two colours
 
     def __post_init__(self) -> None:
         if not 2 <= self.num_classes <= NUM_CLASSES:
@@ -123,7 +124,9 @@ def render_image(
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     mask = SHAPES[rng.integers(NUM_SHAPES)]((x - cx) / hx, (y - cy) / hy)
     image = _background(background, config.num_classes, size, rng)
-    colours = np.stack([rng.uniform(0.55, 1.0, size=3), rng.uniform(0.0, 0.3, size=3)])  # light, dark
+    light = rng.uniform(0.3, 1.0, size=3)
+    dark = np.clip(light - rng.uniform(*config.contrast), 0, 1)  # low contrast: a hard object
+    colours = np.stack([light, dark])
     pattern = _pattern(label, size, rng)[None]
     texture = colours[0, :, None, None] * pattern + colours[1, :, None, None] * (1 - pattern)
     image = np.where(mask[None], texture, image)
