@@ -17,6 +17,8 @@ reset; CUDA: ``torch.cuda.max_memory_allocated``), counted above the resident mo
 Examples::
 
     python benchmarks/step_time.py                                  # vit_small, batch 8, 224 px
+    python benchmarks/step_time.py --threads 1                      # a shared, busy machine
+    python benchmarks/step_time.py --profile --cases relevance      # where the time goes
     python benchmarks/step_time.py --model vit_tiny_patch16_224 vit_base_patch16_224
     python benchmarks/step_time.py --scaling --quick                # vs image size and depth
     python benchmarks/step_time.py --device cuda --dtype bf16
@@ -52,7 +54,7 @@ SCALING_SIZES = (224, 288, 384)
 SCALING_DEPTHS = (4, 8)  # plus the model's own depth, from the size sweep
 SCALING_CASES = ("plain_fused", "relevance", "reference")
 # The issue's targets (CPU, vit_small, batch 8): (name, case a, case b, measure, bound, limit),
-# each a ratio a / b of median step times or of peak memory deltas.
+# each a ratio a / b of median step times (wall, CPU) or of peak memory (RSS, above the model).
 TARGETS = (
     ("relevance step / plain fused step", "relevance", "plain_fused", "time", "max", 1.3),
     ("reference step / relevance step", "reference", "relevance", "time", "min", 2.7),
@@ -84,6 +86,7 @@ class Config:
     steps: int = 5
     warmup: int = 2
     seed: int = 0
+    threads: int | None = None  # torch.set_num_threads; None: torch's default
     model_kwargs: dict = field(default_factory=dict)
 
 
@@ -114,6 +117,8 @@ class Workload:
 def make_workload(config: Config) -> Workload:
     """Random-weight model (``pretrained=False``), AdamW as in the paper, a random batch."""
     torch.manual_seed(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     kwargs = dict(img_size=config.img_size, **config.model_kwargs)
     if config.depth is not None:
         kwargs["depth"] = config.depth
@@ -551,6 +556,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=None, help="override the model's depth")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: torch's); 1 avoids OpenMP barrier stalls on a shared machine")
     parser.add_argument("--steps", type=int, default=None, help="measured steps (default 5; --quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 1)")
     parser.add_argument("--cases", nargs="+", choices=tuple(CASES), default=None,
@@ -590,7 +597,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     for model in args.model:
         base = Config(model=model, batch=args.batch, img_size=args.img_size, depth=args.depth,
-                      device=args.device, dtype=args.dtype, steps=steps, warmup=warmup)
+                      device=args.device, dtype=args.dtype, steps=steps, warmup=warmup,
+                      threads=args.threads)
         if args.profile:
             report["profile"] = profile_cases(base, cases)
             continue

@@ -77,3 +77,24 @@ def test_probes_see_background_reliance():
     assert probes["background_only"] == 100.0
     assert probes["object_only"] < 50.0
     assert probes["background_reliance"] > 50.0
+
+
+def test_demo_quick_writes_results_figure_and_weights(tmp_path):
+    from relevance_finetune.cli import main
+    from relevance_finetune.bench.demo import METRICS, QUICK
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--seeds", "2", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1]
+    assert set(results["methods"]) == {"original", *QUICK["methods"]}
+    for name, entry in results["methods"].items():
+        for metric in ("id_acc", "ood_acc", "adv_acc", "ood_acc_set_a", "ood_acc_set_b", "pixel_acc", "miou", "map"):
+            assert set(entry[metric]) == {"mean", "std"}
+            assert 0.0 <= entry[metric]["mean"] <= 100.0 and entry[metric]["std"] >= 0.0
+        assert {"object_only", "background_only", "background_reliance"} <= set(entry["probes"])
+    assert set(METRICS) <= set(results["methods"]["ours"])
+    table = (out / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in results["methods"])
+    assert (out / "relevance_before_after.png").stat().st_size > 10_000
+    assert (out / "ours" / "model.safetensors").is_file() and (out / "ours" / "config.json").is_file()

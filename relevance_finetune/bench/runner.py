@@ -69,6 +69,7 @@ class BenchConfig:
     image_size: int = 48
     p: float = 0.9
     contrast: tuple[float, float] = (0.05, 0.6)
+    pretrain_contrast: tuple[float, float] = (0.4, 0.7)  # clear objects first: object features
     # the original model
     patch_size: int = 8
     embed_dim: int = 64
@@ -101,11 +102,12 @@ class BenchConfig:
     def set_b(self) -> tuple[int, ...]:
         return tuple(range(self.num_classes // 2, self.num_classes))
 
-    def spurious(self) -> SpuriousConfig:
-        return SpuriousConfig(num_classes=self.num_classes, image_size=self.image_size, contrast=self.contrast)
+    def spurious(self, contrast: tuple[float, float] | None = None) -> SpuriousConfig:
+        return SpuriousConfig(num_classes=self.num_classes, image_size=self.image_size,
+                              contrast=contrast or self.contrast)
 
     def original_key(self, seed: int) -> str:
-        fields = ("num_classes", "image_size", "p", "contrast", "patch_size", "embed_dim", "depth", "num_heads",
+        fields = ("num_classes", "image_size", "p", "contrast", "pretrain_contrast", "patch_size", "embed_dim", "depth", "num_heads",
                   "pretrain_images", "pretrain_epochs", "biased_images", "biased_epochs", "train_batch")
         text = json.dumps({k: getattr(self, k) for k in fields} | {"seed": seed}, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
@@ -147,8 +149,10 @@ def _train_classifier(model: nn.Module, data, epochs: int, lr: float, batch: int
 def train_original(config: BenchConfig, seed: int, cache_dir: Path | None = None) -> nn.Module:
     """Train (or load from ``cache_dir``) the original model of ``seed``.
 
-    First on images whose background is independent of the class (it learns the objects), then
-    on the biased set (it learns the shortcut), the way real pretrained models come to have both.
+    First on clear objects whose background is independent of the class (it learns the
+    objects), then on the biased set, where objects of every contrast appear and the background
+    agrees with the class (it learns the shortcut for the objects it cannot read): the way real
+    pretrained models come to have both.
     """
     torch.manual_seed(seed)
     model = create_original(config)
@@ -156,10 +160,10 @@ def train_original(config: BenchConfig, seed: int, cache_dir: Path | None = None
     if path is not None and path.is_file():
         model.load_state_dict(load_file(str(path)))
         return model.eval()
-    spurious = config.spurious()
-    unbiased = make_split(config.pretrain_images, "independent", config=spurious, seed=1000 * seed + 1)
+    unbiased = make_split(config.pretrain_images, "independent", config=config.spurious(config.pretrain_contrast),
+                          seed=1000 * seed + 1)
     _train_classifier(model, unbiased, config.pretrain_epochs, 2e-3, config.train_batch, seed, "original: objects")
-    biased = make_split(config.biased_images, "biased", config.p, spurious, seed=1000 * seed + 2)
+    biased = make_split(config.biased_images, "biased", config.p, config.spurious(), seed=1000 * seed + 2)
     _train_classifier(model, biased, config.biased_epochs, 1e-3, config.train_batch, seed, "original: shortcut")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,9 +238,10 @@ def validation_score(model: nn.Module, data) -> dict[str, float]:
 
 def choose_lr(original: nn.Module, method: Method, train, val, config: BenchConfig, seed: int):
     """The paper's rule: the highest lr whose validation accuracy falls by at most
-    ``max_val_drop`` points and whose L_cls does not increase. Returns (lr, model, trials)."""
+    ``max_val_drop`` points and whose L_cls does not increase. Returns (lr, model, trials);
+    the first trial (lr 0) is the original model."""
     reference = validation_score(original, val)
-    chosen, trials = None, []
+    chosen, trials = None, [{"lr": 0.0, **reference}]
     for lr in config.lr_grid:
         model = finetune(original, method, train, lr, config, seed)
         score = validation_score(model, val)
