@@ -5,7 +5,7 @@ variant with its learning rate chosen on the validation set by the paper's rule.
 markdown table (mean over seeds; change vs the original) and writes JSON.
 
     python benchmarks/reliance_study.py --seeds 2 --out study-out
-    python benchmarks/reliance_study.py --only ours control finetune_unbiased
+    python benchmarks/reliance_study.py --only ours control finetune_unbiased --lr 1e-4
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from relevance_finetune.bench.runner import (
-    METHODS, BenchConfig, Method, choose_lr, evaluate_model, make_data, train_original)
+    METHODS, BenchConfig, Method, choose_lr, evaluate_model, finetune, make_data, train_original)
 
 # name -> (method, config overrides): one factor changed from "ours" each.
 VARIANTS: dict[str, tuple[Method, dict]] = {
@@ -47,7 +47,8 @@ def _flatten(result: dict) -> dict[str, float]:
     return out
 
 
-def run(seeds: list[int], names: list[str], cache: Path) -> dict[str, list[dict]]:
+def run(seeds: list[int], names: list[str], cache: Path, lr: float | None = None) -> dict[str, list[dict]]:
+    """Evaluate the original and every variant; ``lr`` fixes the learning rate instead of the rule."""
     base = BenchConfig()
     rows: dict[str, list[dict]] = {"original": []}
     for seed in seeds:
@@ -57,9 +58,12 @@ def run(seeds: list[int], names: list[str], cache: Path) -> dict[str, list[dict]
             method, overrides = VARIANTS[name]
             config = replace(base, **overrides)
             data = make_data(config, seed)
-            lr, model, _ = choose_lr(original, method, data["train"], data["val"], config, seed)
-            rows.setdefault(name, []).append({**_flatten(evaluate_model(model, data["tests"], config)), "lr": lr})
-            print(seed, name, {k: round(rows[name][-1][k], 1) for k in COLUMNS}, "lr", lr, flush=True)
+            if lr is None:
+                used, model, _ = choose_lr(original, method, data["train"], data["val"], config, seed)
+            else:
+                used, model = lr, finetune(original, method, data["train"], lr, config, seed)
+            rows.setdefault(name, []).append({**_flatten(evaluate_model(model, data["tests"], config)), "lr": used})
+            print(seed, name, {k: round(rows[name][-1][k], 1) for k in COLUMNS}, "lr", used, flush=True)
     return rows
 
 
@@ -80,10 +84,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("study-out"))
     parser.add_argument("--cache", type=Path, default=Path("demo-out/cache"), help="where original models are kept")
+    parser.add_argument("--lr", type=float, default=None, help="fix the learning rate (default: the paper's rule)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = run(list(range(args.seeds)), args.only, args.cache)
+    rows = run(list(range(args.seeds)), args.only, args.cache, args.lr)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "study.json").write_text(json.dumps(rows, indent=2))
     text = table(rows)

@@ -70,7 +70,7 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
 _RESUMABLE_CHANGES = frozenset({"epochs", "resume", "progress", "workers", "device", "out", "data", "masks",
                                 "val_data", "val_masks", "pretrained", "checkpoint", "preset", "skip_bad",
-                                "deterministic"})
+                                "skip_unmasked", "deterministic"})
 
 # Per-model learning rates and temperatures of the paper's reference code (README).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -119,6 +119,7 @@ class TrainConfig:
         "model", "image mean/std: the model's own, or 0.5 (the reference code, every model)")
     soft_masks: bool = _option(False, "resize masks bilinearly and keep them soft (the reference code)")
     skip_bad: bool = _option(False, "leave unreadable or mismatched images out with a warning")
+    skip_unmasked: bool = _option(False, "leave out images that have no mask (e.g. TokenCut skipped them)")
     # outputs
     out: str | None = _option(None, "run directory: config, metrics, checkpoints")
     resume: bool = _option(False, "continue the run in --out from its last checkpoint")
@@ -776,4 +777,4 @@ def _masked_dataset(data: str, masks: str | None, transform, config: TrainConfig
     if config.data_format == "csv" or (config.data_format == "auto" and Path(data).suffix == ".csv"):
         return MaskedCsvDataset(data, transform, **options)
     folders = dict(root=data) if masks is None else dict(images=data, masks=masks)
-    return MaskedImageFolder(transform=transform, **folders, **options)
+    return MaskedImageFolder(transform=transform, skip_unmasked=config.skip_unmasked, **folders, **options)

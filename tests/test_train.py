@@ -277,6 +277,17 @@ def test_train_command_runs_resumes_and_records_its_config(tmp_path, capsys):
     assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "last.safetensors", "best.safetensors"}
 
 
+def test_train_command_skips_unmasked_images_only_when_asked(tmp_path):
+    write_masked_folder(tmp_path / "data")
+    (tmp_path / "data" / "masks" / "cat" / "0.png").unlink()  # e.g. TokenCut's mask was too small
+    hub = tiny_hub(tmp_path / "hub", num_classes=2)
+    args = ["train", "--model", hub, "--pretrained", "--data", str(tmp_path / "data"), "--epochs", "1",
+            "--batch-size", "2", "--workers", "0", "--no-progress", "--val-fraction", "0.34"]
+    with pytest.raises(FileNotFoundError, match="0.png"):
+        cli.main([*args, "--out", str(tmp_path / "strict")])
+    assert cli.main([*args, "--out", str(tmp_path / "run"), "--skip-unmasked"]) == 0
+
+
 def write_csv_manifest(root) -> str:
     write_masked_folder(root, per_class=2)
     rows = [f"images/{name}/{i}.jpg,masks/{name}/{i}.png,{name}" for name in ("cat", "dog") for i in range(2)]
