@@ -4,7 +4,7 @@ One factor at a time against a fixed original model per seed (the demo's, cached
 variant with its learning rate chosen on the validation set by the paper's rule. Prints a
 markdown table (mean over seeds; change vs the original) and writes JSON.
 
-    python benchmarks/reliance_study.py --seeds 2 --out study-out
+    python benchmarks/reliance_study.py --seeds 0 1 2 --lr 3e-5 --out study-out
     python benchmarks/reliance_study.py --only ours control finetune_unbiased --lr 1e-4
 """
 from __future__ import annotations
@@ -68,19 +68,27 @@ def run(seeds: list[int], names: list[str], cache: Path, lr: float | None = None
 
 
 def table(rows: dict[str, list[dict]]) -> str:
-    mean = {name: {k: statistics.fmean(r[k] for r in runs) for k in COLUMNS} for name, runs in rows.items()}
+    """Mean (± std over seeds when there are several) and the change of the mean vs the original."""
+    def stats(runs: list[dict], key: str) -> tuple[float, float]:
+        values = [r[key] for r in runs]
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    reference = {k: stats(rows["original"], k)[0] for k in COLUMNS}
     lines = ["| variant | " + " | ".join(COLUMNS) + " | lr |", "|---|" + "---|" * (len(COLUMNS) + 1)]
-    for name, values in mean.items():
-        cells = [f"{values[k]:.1f}" if name == "original" else f"{values[k]:.1f} ({values[k] - mean['original'][k]:+.1f})"
-                 for k in COLUMNS]
-        lrs = ", ".join(f"{r['lr']:g}" for r in rows[name]) if name != "original" else "-"
+    for name, runs in rows.items():
+        cells = []
+        for key in COLUMNS:
+            mean, std = stats(runs, key)
+            cell = f"{mean:.1f}" + (f" ± {std:.1f}" if len(runs) > 1 else "")
+            cells.append(cell if name == "original" else f"{cell} ({mean - reference[key]:+.1f})")
+        lrs = ", ".join(f"{r['lr']:g}" for r in runs) if name != "original" else "-"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {lrs} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (original models) to run")
     parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("study-out"))
     parser.add_argument("--cache", type=Path, default=Path("demo-out/cache"), help="where original models are kept")
@@ -88,7 +96,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = run(list(range(args.seeds)), args.only, args.cache, args.lr)
+    rows = run(args.seeds, args.only, args.cache, args.lr)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "study.json").write_text(json.dumps(rows, indent=2))
     text = table(rows)

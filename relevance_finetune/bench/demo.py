@@ -25,7 +25,7 @@ __all__ = ["QUICK", "add_arguments", "run", "run_benchmark", "summarize", "markd
 
 # A smoke-test scale (about 2 minutes on 2 CPU cores): small sets, few epochs, few methods.
 QUICK = dict(
-    pretrain_images=600, pretrain_epochs=2, biased_images=600, biased_epochs=1,
+    pretrain_images=600, pretrain_epochs=2, biased_images=600, biased_epochs=1, original_attempts=1,
     finetune_per_class=4, val_per_class=4, finetune_epochs=2, lr_grid=(1e-4,),
     test_images=100, perturbation_images=50, methods=("ours", "control", "gradmask", "rrr"),
 )

@@ -79,6 +79,7 @@ class BenchConfig:
     biased_images: int = 4000
     biased_epochs: int = 3
     train_batch: int = 32
+    original_attempts: int = 3  # restarts of a first phase that never found the objects
     # finetuning (the paper's recipe, scaled down)
     finetune_per_class: int = 16  # masked images per set-A class (the first half of the classes)
     val_per_class: int = 40  # masked images per set-B class
@@ -105,7 +106,7 @@ class BenchConfig:
         return SpuriousConfig(num_classes=self.num_classes, image_size=self.image_size, contrast=self.contrast)
 
     def original_key(self, seed: int) -> str:
-        fields = ("num_classes", "image_size", "p", "contrast", "patch_size", "embed_dim", "depth", "num_heads",
+        fields = ("num_classes", "image_size", "p", "contrast", "patch_size", "original_attempts", "embed_dim", "depth", "num_heads",
                   "pretrain_images", "pretrain_epochs", "biased_images", "biased_epochs", "train_batch")
         text = json.dumps({k: getattr(self, k) for k in fields} | {"seed": seed}, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
@@ -144,21 +145,35 @@ def _train_classifier(model: nn.Module, data, epochs: int, lr: float, batch: int
     model.eval()
 
 
+def _object_accuracy(model: nn.Module, config: BenchConfig, seed: int) -> float:
+    """Top-1 on fresh images whose background is independent of the class."""
+    images, _, labels, _ = make_split(500, "independent", config.p, config.spurious(), seed=1000 * seed + 9).tensors
+    return _accuracy(_predict(model, images), labels)
+
+
 def train_original(config: BenchConfig, seed: int, cache_dir: Path | None = None) -> nn.Module:
     """Train (or load from ``cache_dir``) the original model of ``seed``.
 
     First on images whose background is independent of the class (it learns the objects, as
     far as their contrast lets it), then on the biased set (it learns the background shortcut
     for the objects it cannot read well): the way real pretrained models come to have both.
+    A ViT sits at chance for a few hundred steps before it finds the objects; a first phase that
+    ends there (accuracy below twice chance) is restarted from a new initialisation, up to
+    ``config.original_attempts`` times in all, since a model that never learnt the objects is no valid starting point.
     """
-    torch.manual_seed(seed)
-    model = create_original(config)
     path = None if cache_dir is None else Path(cache_dir) / f"original-{config.original_key(seed)}.safetensors"
     if path is not None and path.is_file():
+        model = create_original(config)
         model.load_state_dict(load_file(str(path)))
         return model.eval()
     unbiased = make_split(config.pretrain_images, "independent", config=config.spurious(), seed=1000 * seed + 1)
-    _train_classifier(model, unbiased, config.pretrain_epochs, 2e-3, config.train_batch, seed, "original: objects")
+    for attempt in range(config.original_attempts):
+        torch.manual_seed(seed + 7919 * attempt)
+        model = create_original(config)
+        _train_classifier(model, unbiased, config.pretrain_epochs, 2e-3, config.train_batch, seed + attempt,
+                          "original: objects")
+        if _object_accuracy(model, config, seed) >= 200.0 / config.num_classes:
+            break
     biased = make_split(config.biased_images, "biased", config.p, config.spurious(), seed=1000 * seed + 2)
     _train_classifier(model, biased, config.biased_epochs, 1e-3, config.train_batch, seed, "original: shortcut")
     if path is not None:
