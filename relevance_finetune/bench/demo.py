@@ -20,8 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .runner import METHODS, BenchConfig, config_dict, normalize, run_seed
+from .synthetic import CLASS_NAMES
 
-__all__ = ["QUICK", "add_arguments", "run", "run_benchmark", "summarize", "markdown_tables"]
+__all__ = ["QUICK", "add_arguments", "markdown_tables", "run", "run_benchmark", "summarize", "write_reports"]
 
 # A smoke-test scale (about 2 minutes on 2 CPU cores): small sets, few epochs, few methods.
 QUICK = dict(
@@ -39,12 +40,18 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 
 def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and std over seeds of every metric and probe, per method."""
+    """Mean and std over seeds of every metric and probe, per method, and of the paired change
+    vs the same seed's original (``"change"``)."""
     methods: dict[str, Any] = {}
+    originals = [seed_result["original"] for seed_result in per_seed]
     for name in per_seed[0]:
         runs = [seed_result[name] for seed_result in per_seed]
         entry = {metric: _mean_std([r[metric] for r in runs]) for metric in METRICS}
         entry["probes"] = {probe: _mean_std([r["probes"][probe] for r in runs]) for probe in runs[0]["probes"]}
+        entry["change"] = {metric: _mean_std([r[metric] - o[metric] for r, o in zip(runs, originals)])
+                           for metric in METRICS}
+        entry["change"].update({probe: _mean_std([r["probes"][probe] - o["probes"][probe] for r, o in zip(runs, originals)])
+                                for probe in PROBES})
         if "lr" in runs[0]:
             entry["lr"] = [r["lr"] for r in runs]
             entry["description"] = METHODS[name].description
@@ -52,31 +59,31 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     return methods
 
 
-def _cell(stat: dict[str, float], reference: dict[str, float] | None = None) -> str:
-    text = f"{stat['mean']:.1f} ± {stat['std']:.1f}"
-    if reference is not None:
-        text += f" ({stat['mean'] - reference['mean']:+.1f})"
-    return text
+def _cell(stat: dict[str, float], change: dict[str, float] | None = None) -> str:
+    """``mean ± std``, or for a finetuned model the paired change vs the original ``+x ± s``."""
+    if change is not None:
+        return f"{change['mean']:+.1f} ± {change['std']:.1f}"
+    return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
 
 
 def markdown_tables(methods: dict[str, Any]) -> str:
-    """Accuracy and relevance quality, then reliance probes: change vs the original in brackets."""
-    original = methods["original"]
+    """Accuracy and relevance quality, then reliance probes. The original's row holds mean ± std
+    over seeds; every other row the change vs the same seed's original, mean ± std."""
     columns = [("ID", "id_acc"), ("OOD", "ood_acc"), ("adversarial", "adv_acc"),
                ("OOD set A", "ood_acc_set_a"), ("OOD set B", "ood_acc_set_b"),
                ("pixel acc", "pixel_acc"), ("mIoU", "miou"), ("mAP", "map")]
     lines = ["| method | " + " | ".join(c[0] for c in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for name, entry in methods.items():
-        ref = None if name == "original" else original
-        lines.append(f"| {name} | " + " | ".join(_cell(entry[key], ref and ref[key]) for _, key in columns) + " |")
+        change = entry["change"] if name != "original" else {}
+        lines.append(f"| {name} | " + " | ".join(_cell(entry[key], change.get(key)) for _, key in columns) + " |")
     lines += ["", "| method | object-only acc | background-only acc | background reliance | "
                   "perturbation AUC + (lower = faithful) | perturbation AUC − (higher = faithful) | lr |",
               "|---|---|---|---|---|---|---|"]
     for name, entry in methods.items():
-        ref = None if name == "original" else original
-        cells = [_cell(entry["probes"][p], ref and ref["probes"][p]) for p in PROBES]
-        cells += [_cell(entry[k], ref and ref[k]) for k in ("perturbation_positive_auc", "perturbation_negative_auc")]
+        change = entry["change"] if name != "original" else {}
+        cells = [_cell(entry["probes"][p], change.get(p)) for p in PROBES]
+        cells += [_cell(entry[k], change.get(k)) for k in ("perturbation_positive_auc", "perturbation_negative_auc")]
         cells.append(", ".join(f"{lr:g}" for lr in entry.get("lr", [])) or "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -99,10 +106,23 @@ def _figure(seed_result: dict[str, Any], out: Path, count: int = 6) -> Path:
             relevance = gae.explain(normalize(images))
         with torch.no_grad():
             probs = model(normalize(images)).softmax(1)
-        titles = [prediction_title(str(int(p.argmax())), float(p.max())) for p in probs]
+        titles = [prediction_title(CLASS_NAMES[int(p.argmax())], float(p.max())) for p in probs]
         rows[name] = (relevance, titles)
     return before_after_grid(images, rows["original"][0], rows["ours"][0], rows["original"][1], rows["ours"][1],
                              out / "relevance_before_after.png")
+
+
+def write_reports(out: Path, config: dict[str, Any], seeds: list[int], per_seed: list[dict[str, Any]],
+                  seconds: float) -> dict[str, Any]:
+    """Write ``results.json`` and ``results.md`` from the per-seed results; returns the results."""
+    results = {"config": config, "seeds": seeds, "methods": summarize(per_seed), "per_seed": per_seed,
+               "seconds": seconds}
+    _write_atomic(out / "results.json", json.dumps(results, indent=2))
+    header = (f"# relevance-finetune demo\n\n{len(seeds)} seeds ({', '.join(map(str, seeds))}), "
+              f"{seconds:.0f} s. The original's row: mean ± std over seeds (percent); every other row: "
+              "the change vs the same seed's original, mean ± std over seeds.\n\n")
+    _write_atomic(out / "results.md", header + markdown_tables(results["methods"]))
+    return results
 
 
 def run_benchmark(config: BenchConfig, seeds: list[int], out: Path) -> dict[str, Any]:
@@ -121,13 +141,7 @@ def run_benchmark(config: BenchConfig, seeds: list[int], out: Path) -> dict[str,
         first = first or result
         per_seed.append({k: v for k, v in result.items() if k not in ("models", "samples")})
     bar.close()
-    results = {"config": config_dict(config), "seeds": seeds, "methods": summarize(per_seed),
-               "per_seed": per_seed, "seconds": round(time.time() - started, 1)}
-    _write_atomic(out / "results.json", json.dumps(results, indent=2))
-    tables = markdown_tables(results["methods"])
-    header = (f"# relevance-finetune demo\n\n{len(seeds)} seeds ({', '.join(map(str, seeds))}); "
-              f"mean ± std, change vs the original in brackets; {results['seconds']:.0f} s.\n\n")
-    _write_atomic(out / "results.md", header + tables)
+    results = write_reports(out, config_dict(config), seeds, per_seed, round(time.time() - started, 1))
     _figure(first, out)
     _export(first["models"]["ours"], config, out / "ours")
     return results

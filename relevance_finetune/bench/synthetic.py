@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["NUM_CLASSES", "SpuriousConfig", "make_split", "render_image"]
+__all__ = ["CLASS_NAMES", "NUM_CLASSES", "SpuriousConfig", "make_split", "render_image"]
 
 Array = np.ndarray
 Distribution = Literal["biased", "independent", "adversarial"]
@@ -68,7 +68,9 @@ def _frame(u: Array, v: Array) -> Array:
 SHAPES: tuple[Callable[[Array, Array], Array], ...] = (
     _disk, _square, _triangle, _plus, _ring, _diamond, _cross, _bars, _tee, _frame)
 NUM_SHAPES = len(SHAPES)
-NUM_CLASSES = 10  # class patterns: 8 stripe angle/period pairs and 2 checkerboards
+CLASS_NAMES = tuple(f"stripes {45 * (c % 4)}° /{4 if c < 4 else 7}px" for c in range(8)) + (
+    "checker 3px", "checker 6px")
+NUM_CLASSES = len(CLASS_NAMES)
 
 
 @dataclass(frozen=True)
