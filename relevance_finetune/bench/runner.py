@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -346,7 +345,3 @@ def config_dict(config: BenchConfig) -> dict[str, Any]:
     out = asdict(config)
     out["set_a"], out["set_b"] = list(config.set_a), list(config.set_b)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-
-
-def is_finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
