@@ -209,3 +209,21 @@ def test_second_order_needs_and_gets_explicit_attention():
         grad.square().sum().backward()
         assert model.blocks[0].attn.qkv.weight.grad is not None
         assert F.cross_entropy(logits, logits.argmax(1)).isfinite()
+
+
+def test_attention_arguments_pass_through_while_attached():
+    """attach_gae never replaces forward: an attention mask still reaches the explicit path."""
+    import inspect
+    model = tiny_model()
+    attn = model.blocks[0].attn
+    if "attn_mask" not in inspect.signature(attn.forward).parameters:
+        pytest.skip("this timm's Attention.forward takes no attn_mask")
+    x = torch.randn(1, 17, 32)
+    mask = torch.ones(17, 17, dtype=torch.bool).tril()
+    with torch.no_grad():
+        fused = attn(x, attn_mask=mask)
+        with attach_gae(model):
+            explicit = attn(x, attn_mask=mask)
+            unmasked = attn(x)
+    torch.testing.assert_close(explicit, fused, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(explicit, unmasked)
