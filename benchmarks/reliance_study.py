@@ -34,6 +34,9 @@ VARIANTS: dict[str, tuple[Method, dict]] = {
     "control_unbiased": (METHODS["control"], dict(finetune_distribution="independent")),
     "4x_images": (METHODS["ours"], dict(finetune_per_class=64)),
     "3x_epochs": (METHODS["ours"], dict(finetune_epochs=30)),
+    "ext_object_consistency": (METHODS["ext_object_consistency"], {}),
+    "ext_consistency_no_classification": (
+        replace(METHODS["ext_object_consistency"], kwargs=dict(lambda_classification=0.0)), {}),
     "gradmask": (METHODS["gradmask"], {}),
     "rrr": (METHODS["rrr"], {}),
 }

@@ -98,3 +98,17 @@ def test_demo_quick_writes_results_figure_and_weights(tmp_path):
     assert all(f"| {name} |" in table for name in results["methods"])
     assert (out / "relevance_before_after.png").stat().st_size > 10_000
     assert (out / "ours" / "model.safetensors").is_file() and (out / "ours" / "config.json").is_file()
+
+
+def test_extension_adds_a_term_and_stays_out_of_the_default_methods():
+    from relevance_finetune.bench.runner import EXTENSIONS, METHODS, BenchConfig, create_original, finetune
+
+    config = BenchConfig(image_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, finetune_epochs=1,
+                         finetune_batch=4)
+    data = make_split(8, "biased", config=config.spurious(), classes=(0, 1))
+    torch.manual_seed(0)
+    original = create_original(config)
+    ours = finetune(original, METHODS["ours"], data, 1e-3, config, seed=0)
+    extended = finetune(original, METHODS["ext_object_consistency"], data, 1e-3, config, seed=0)
+    assert not torch.equal(ours.head.weight, extended.head.weight)
+    assert EXTENSIONS and not set(EXTENSIONS) & set(BenchConfig().methods)

@@ -156,7 +156,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default: demo-out)")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
     parser.add_argument("--quick", action="store_true", help="a smoke-test scale (about 2 minutes)")
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="methods to compare (default: all)")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS),
+                        help="methods to compare (default: all but the ext_ extensions)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 

@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from ..gae import attach_gae
 from ..losses import InputGradientRegularizer, RelevanceRegularizer
 from ..metrics import SegmentationMeter, area_under_curve, perturbation_curve
-from ..probes import reliance_probes
+from ..probes import reliance_probes, replace_region
 from .synthetic import SpuriousConfig, make_split
 
-__all__ = ["METHODS", "BenchConfig", "Method", "run_seed"]
+__all__ = ["EXTENSIONS", "METHODS", "BenchConfig", "Method", "run_seed"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Method:
     second_order: bool = False
     description: str = ""
     tune_lr: bool = False  # pick its own lr by the paper's rule; otherwise reuse ours's (Table 4)
+    consistency: float = 0.0  # extension, not the paper's: weight of the object-consistency term
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -56,7 +57,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("only_bg", kwargs=dict(lambda_fg=0.0, lambda_classification=0.0), description="only L_bg"),
     Method("only_fg", kwargs=dict(lambda_bg=0.0, lambda_classification=0.0), description="only L_fg"),
     Method("ours_second_order", second_order=True, description="paper loss, second-order GAE"),
+    Method("ext_object_consistency", consistency=1.0,
+           description="EXTENSION, not the paper's: paper loss + KL(object-only prediction || prediction)"),
 )}
+EXTENSIONS = tuple(name for name in METHODS if name.startswith("ext_"))
 
 
 @dataclass
@@ -91,7 +95,7 @@ class BenchConfig:
     # evaluation
     test_images: int = 500
     perturbation_images: int = 200
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = tuple(name for name in METHODS if name not in EXTENSIONS)
 
     @property
     def set_a(self) -> tuple[int, ...]:
@@ -187,7 +191,17 @@ def _loss_fn(method: Method, model: nn.Module, gae, scale: float) -> Callable:
     """(images, masks, labels) -> loss for one finetuning step."""
     if method.loss == "relevance":
         criterion = RelevanceRegularizer(gae, **method.kwargs)
-        return lambda images, masks, labels: criterion(model(normalize(images)), masks, labels).loss
+
+        def relevance_loss(images, masks, labels):
+            logits = model(normalize(images))
+            loss = criterion(logits, masks, labels).loss
+            if method.consistency:  # the relevance above is computed: a second forward may follow
+                with torch.no_grad():
+                    teacher = model(normalize(replace_region(images, masks, "background", "grey"))).softmax(1)
+                consistency = F.kl_div(F.log_softmax(logits, 1), teacher, reduction="batchmean")
+                loss = loss + method.consistency * consistency
+            return loss
+        return relevance_loss
     criterion = InputGradientRegularizer(method.loss, lambda_mask=scale)
 
     def input_gradient_loss(images, masks, labels):
