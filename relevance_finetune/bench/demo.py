@@ -24,7 +24,7 @@ from .synthetic import CLASS_NAMES
 
 __all__ = ["QUICK", "add_arguments", "markdown_tables", "run", "run_benchmark", "summarize", "write_reports"]
 
-# A smoke-test scale (about 2 minutes on 2 CPU cores): small sets, few epochs, few methods.
+# A smoke-test scale (about a minute on 2 CPU cores): small sets, few epochs, few methods.
 QUICK = dict(
     pretrain_images=600, pretrain_epochs=2, biased_images=600, biased_epochs=1, original_attempts=1,
     finetune_per_class=4, val_per_class=4, finetune_epochs=2, lr_grid=(1e-4,),
