@@ -109,8 +109,10 @@ class BenchConfig:
         return SpuriousConfig(num_classes=self.num_classes, image_size=self.image_size, contrast=self.contrast)
 
     def original_key(self, seed: int) -> str:
-        fields = ("num_classes", "image_size", "p", "contrast", "patch_size", "original_attempts", "embed_dim", "depth", "num_heads",
-                  "pretrain_images", "pretrain_epochs", "biased_images", "biased_epochs", "train_batch")
+        """Cache key of the original model: the settings it depends on, and the seed."""
+        fields = ("num_classes", "image_size", "p", "contrast", "patch_size", "original_attempts", "embed_dim",
+                  "depth", "num_heads", "pretrain_images", "pretrain_epochs", "biased_images", "biased_epochs",
+                  "train_batch")
         text = json.dumps({k: getattr(self, k) for k in fields} | {"seed": seed}, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
