@@ -2,7 +2,8 @@
 
 One factor at a time against a fixed original model per seed (the demo's, cached), each
 variant with its learning rate chosen on the validation set by the paper's rule. Prints a
-markdown table (mean over seeds; change vs the original) and writes JSON.
+markdown table (the original's values; each variant's change vs the same seed's original, mean
+± std over seeds) and writes JSON.
 
     python benchmarks/reliance_study.py --seeds 0 1 2 --lr 3e-5 --out study-out
     python benchmarks/reliance_study.py --only ours control finetune_unbiased --lr 1e-4
@@ -71,19 +72,20 @@ def run(seeds: list[int], names: list[str], cache: Path, lr: float | None = None
 
 
 def table(rows: dict[str, list[dict]]) -> str:
-    """Mean (± std over seeds when there are several) and the change of the mean vs the original."""
-    def stats(runs: list[dict], key: str) -> tuple[float, float]:
-        values = [r[key] for r in runs]
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    """The original: mean (± std over seeds); every variant: the change vs the same seed's
+    original, mean (± std over seeds)."""
+    def cell(values: list[float], signed: bool) -> str:
+        mean = statistics.fmean(values)
+        text = f"{mean:+.1f}" if signed else f"{mean:.1f}"
+        return text + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
 
-    reference = {k: stats(rows["original"], k)[0] for k in COLUMNS}
+    originals = rows["original"]
     lines = ["| variant | " + " | ".join(COLUMNS) + " | lr |", "|---|" + "---|" * (len(COLUMNS) + 1)]
     for name, runs in rows.items():
-        cells = []
-        for key in COLUMNS:
-            mean, std = stats(runs, key)
-            cell = f"{mean:.1f}" + (f" ± {std:.1f}" if len(runs) > 1 else "")
-            cells.append(cell if name == "original" else f"{cell} ({mean - reference[key]:+.1f})")
+        if name == "original":
+            cells = [cell([r[key] for r in runs], signed=False) for key in COLUMNS]
+        else:
+            cells = [cell([r[key] - o[key] for r, o in zip(runs, originals)], signed=True) for key in COLUMNS]
         lrs = ", ".join(f"{r['lr']:g}" for r in runs) if name != "original" else "-"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {lrs} |")
     return "\n".join(lines) + "\n"
