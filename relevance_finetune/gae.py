@@ -211,8 +211,9 @@ class GAEHandle:
     ) -> torch.Tensor:
         """Raw GAE relevance (B, gh, gw) of ``target`` for the forward that produced ``logits``.
 
-        Differentiable through the attention maps. With ``second_order`` (default: the
-        handle's setting) the attention gradients are differentiable too.
+        Differentiable through the attention maps when gradients are enabled (under
+        ``torch.no_grad()`` it is detached and computed in place). With ``second_order``
+        (default: the handle's setting) the attention gradients are differentiable too.
         """
         maps = self.attention_maps
         if not all(m.requires_grad for m in maps):
@@ -224,17 +225,26 @@ class GAEHandle:
                 f"expected logits of shape (B, classes) with B={maps[0].shape[0]} as in the "
                 f"latest forward, got {tuple(logits.shape)}")
         target = _resolve_target(logits, target)
-        score = logits.gather(1, target[:, None]).sum()
+        with torch.enable_grad():  # the score is part of the graph even under no_grad
+            score = logits.gather(1, target[:, None]).sum()
         create_graph = self.second_order if second_order is None else second_order
-        grads = torch.autograd.grad(
-            score, maps, retain_graph=True, create_graph=create_graph, allow_unused=True)
+        grads = list(torch.autograd.grad(
+            score, maps, retain_graph=True, create_graph=create_graph, allow_unused=True))
         if any(g is None for g in grads):
             raise RuntimeError(
                 "these logits do not come from the latest recorded forward of the attached "
                 "model: pass the logits of the most recent `model(images)` call")
+        differentiable = torch.is_grad_enabled()
         row = self._readout_row(maps[0])
-        for attn, grad in zip(reversed(maps), reversed(grads)):
-            cam = (grad * attn).clamp(min=0).mean(dim=1)  # (B, N, N)
+        for attn in reversed(maps):
+            # GAE's cam is mean_h relu(grad * attn); since attn >= 0 it equals
+            # mean_h relu(grad) * attn, which the backward needs one saved tensor for, not two.
+            # Ops run in place wherever autograd needs neither operand; each gradient is
+            # dropped once used.
+            grad = grads.pop()
+            weight = grad.clamp(min=0) if create_graph else grad.clamp_(min=0)
+            product = weight * attn if differentiable else weight.mul_(attn)
+            cam = product.mean(dim=1)  # (B, N, N)
             row = row + torch.einsum("bn,bnm->bm", row, cam.to(row.dtype))
         gh, gw = self.grid_size()
         patches = row[:, self.num_prefix_tokens:]
@@ -280,7 +290,7 @@ class GAEHandle:
         try:
             with torch.enable_grad():
                 logits = self.model(images)
-                relevance = self.relevance(logits, target, second_order=False)
+            relevance = self.relevance(logits, target, second_order=False)
         finally:
             self.model.train(was_training)
             self._maps, self._input_size = saved

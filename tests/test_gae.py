@@ -10,8 +10,11 @@ from conftest import tiny_images, tiny_model
 from relevance_finetune import UnsupportedModelError, attach_gae, explicit_attention
 
 
-def naive_gae(model, images, target=None):
-    """The reference algorithm: own hooks, one autograd.grad per block, full N x N rollout."""
+def naive_gae(model, images, target=None, second_order=None):
+    """The reference algorithm: own hooks, one autograd.grad per block, full N x N rollout.
+
+    Detached by default; with ``second_order`` set, differentiable (the map gradients too if True).
+    """
     maps = []
     hooks = [m.attn_drop.register_forward_hook(lambda mod, args, out: maps.append(args[0]))
              for m in model.modules() if hasattr(m, "attn_drop") and hasattr(m, "fused_attn")]
@@ -24,7 +27,7 @@ def naive_gae(model, images, target=None):
     batch, _, tokens, _ = maps[0].shape
     rollout = torch.eye(tokens).expand(batch, tokens, tokens)
     for attn in maps:
-        (grad,) = torch.autograd.grad(score, attn, retain_graph=True)
+        (grad,) = torch.autograd.grad(score, attn, retain_graph=True, create_graph=bool(second_order))
         cam = (grad * attn).clamp(min=0).mean(1)
         rollout = rollout + cam @ rollout
     prefix = model.num_prefix_tokens
@@ -33,7 +36,8 @@ def naive_gae(model, images, target=None):
     else:
         row = rollout[:, prefix:].mean(1)
     gh, gw = model.patch_embed.grid_size
-    return row[:, prefix:].reshape(batch, gh, gw).detach()
+    row = row[:, prefix:].reshape(batch, gh, gw)
+    return row.detach() if second_order is None else row
 
 
 @pytest.mark.parametrize("second_order", [False, True])
@@ -49,6 +53,40 @@ def test_relevance_matches_naive_gae(model_key, second_order, given_target):
     assert relevance.shape == expected.shape
     torch.testing.assert_close(relevance.detach(), expected, rtol=1e-4, atol=1e-6)
     assert relevance.requires_grad
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_weight_gradients_match_naive_gae(second_order):
+    """A loss on the relevance trains the weights exactly as through the naive GAE."""
+    model = tiny_model("vit_cls")
+    images = tiny_images(model)
+    weights = torch.rand(2, *model.patch_embed.grid_size)
+
+    def weight_grads(relevance):
+        model.zero_grad()
+        (relevance * weights).sum().backward()
+        return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.blocks.parameters()]
+
+    expected = weight_grads(naive_gae(model, images, second_order=second_order))
+    with attach_gae(model, second_order=second_order) as gae:
+        got = weight_grads(gae.relevance(model(images)))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+
+
+def test_relevance_under_no_grad_is_detached_and_equal():
+    model = tiny_model("vit_cls")
+    images = tiny_images(model)
+    with attach_gae(model) as gae:
+        logits = model(images)
+        maps = [m.clone() for m in gae.attention_maps]
+        with torch.no_grad():
+            detached = gae.relevance(logits)
+        attached = gae.relevance(logits)
+        for before, after in zip(maps, gae.attention_maps):
+            assert torch.equal(before, after)  # the in-place rollout leaves the maps alone
+    assert not detached.requires_grad and attached.requires_grad
+    torch.testing.assert_close(detached, attached.detach())
 
 
 def test_readout_rows_differ_between_pools():
