@@ -487,10 +487,17 @@ def evaluate_targets(entries: dict[str, dict]) -> list[dict]:
     return results
 
 
-def run_config(config: Config, cases: tuple[str, ...], memory: bool) -> dict:
-    """Time ``cases`` on one workload (one process), then their memory in subprocesses."""
+def median_memory(config: Config, case: str, repeats: int) -> dict:
+    """The median of ``repeats`` fresh-process peaks (RSS varies with the allocator by a few %)."""
+    samples = [memory_in_subprocess(config, case) for _ in range(repeats)]
+    medians = {key: statistics.median(s[key] for s in samples) for key in ("delta_mib", "peak_mib")}
+    return dict(**medians, source=samples[0]["source"], peak_mib_samples=[s["peak_mib"] for s in samples])
+
+
+def run_config(config: Config, cases: tuple[str, ...], memory_repeats: int) -> dict:
+    """Time ``cases`` on one workload (one process), then their memory in subprocesses (0: skip)."""
     times = time_cases(make_workload(config), cases)
-    mem = {name: memory_in_subprocess(config, name) for name in cases} if memory else {}
+    mem = {name: median_memory(config, name, memory_repeats) for name in cases} if memory_repeats else {}
     return summarize(config, times, mem)
 
 
@@ -599,6 +606,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="instead: per-phase times and torch.profiler's top operators of each case")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--memory-repeats", type=int, default=1,
+                        help="fresh processes per case; the median peak is reported (default 1)")
     parser.add_argument("--json", default="step_time.json", help="where to write the results")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     parser.add_argument("--config-json", help=argparse.SUPPRESS)
@@ -635,7 +644,8 @@ def main(argv: list[str] | None = None) -> dict:
             report["profile"] = profile_cases(base, cases)
             continue
         configs = scaling_configs(base) if args.scaling else [base]
-        runs = [run_config(config, cases, memory=not args.no_memory) for config in configs]
+        repeats = 0 if args.no_memory else args.memory_repeats
+        runs = [run_config(config, cases, memory_repeats=repeats) for config in configs]
         report["scaling" if args.scaling else "runs"].extend(runs)
         print(markdown_scaling(runs) if args.scaling else "\n\n".join(markdown_run(r) for r in runs), flush=True)
     report["environment"]["load_average_end"] = os.getloadavg()

@@ -29,7 +29,7 @@ def step_time():
 
 def test_run_config_schema(step_time):
     config = step_time.Config(**TINY)
-    run = step_time.run_config(config, tuple(step_time.CASES), memory=False)
+    run = step_time.run_config(config, tuple(step_time.CASES), memory_repeats=0)
     assert set(run) == {"config", "steps", "explain", "targets"}
     assert set(run["steps"]) == set(step_time.STEP_CASES)
     assert set(run["explain"]) == set(step_time.EXPLAIN_CASES)
@@ -58,6 +58,12 @@ def test_measure_memory_schema(step_time):
     memory = step_time.measure_memory(step_time.Config(**TINY), "relevance")
     assert set(memory) == {"delta_mib", "peak_mib", "source"}
     assert memory["peak_mib"] > 0 and memory["delta_mib"] >= 0
+
+
+def test_median_memory_of_fresh_processes(step_time):
+    memory = step_time.median_memory(step_time.Config(**TINY), "plain_fused", repeats=2)
+    samples = memory["peak_mib_samples"]
+    assert len(samples) == 2 and min(samples) <= memory["peak_mib"] <= max(samples)
 
 
 def test_scaling_configs_cover_sizes_and_depths(step_time):
