@@ -112,3 +112,28 @@ def test_extension_adds_a_term_and_stays_out_of_the_default_methods():
     extended = finetune(original, METHODS["ext_object_consistency"], data, 1e-3, config, seed=0)
     assert not torch.equal(ours.head.weight, extended.head.weight)
     assert EXTENSIONS and not set(EXTENSIONS) & set(BenchConfig().methods)
+
+
+@pytest.mark.parametrize("max_val_drop, expected_lr", [(-1e9, 1e-4), (1e9, None)])
+def test_choose_lr_follows_the_rule_and_trains_each_lr_once(monkeypatch, max_val_drop, expected_lr):
+    """Nothing passes (an impossible accuracy bar): the smallest lr's model is kept, not retrained."""
+    from relevance_finetune.bench import runner
+
+    config = runner.BenchConfig(image_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2,
+                                finetune_epochs=1, finetune_batch=4, lr_grid=(1e-3, 1e-4),
+                                max_val_drop=max_val_drop)
+    train = make_split(8, "biased", config=config.spurious(), classes=(0, 1))
+    val = make_split(8, "biased", config=config.spurious(), classes=(0, 1), seed=1)
+    torch.manual_seed(0)
+    original = runner.create_original(config)
+    trained = []
+    real_finetune = runner.finetune
+    monkeypatch.setattr(runner, "finetune", lambda *a, **k: trained.append(a[3]) or real_finetune(*a, **k))
+    lr, model, trials = runner.choose_lr(original, runner.METHODS["ours"], train, val, config, seed=0)
+    assert trained == [1e-3, 1e-4] and [t["lr"] for t in trials] == [0.0, 1e-3, 1e-4]
+    reference, *scores = trials
+    passing = [t["lr"] for t in scores if t["acc"] >= reference["acc"] - max_val_drop
+               and t["l_cls"] <= reference["l_cls"] + 1e-6]
+    assert lr == (expected_lr if expected_lr is not None else max(passing, default=1e-4))
+    expected = real_finetune(original, runner.METHODS["ours"], train, lr, config, 0)
+    assert torch.equal(model.head.weight, expected.head.weight)

@@ -267,15 +267,18 @@ def choose_lr(original: nn.Module, method: Method, train, val, config: BenchConf
     ``max_val_drop`` points and whose L_cls does not increase. Returns (lr, model, trials);
     the first trial (lr 0) is the original model."""
     reference = validation_score(original, val)
-    chosen, trials = None, [{"lr": 0.0, **reference}]
+    chosen, smallest, trials = None, None, [{"lr": 0.0, **reference}]
     for lr in config.lr_grid:
         model = finetune(original, method, train, lr, config, seed)
         score = validation_score(model, val)
         trials.append({"lr": lr, **score})
-        if score["acc"] >= reference["acc"] - config.max_val_drop and score["l_cls"] <= reference["l_cls"] + 1e-6:
+        if lr == min(config.lr_grid):
+            smallest = (lr, model)
+        passes = score["acc"] >= reference["acc"] - config.max_val_drop and score["l_cls"] <= reference["l_cls"] + 1e-6
+        if passes and (chosen is None or lr > chosen[0]):
             chosen = (lr, model)
-    if chosen is None:  # nothing passes: the smallest lr is the most conservative choice
-        chosen = (config.lr_grid[0], finetune(original, method, train, config.lr_grid[0], config, seed))
+    # nothing passes: the smallest lr is the most conservative choice (its model is kept, not retrained)
+    chosen = chosen or smallest
     return chosen[0], chosen[1], trials
 
 
