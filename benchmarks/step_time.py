@@ -611,7 +611,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", default="step_time.json", help="where to write the results")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     parser.add_argument("--config-json", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.memory_repeats < 1:
+        parser.error(f"--memory-repeats must be at least 1, got {args.memory_repeats}")
+    return args
 
 
 def profile_cases(config: Config, cases: tuple[str, ...]) -> dict:
