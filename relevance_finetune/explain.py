@@ -18,7 +18,7 @@ from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, res
 from torch import nn
 
 from .data import IMG_EXTENSIONS, model_input_size, read_image
-from .gae import UnsupportedModelError, attach_gae
+from .gae import UnsupportedModelError, attach_gae, normalize_relevance, upsample_relevance
 from .models import create_model, load_weights
 from .viz import before_after_grid, denormalize, prediction_title, save_overlay
 
@@ -95,12 +95,15 @@ def _explain_batch(
         target: int | None,
         names: Sequence[str] | None,
 ) -> tuple[torch.Tensor, list[list[dict]]]:
-    """Relevance maps (B, H, W) on the CPU and the top-5 predictions of ``model`` for ``batch``."""
+    """Relevance maps (B, H, W) on the CPU and the top-5 predictions of ``model`` (in eval mode)
+    for ``batch``, both from one forward."""
     with attach_gae(model) as gae:
-        relevance = gae.explain(batch, target)
-    with torch.no_grad():
-        top = top_predictions(model(batch), names)
-    return relevance.cpu(), top
+        with torch.enable_grad():
+            logits = model(batch)
+        with torch.no_grad():
+            raw = gae.relevance(logits, target)
+    relevance = normalize_relevance(upsample_relevance(raw, batch.shape[-2:]))
+    return relevance.cpu(), top_predictions(logits.detach(), names)
 
 
 def explain_images(

@@ -294,14 +294,14 @@ def evaluate_model(model: nn.Module, tests: dict, config: BenchConfig) -> dict[s
                 keep = torch.isin(labels, torch.tensor(classes))
                 result[f"ood_acc_{set_name}"] = _accuracy(logits[keep], labels[keep])
     images, masks, labels, _ = tests["ood"].tensors
-    meter = SegmentationMeter()
+    meter, maps = SegmentationMeter(), []
     with attach_gae(model) as gae:
         for start in range(0, len(images), 250):
-            meter.update(gae.explain(normalize(images[start:start + 250])), masks[start:start + 250])
-        count = config.perturbation_images
-        probe_images, probe_labels = normalize(images[:count]), labels[:count]
-        relevance = gae.explain(probe_images)
+            maps.append(gae.explain(normalize(images[start:start + 250])))
+            meter.update(maps[-1], masks[start:start + 250])
     result.update({k: v for k, v in meter.compute().items() if k != "images"})
+    count = config.perturbation_images  # the perturbation test reuses the first images' maps
+    probe_images, probe_labels, relevance = normalize(images[:count]), labels[:count], torch.cat(maps)[:count]
     fractions = tuple(i / 10 for i in range(1, 10))
     for mode in ("positive", "negative"):
         curve = perturbation_curve(model, probe_images, probe_labels, relevance, fractions, mode)
