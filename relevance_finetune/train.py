@@ -42,10 +42,13 @@ from timm.utils import unwrap_model
 from tqdm import tqdm
 
 from . import __version__
+from . import recipes
+from .augment import BackgroundSwap
 from .data import ImageNetSDataset, MaskedCsvDataset, MaskedDataset, MaskedImageFolder, paired_transforms
 from .gae import UnsupportedModelError, attach_gae, explicit_attention
 from .losses import InputGradientRegularizer, RegularizerOutput, RelevanceRegularizer
 from .models import CHECKPOINT_FORMAT, TRAINER_STATE_PREFIX, create_model
+from .probes import replace_region
 
 __all__ = [
     "PRESETS",
@@ -70,7 +73,7 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
 _RESUMABLE_CHANGES = frozenset({"epochs", "resume", "progress", "workers", "device", "out", "data", "masks",
                                 "val_data", "val_masks", "pretrained", "checkpoint", "preset", "skip_bad",
-                                "skip_unmasked", "deterministic"})
+                                "skip_unmasked", "deterministic", "recipe"})
 
 # Per-model learning rates and temperatures of the paper's reference code (README).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -135,6 +138,14 @@ class TrainConfig:
         "confidence", "classification term of ours: own prediction, labels, or none")
     temperature: float = _option(1.0, "divides the logits of the classification term")
     second_order: bool = _option(False, "differentiate through the attention gradients")
+    background_swap: float = _option(
+        0.0, "probability of pasting each training object onto another image's background (labels stay)")
+    select: Literal["paper", "reliance"] = _option(
+        "paper", "best checkpoint: lowest validation loss (paper), or lowest validation background-only "
+                 "accuracy among epochs within --max-val-drop points of the starting accuracy (reliance)")
+    max_val_drop: float = _option(2.5, "reliance selection: validation accuracy may fall by this many points")
+    recipe: str | None = _option(None, f"a named recipe ({', '.join(recipes.names())}): its loss weights, "
+                                       "--background-swap and --select; flags and the config file win")
     # optimisation
     epochs: int = _option(50, "number of epochs")
     batch_size: int = _option(8, "global batch size (over all processes and accumulation steps)")
@@ -161,6 +172,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "lr_decay_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.background_swap <= 1:
+            raise ValueError(f"background_swap must lie in [0, 1], got {self.background_swap}")
         if self.workers < 0 or self.lr <= 0 or self.temperature <= 0 or not 0 <= self.val_fraction < 1:
             raise ValueError(f"need workers >= 0, lr > 0, temperature > 0 and 0 <= val_fraction < 1, got "
                              f"workers={self.workers}, lr={self.lr}, temperature={self.temperature}, "
@@ -169,6 +182,8 @@ class TrainConfig:
             raise ValueError("pass either pretrained or checkpoint, not both")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.recipe is not None:
+            recipes.get(self.recipe)  # an unknown name fails here
 
 
 def _field_kind(hint: Any) -> tuple[type, tuple | None, bool]:
@@ -230,12 +245,23 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def _recipe_settings(name: str | None) -> dict[str, Any]:
+    """The ``TrainConfig`` values of recipe ``name`` (none for ``None`` or an unknown name)."""
+    if name not in recipes.RECIPES:
+        return {}
+    recipe = recipes.get(name)
+    if recipe.object_only:
+        raise ValueError(f"recipe {name!r} uses object-only images, which the train command does not offer")
+    return {**recipe.loss, "background_swap": recipe.background_swap, "select": recipe.selection}
+
+
 def resolve_config(flags: dict[str, Any] | None = None, config_file: str | Path | None = None) -> TrainConfig:
-    """Defaults, then the preset, then the config file, then the given flags (last wins)."""
+    """Defaults, then the preset, then the recipe, then the config file, then the given flags (last wins)."""
     flags = dict(flags or {})
     file_values = read_config_file(config_file) if config_file is not None else {}
     preset = flags.get("preset", file_values.get("preset"))  # an unknown one fails in TrainConfig
-    return TrainConfig(**{**PRESETS.get(preset, {}), **file_values, **flags})
+    recipe = _recipe_settings(flags.get("recipe", file_values.get("recipe")))
+    return TrainConfig(**{**PRESETS.get(preset, {}), **recipe, **file_values, **flags})
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -485,6 +511,8 @@ def _train_epoch(
     bar = _progress(loader, procs, f"train {epoch + 1}/{config.epochs}", config.progress)
     for step, batch in enumerate(bar):
         images, masks, labels = _to_device(batch, procs.device)
+        if run.swap is not None:
+            images, masks = run.swap(images, masks)
         last_micro_batch = (step + 1) % config.grad_accum == 0 or step + 1 == len(loader)
         sync = contextlib.nullcontext() if last_micro_batch or procs.world_size == 1 else model.no_sync()
         with sync:
@@ -510,11 +538,31 @@ def _validate(model: nn.Module, criterion: nn.Module, val_set: Dataset, config: 
     loader = DataLoader(shard, batch_size=micro_batch, shuffle=False, num_workers=config.workers,
                         pin_memory=procs.device.type == "cuda")
     meter = _Meter()
+    background_correct = torch.zeros(1, dtype=torch.float64)
     for batch in _progress(loader, procs, "validate", config.progress):
         images, masks, labels = _to_device(batch, procs.device)
         out, logits = _forward_loss(model, criterion, images, masks, labels, config.amp)
         meter.update(out, logits, labels)
-    return meter.result("val_", procs)
+        if config.select == "reliance":
+            background_correct += _background_only_correct(model, images, masks, labels, config.amp)
+    metrics = meter.result("val_", procs)
+    if config.select == "reliance":
+        count = procs.sum(torch.tensor([float(len(shard))], dtype=torch.float64))
+        metrics["val_background_only"] = float(procs.sum(background_correct) / count.clamp(min=1))
+    return metrics
+
+
+@torch.no_grad()
+def _background_only_correct(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
+                             amp: str | None) -> float:
+    """Correct predictions on the images with their objects replaced, averaged over two fills that
+    commute with per-channel normalisation (the batch's mean colour and a blurred copy)."""
+    correct = 0.0
+    for fill in ("mean", "blur"):
+        probed = replace_region(images, masks, "object", fill)
+        with torch.autocast(images.device.type, dtype=_AMP_DTYPES.get(amp), enabled=amp is not None):
+            correct += float((model(probed).argmax(dim=1) == labels).sum()) / 2
+    return correct
 
 
 def _micro_batch(config: TrainConfig, world_size: int) -> int:
@@ -542,6 +590,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     loader_generator: torch.Generator
     history: list[dict[str, Any]]
+    swap: BackgroundSwap | None = None  # mask-guided counterfactual images (global torch RNG: resumable)
 
     def trainer_state(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
         """Optimiser, schedule and grad-scaler state, with the RNG states of every process."""
@@ -592,12 +641,27 @@ def _write_epoch(out: Path, model: nn.Module, config: TrainConfig, run: _Run, pr
     if not procs.is_main:
         return
     info = _checkpoint_info(model, config, run.history)
-    losses = [record["val_loss"] for record in run.history if "val_loss" in record]
-    if losses and losses[-1] < min(losses[:-1], default=float("inf")):
+    if _newest_is_best(run.history, config):
         save_checkpoint(out / BEST, model, info)  # before last: a resumed epoch rewrites it
     save_checkpoint(out / LAST, model, info, run.trainer_state(rng))
     with (out / METRICS).open("a") as f:
         f.write(json.dumps(run.history[-1]) + "\n")
+
+
+def _newest_is_best(history: list[dict[str, Any]], config: TrainConfig) -> bool:
+    """Whether the newest epoch beats every earlier one by ``config.select``.
+
+    ``"paper"``: lower validation loss. ``"reliance"``: among epochs whose validation accuracy is
+    within ``max_val_drop`` points of the starting accuracy, lower background-only accuracy (ties:
+    higher accuracy)."""
+    if "val_loss" not in history[-1]:
+        return False
+    if config.select == "paper":
+        return history[-1]["val_loss"] < min((r["val_loss"] for r in history[:-1]), default=float("inf"))
+    floor = history[0]["val_start_accuracy"] - config.max_val_drop / 100
+    keys = [(r["val_background_only"], -r["val_accuracy"]) for r in history if r["val_accuracy"] >= floor]
+    newest = (history[-1]["val_background_only"], -history[-1]["val_accuracy"])
+    return history[-1]["val_accuracy"] >= floor and newest <= min(keys)
 
 
 def _start_outputs(out: Path, config: TrainConfig, history: list[dict[str, Any]]) -> None:
@@ -647,6 +711,8 @@ def finetune(
     out = Path(config.out) if config.out is not None else None
     if config.resume and out is None:
         raise ValueError("resume needs the run directory: set out")
+    if config.select == "reliance" and val_set is None:
+        raise ValueError("select='reliance' needs masked validation images: pass --val-data or --val-fraction")
     if out is not None and not config.resume and (out / LAST).exists():
         raise FileExistsError(f"{out} already holds a run ({LAST}): pass resume to continue it, "
                               "or choose another output directory")
@@ -664,7 +730,7 @@ def finetune(
                    scheduler=torch.optim.lr_scheduler.StepLR(optimizer, config.lr_decay_epochs, config.lr_decay),
                    scaler=torch.amp.GradScaler(procs.device.type, enabled=config.amp == "fp16"),
                    loader_generator=torch.Generator().manual_seed(config.seed + procs.rank),
-                   history=[])
+                   history=[], swap=BackgroundSwap(config.background_swap) if config.background_swap else None)
         if config.resume:
             _resume(out, model, run, config, procs)
         if out is not None and procs.is_main:
@@ -673,10 +739,15 @@ def finetune(
                                      shuffle=True, seed=config.seed)
         loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, num_workers=config.workers,
                             generator=run.loader_generator, pin_memory=procs.device.type == "cuda")
+        start_accuracy = {}
+        if config.select == "reliance":  # the reference the accuracy limit is measured from
+            start_accuracy = {k: v for k, v in run.history[0].items() if k.startswith("val_start_")} if run.history \
+                else {f"val_start_{k[4:]}": v for k, v in _validate(model, criterion, val_set, config, procs,
+                                                                    micro_batch).items()}
         for epoch in range(len(run.history), config.epochs):
             start = time.perf_counter()
             sampler.set_epoch(epoch)
-            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **start_accuracy}
             record.update(_train_epoch(train_model, criterion, loader, run, config, procs, epoch))
             if val_set is not None:
                 record.update(_validate(model, criterion, val_set, config, procs, micro_batch))
