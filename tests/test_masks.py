@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.ndimage
 import torch
 from PIL import Image
 from timm.models import save_for_hf
@@ -194,6 +195,31 @@ def test_partition_ignores_the_eigenvector_sign(monkeypatch):
         np.testing.assert_array_equal(tokencut_partition(features, (5, 5)), foreground)
     with pytest.raises(ValueError, match=r"expected features of shape \(25, C\)"):
         tokencut_partition(features[:-1], (5, 5))
+    with pytest.raises(ValueError, match="at least 3 patches"):
+        tokencut_partition(features[:2], (1, 2))
+
+
+def reference_partition(features, grid, tau=0.2, eps=1e-5):
+    """TokenCut's published Ncut step, written independently in float64 NumPy."""
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    affinity = np.where(unit @ unit.T > tau, 1.0, eps)
+    degree = np.diag(affinity.sum(axis=1))
+    _, vectors = scipy.linalg.eigh(degree - affinity, degree, subset_by_index=[1, 2])
+    second = vectors[:, 0]
+    foreground = second > second.sum() / len(second)
+    seed = np.argmax(np.abs(second))
+    foreground = foreground if foreground[seed] else ~foreground
+    labels, _ = scipy.ndimage.label(foreground.reshape(grid))
+    return labels == labels[np.unravel_index(seed, grid)]
+
+
+@pytest.mark.parametrize("seed, grid", [(4, (3, 3)), (0, (4, 5)), (1, (6, 6)), (2, (2, 7))])
+def test_partition_matches_the_float64_reference(seed, grid):
+    # seed 4: the eigenvector's largest |x| is nearly tied, so single precision picks another seed
+    features = np.random.default_rng(seed).normal(size=(grid[0] * grid[1], 8))
+    np.testing.assert_array_equal(tokencut_partition(features, grid), reference_partition(features, grid))
+    np.testing.assert_array_equal(tokencut_partition(torch.from_numpy(features), grid),
+                                  reference_partition(features, grid))
 
 
 def test_last_block_keys_match_the_attention_keys(model_key):
