@@ -45,6 +45,7 @@ from .models import create_model
 
 __all__ = [
     "DATASETS",
+    "PAPER_NORMALIZATION",
     "PROTOCOLS",
     "ROBUSTNESS_DATASETS",
     "SEGMENTATION_METRICS",
@@ -74,6 +75,7 @@ __all__ = [
     "robustness_table",
     "run",
     "run_suite",
+    "segmentation_protocol",
     "si_score_label_to_index",
     "table_models",
     "topk_correct",
@@ -484,6 +486,14 @@ class ImageNetSegmentation(Dataset):
         return self.transform(Image.fromarray(image.astype(np.uint8))), torch.from_numpy(np.array(mask))
 
 
+PAPER_NORMALIZATION = (0.5, 0.5, 0.5)  # the reference's mean and std, for every model
+
+
+def segmentation_protocol(options: "EvalOptions") -> str:
+    """``'paper'`` when only the paper protocol is asked for, else ``'standard'`` (the model's own)."""
+    return "paper" if tuple(options.protocols) == ("paper",) else "standard"
+
+
 def evaluate_segmentation(
         model: nn.Module,
         path: str | Path,
@@ -493,16 +503,27 @@ def evaluate_segmentation(
         seed: int = 0,
         data_config: Mapping[str, Any] | None = None,
         progress: bool = True,
-) -> dict[str, float]:
-    """Pixel accuracy, mIoU and mAP (percent) of the model's GAE maps for its predicted class."""
+        protocol: str = "standard",
+) -> dict[str, Any]:
+    """Segmentation and localisation metrics (percent) of the model's GAE maps for its predicted class.
+
+    ``protocol`` ``'standard'`` normalises with the model's mean and std (``data_config``,
+    default: the model's timm config); ``'paper'`` with mean = std = 0.5 for every model, as the
+    reference code. The result names the protocol and the mean and std used.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     config = dict(data_config or resolve_model_data_config(model))
+    if protocol == "paper":
+        config["mean"] = config["std"] = PAPER_NORMALIZATION
     dataset = ImageNetSegmentation(path, config["input_size"][-2:], config["mean"], config["std"])
     loader = _loader(dataset, batch_size, num_workers, max_images, seed)
     device, meter = _device_of(model), SegmentationMeter()
     with attach_gae(model) as gae:
         for images, masks in tqdm(loader, desc="segmentation", disable=not progress):
             meter.update(gae.explain(images.to(device)), masks)
-    return meter.compute()
+    return {**meter.compute(), "protocol": protocol,
+            "mean": [float(m) for m in config["mean"]], "std": [float(v) for v in config["std"]]}
 
 
 # -- perturbation test ------------------------------------------------------------------------------
@@ -601,7 +622,8 @@ def metric_table(columns: Mapping[str, Mapping[str, float] | None], metrics: Map
     return _markdown(header, rows)
 
 
-SEGMENTATION_METRICS = {"pixel_acc": "Pixel acc.", "miou": "mIoU", "map": "mAP"}
+SEGMENTATION_METRICS = {"pixel_acc": "Pixel acc.", "miou": "mIoU", "map": "mAP", "mass_accuracy": "Mass acc.",
+                        "rank_accuracy": "Rank acc.", "pointing_game": "Pointing game"}
 
 
 def _perturbation_rows(result: Mapping[str, Any]) -> dict[str, float]:
@@ -679,7 +701,7 @@ def run_suite(model: nn.Module, suite: str, options: EvalOptions) -> dict[str, A
     for name in _dataset_names(suite, options):
         path = resolve_path(name, options.data_root, options.dataset_dirs)
         if suite == "segmentation":
-            results[name] = evaluate_segmentation(model, path, **common)
+            results[name] = evaluate_segmentation(model, path, **common, protocol=segmentation_protocol(options))
         elif suite == "perturbation":
             results[name] = evaluate_perturbation(
                 model, load_eval_set(name, path, options.si_labels), options.fractions, **common)
@@ -750,7 +772,10 @@ def _suite_markdown(suite: str, runs: Mapping[str, Mapping[str, Any]], protocols
                     split: bool) -> str:
     datasets = list(next(iter(runs.values())))
     if suite == "segmentation":
-        return metric_table({label: r["segmentation"] for label, r in runs.items()}, SEGMENTATION_METRICS)
+        results = {label: r["segmentation"] for label, r in runs.items()}
+        first = next(iter(results.values()))
+        return (f"Preprocessing: `{first['protocol']}` (mean {first['mean']}, std {first['std']})\n\n"
+                + metric_table(results, SEGMENTATION_METRICS))
     if suite == "perturbation":
         parts = []
         for d in datasets:
@@ -776,7 +801,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset-dir", action="append", default=[], metavar="NAME=PATH",
                         help=f"location of one dataset, overriding --data-root; NAME in {sorted(DATASETS)}")
     parser.add_argument("--protocol", choices=PROTOCOLS + ("both",), default="both",
-                        help="robustness scoring protocol (default: both, each result says which)")
+                        help="robustness scoring protocol (default: both, each result says which); "
+                             "segmentation: 'paper' normalises with mean = std = 0.5 as the reference, "
+                             "otherwise with the model's own mean and std")
     parser.add_argument("--set-a", default=None, metavar="FILE",
                         help="wnids or class indices of the finetune's classes: results split into set A / set B")
     parser.add_argument("--si-score-labels", default=None, metavar="JSON",

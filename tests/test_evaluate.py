@@ -209,13 +209,33 @@ def test_evaluate_segmentation_and_perturbation_commands(data_root, weights, tmp
                  *_common(data_root, tmp_path)]) == 0
     result = json.loads((tmp_path / "segmentation.json").read_text())["runs"]["before"]["segmentation"]
     assert result["images"] == 3 and 0 <= result["miou"] <= 100 and 0 <= result["map"] <= 100
+    assert result["protocol"] == "standard"
     assert "| Pixel acc. |" in (tmp_path / "segmentation.md").read_text()
+    assert main(["evaluate", "--model", weights["model"], "--suite", "segmentation", "--protocol", "paper",
+                 *_common(data_root, tmp_path)]) == 0
+    result = json.loads((tmp_path / "segmentation.json").read_text())["runs"]["before"]["segmentation"]
+    assert (result["protocol"], result["mean"], result["std"]) == ("paper", [0.5] * 3, [0.5] * 3)
+    markdown = (tmp_path / "segmentation.md").read_text()
+    assert "Preprocessing: `paper`" in markdown and "| Pointing game |" in markdown
     assert main(["evaluate", "--model", weights["model"], "--checkpoint", weights["biased"],
                  "--suite", "perturbation", "--fractions", "0.2", "0.6", *_common(data_root, tmp_path)]) == 0
     result = json.loads((tmp_path / "perturbation.json").read_text())["runs"]["before"]["imagenet"]
     # the biased model always predicts class 0: half the images, whatever is removed
     assert result["positive"]["accuracy"] == [50.0, 50.0] and result["negative"]["auc"] == pytest.approx(20.0)
     assert "positive AUC" in (tmp_path / "perturbation.md").read_text()
+
+
+@pytest.mark.parametrize("protocol, peak", [("standard", (1 - 0.485) / 0.229), ("paper", 1.0)])
+def test_segmentation_protocol_sets_the_normalisation(protocol, peak, data_root):
+    model = tiny_model("vit_cls", num_classes=1000)
+    inputs = []
+    model.register_forward_pre_hook(lambda module, args: inputs.append(float(args[0][:, 0].max())))
+    config = {"input_size": (3, 32, 32), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    result = ev.evaluate_segmentation(model, data_root / "gtsegs_ijcv.mat", batch_size=4, num_workers=0,
+                                      data_config=config, progress=False, protocol=protocol)
+    assert inputs and all(v == pytest.approx(peak, rel=1e-5) for v in inputs)  # the red channel at 255
+    assert result["protocol"] == protocol and result["mean"][1] == (0.5 if protocol == "paper" else 0.456)
+    assert {"mass_accuracy", "rank_accuracy", "pointing_game"} <= set(result)
 
 
 def test_evaluate_command_rejects_bad_dataset_dir(weights, tmp_path):
