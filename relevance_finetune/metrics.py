@@ -101,8 +101,9 @@ class SegmentationMeter:
     --------
     >>> meter = SegmentationMeter()
     >>> meter.update(torch.tensor([[[0.9, 0.1], [0.8, 0.2]]]), torch.tensor([[[1, 0], [1, 0]]]))
-    >>> meter.compute()
-    {'pixel_acc': 100.0, 'miou': 100.0, 'map': 100.0, 'images': 1}
+    >>> result = meter.compute()
+    >>> result["pixel_acc"], result["miou"], result["map"], result["pointing_game"], result["images"]
+    (100.0, 100.0, 100.0, 100.0, 1)
     """
 
     def __init__(self) -> None:
