@@ -338,6 +338,14 @@ class MaskedDataset(Dataset):
                              f"{sample.image} is {image.width}x{image.height} (width x height)")
         return image, mask
 
+    @property
+    def label_names(self) -> list[str] | None:
+        """Class names in index order when the indices are 0..K-1 of named classes (folder order), else None."""
+        mapping = getattr(self, "class_to_idx", None)
+        if not mapping or sorted(mapping.values()) != list(range(len(mapping))):
+            return None
+        return sorted(mapping, key=mapping.get)
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -435,7 +443,7 @@ class MaskedCsvDataset(MaskedDataset):
         if all(re.fullmatch(r"\d+", label) for label in labels):
             to_index = {label: int(label) for label in labels}
         else:
-            to_index = self._class_indices(labels, class_index, manifest)
+            to_index = self.class_to_idx = self._class_indices(labels, class_index, manifest)
             self.classes = sorted(to_index)
         samples = []
         for (number, row), label in zip(rows, labels):

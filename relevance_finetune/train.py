@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -45,7 +44,7 @@ from . import __version__
 from .data import ImageNetSDataset, MaskedCsvDataset, MaskedDataset, MaskedImageFolder, paired_transforms
 from .gae import UnsupportedModelError, attach_gae, explicit_attention
 from .losses import InputGradientRegularizer, RegularizerOutput, RelevanceRegularizer
-from .models import CHECKPOINT_FORMAT, TRAINER_STATE_PREFIX, create_model
+from .models import CHECKPOINT_FORMAT, TRAINER_STATE_PREFIX, create_model, model_spec, open_safetensors
 
 __all__ = [
     "PRESETS",
@@ -303,7 +302,7 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any] | None:
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return None
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         metadata = f.metadata() or {}
     return json.loads(metadata["info"]) if metadata.get("format") == CHECKPOINT_FORMAT else None
 
@@ -311,7 +310,7 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any] | None:
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
     """Read a checkpoint of :func:`save_checkpoint`: ``(model_state, info, trainer_state or None)``."""
     path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         metadata = f.metadata() or {}
         if metadata.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a relevance-finetune checkpoint (no {CHECKPOINT_FORMAT!r} header)")
@@ -562,8 +561,8 @@ class _Run:
 
 
 def _checkpoint_info(model: nn.Module, config: TrainConfig, history: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"epoch": len(history), "architecture": _architecture(model), "config": dataclasses.asdict(config),
-            "history": history, "library_version": __version__}
+    return {"epoch": len(history), "architecture": _architecture(model), "model": model_spec(unwrap_model(model)),
+            "config": dataclasses.asdict(config), "history": history, "library_version": __version__}
 
 
 def _architecture(model: nn.Module) -> str:
@@ -648,8 +647,8 @@ def finetune(
     if config.resume and out is None:
         raise ValueError("resume needs the run directory: set out")
     if out is not None and not config.resume and (out / LAST).exists():
-        raise FileExistsError(f"{out} already holds a run ({LAST}): pass resume to continue it, "
-                              "or choose another output directory")
+        raise FileExistsError(f"{out} already holds a run ({LAST}): pass --resume (TrainConfig.resume) to "
+                              "continue it, or choose another output directory")
     _seed_everything(config.seed + procs.rank)
     if config.deterministic:
         _use_deterministic_kernels()
@@ -710,7 +709,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``relevance-finetune train``; under torchrun, one process per device."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug")}
     config = resolve_config(flags, getattr(args, "config", None))
     if config.model is None or config.data is None or config.out is None:
         raise SystemExit("relevance-finetune train: --model (or a --preset naming one), --data and --out "
@@ -728,6 +727,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"relevance-finetune train: cannot finetune {config.model}: {error}", file=sys.stderr)
             return 2
         train_set, val_set = _build_datasets(model, config)
+        _fit_classes(model, train_set, val_set)
         finetune(model, train_set, val_set, config)
     finally:
         if started:
@@ -769,6 +769,22 @@ def _build_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset, Dat
     if held_out >= len(order):
         raise ValueError(f"val_fraction {config.val_fraction} leaves no training images of {len(order)}")
     return Subset(train_set, order[held_out:]), Subset(val_view, order[:held_out])
+
+
+def _fit_classes(model: nn.Module, *datasets: Dataset | None) -> None:
+    """Refuse labels beyond the classifier's outputs; record folder class names as timm's ``label_names``."""
+    for dataset in datasets:
+        base = dataset.dataset if isinstance(dataset, Subset) else dataset
+        if not isinstance(base, MaskedDataset):
+            continue
+        top = max(sample.label for sample in base.samples)
+        if top >= model.num_classes:
+            raise ValueError(
+                f"the data ({type(base).__name__}) has class index {top} but the model has {model.num_classes} "
+                f"classes: pass --num-classes {top + 1} or more (or check --class-index)")
+        names = base.label_names
+        if dataset is datasets[0] and names is not None and len(names) == model.num_classes:
+            model.pretrained_cfg = {**model.pretrained_cfg, "label_names": names}
 
 
 def _masked_dataset(data: str, masks: str | None, transform, config: TrainConfig) -> MaskedDataset:

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from timm.models import save_for_hf
 
-from conftest import TINY_MODELS, tiny_model
+from conftest import TINY_MODELS, cli_error, tiny_model
 from relevance_finetune import evaluate as ev
 from relevance_finetune.cli import main
 
@@ -218,9 +218,9 @@ def test_evaluate_segmentation_and_perturbation_commands(data_root, weights, tmp
     assert "positive AUC" in (tmp_path / "perturbation.md").read_text()
 
 
-def test_evaluate_command_rejects_bad_dataset_dir(weights, tmp_path):
-    with pytest.raises(ValueError, match="NAME=PATH"):
-        main(["evaluate", "--model", weights["model"], "--dataset-dir", "nowhere", "--out", str(tmp_path)])
+def test_evaluate_command_rejects_bad_dataset_dir(weights, tmp_path, capsys):
+    assert "NAME=PATH" in cli_error(
+        capsys, ["evaluate", "--model", weights["model"], "--dataset-dir", "nowhere", "--out", str(tmp_path)])
 
 
 def test_probes_reexport_is_lazy():

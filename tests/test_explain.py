@@ -120,7 +120,7 @@ def test_compare_grid_is_a_png(workspace, tmp_path):
     ("empty_dir", "no images"),
     ("missing", "no such file or directory"),
     ("target", r"--target must be a class index in \[0, 1000\)"),
-    ("compare_mismatch", "does not fit"),
+    ("compare_mismatch", "do not fit"),
 ])
 def test_bad_input_is_one_clear_error(workspace, tmp_path, capsys, case, message):
     (tmp_path / "empty").mkdir()
