@@ -478,17 +478,24 @@ def _train_epoch(
         procs: _Processes,
         epoch: int,
 ) -> dict[str, float]:
-    """One pass over ``loader``: an optimiser step every ``grad_accum`` micro-batches."""
+    """One pass over ``loader``: an optimiser step every ``grad_accum`` micro-batches.
+
+    Each micro-batch's mean loss is weighted by its share of the step's images, so a short last
+    step (fewer or smaller micro-batches) is the mean over its images, as a full one is.
+    """
     model.train()
     meter = _Meter()
     bar = _progress(loader, procs, f"train {epoch + 1}/{config.epochs}", config.progress)
+    step_images = loader.batch_size * config.grad_accum
+    samples = len(loader.sampler)  # this process's images, equal on every process (the sampler pads)
     for step, batch in enumerate(bar):
         images, masks, labels = _to_device(batch, procs.device)
         last_micro_batch = (step + 1) % config.grad_accum == 0 or step + 1 == len(loader)
+        images_in_step = min(step_images, samples - step // config.grad_accum * step_images)
         sync = contextlib.nullcontext() if last_micro_batch or procs.world_size == 1 else model.no_sync()
         with sync:
             out, logits = _forward_loss(model, criterion, images, masks, labels, config.amp)
-            run.scaler.scale(out.loss / config.grad_accum).backward()
+            run.scaler.scale(out.loss * (labels.shape[0] / images_in_step)).backward()
         if last_micro_batch:
             run.scaler.step(run.optimizer)
             run.scaler.update()

@@ -186,6 +186,15 @@ def test_gradient_accumulation_matches_the_full_batch():
     assert not torch.equal(full.head.weight, exact_step_model().head.weight)
 
 
+def test_a_short_last_step_weights_its_images_as_a_full_batch():
+    """5 images, batch 4: the last step holds one image; accumulated, it is one short micro-batch."""
+    data = SyntheticMasked(5)
+    full, accumulated = exact_step_model(), exact_step_model()
+    finetune(full, data, None, config())
+    finetune(accumulated, data, None, config(grad_accum=2))
+    assert_states_close(state_of(accumulated), state_of(full), atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["gradmask", "rrr"])
 def test_baselines_train_through_the_input_gradient(method):
     model = tiny_model(num_classes=4)
