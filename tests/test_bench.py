@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import cli_error
 from relevance_finetune.bench.synthetic import SpuriousConfig, make_split
 from relevance_finetune.probes import reliance_probes, replace_region
 
@@ -98,6 +99,13 @@ def test_demo_quick_writes_results_figure_and_weights(tmp_path):
     assert all(f"| {name} |" in table for name in results["methods"])
     assert (out / "relevance_before_after.png").stat().st_size > 10_000
     assert (out / "ours" / "model.safetensors").is_file() and (out / "ours" / "config.json").is_file()
+
+
+def test_demo_checks_that_out_is_writable_before_training(tmp_path, capsys, monkeypatch):
+    from relevance_finetune.bench import demo
+    monkeypatch.setattr(demo, "run_benchmark", lambda *args: pytest.fail("trained before checking --out"))
+    (tmp_path / "file").write_text("not a folder")
+    assert "cannot write to --out" in cli_error(capsys, ["demo", "--quick", "--out", str(tmp_path / "file" / "out")])
 
 
 def test_extension_adds_a_term_and_stays_out_of_the_default_methods():

@@ -164,6 +164,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise SystemExit("--seeds must be at least 1")
+    try:  # before any training: a read-only --out would only fail once the models are trained
+        args.out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.out).close()
+    except OSError as error:
+        raise PermissionError(f"cannot write to --out {args.out} ({error.strerror}): choose another folder") from error
     if args.threads:
         torch.set_num_threads(args.threads)
     config = BenchConfig()
