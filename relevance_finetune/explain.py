@@ -64,11 +64,9 @@ def class_names(model: nn.Module) -> list[str] | None:
     recorded), else the short names (``"tabby"``) of an ImageNet classifier (1k, 11k or 21k
     classes), else None."""
     label_names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
-    if label_names and len(label_names) == model.num_classes and infer_imagenet_subset(model) is None:
-        return list(label_names)
     subset = infer_imagenet_subset(model)
     if subset is None:
-        return None
+        return list(label_names) if label_names and len(label_names) == model.num_classes else None
     info = ImageNetInfo(subset)
     return [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
 

@@ -154,14 +154,15 @@ def export_checkpoint(
 
     The model is rebuilt from ``model_name`` if given, else from the model spec the checkpoint
     stores (no access to the model's source: a ``local-dir:`` folder may have moved), else from
-    the name its config records (checkpoints of version 0.1). Weights that do not fit raise
+    the name its config records (older checkpoints, or models with arguments that JSON cannot hold). Weights that do not fit raise
     ``ValueError`` naming both models; an existing export is replaced only with ``overwrite``.
     """
     info = read_checkpoint_info(checkpoint) or {}
     config = info.get("config", {})
     name = model_name or config.get("model")
-    if model_name is None and "model" in info:
-        model = load_weights(create_model_from_spec(info["model"]), checkpoint)
+    spec = info.get("model") or {}
+    if model_name is None and spec.get("model_args") is not None:
+        model = load_weights(create_model_from_spec(spec), checkpoint)
     elif name is None:
         raise ValueError(f"{checkpoint} does not record its model: pass the timm model name (--model NAME)")
     else:

@@ -43,14 +43,18 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     """What :func:`create_model_from_spec` needs to rebuild ``model`` (JSON-serialisable).
 
     ``architecture`` (timm name), ``model_args`` (constructor arguments as timm records them;
-    timm versions without ``get_model_args`` give ``num_classes`` only) and ``pretrained_cfg``
-    (without the weights' source).
+    timm versions without ``get_model_args`` give ``num_classes`` only; None when an argument is
+    not JSON, e.g. a layer class) and ``pretrained_cfg`` (without the weights' source).
     """
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     get_args = getattr(timm.models, "get_model_args", None)
     args = get_args(model) if get_args is not None else {"num_classes": model.num_classes}
+    try:
+        args = json.loads(json.dumps(args))
+    except (TypeError, ValueError):
+        args = None
     return {"architecture": cfg.get("architecture") or type(model).__name__,
-            "model_args": json.loads(json.dumps(args)),
+            "model_args": args,
             "pretrained_cfg": json.loads(json.dumps({k: v for k, v in cfg.items() if k not in _SOURCE_KEYS},
                                                     default=str))}
 
@@ -107,7 +111,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     if checkpoint:
         info = json.loads(metadata["info"])
         spec = info.get("model") or {}
-        return state, {"architecture": info.get("architecture"), "model_args": spec.get("model_args", {}),
+        return state, {"architecture": info.get("architecture"), "model_args": spec.get("model_args"),
                        "label_names": spec.get("pretrained_cfg", {}).get("label_names")}
     config = path.with_name("config.json")
     return state, json.loads(config.read_text()) if config.is_file() else {}
@@ -134,10 +138,10 @@ def _check_compatible(
             k = mismatched[0]
             details.append(f"{len(mismatched)} shape mismatches (e.g. {k}: model {expected[k]}, file {given[k]})")
         spec = model_spec(model)
-        given_args = source.get("model_args") or {}
+        given_args, model_args = source.get("model_args") or {}, spec["model_args"] or {}
         raise ValueError(
-            f"{path} holds weights of {_describe(source.get('architecture'), given_args, spec['model_args'])}, "
-            f"which do not fit the model {_describe(spec['architecture'], spec['model_args'], given_args)} "
+            f"{path} holds weights of {_describe(source.get('architecture'), given_args, model_args)}, "
+            f"which do not fit the model {_describe(spec['architecture'], model_args, given_args)} "
             f"({type(model).__name__}): " + "; ".join(details))
 
 

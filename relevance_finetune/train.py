@@ -568,7 +568,7 @@ class _Run:
 
 
 def _checkpoint_info(model: nn.Module, config: TrainConfig, history: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"epoch": len(history), "architecture": _architecture(model), "model": model_spec(unwrap_model(model)),
+    return {"epoch": len(history), "architecture": _architecture(model), "model": model_spec(model),
             "config": dataclasses.asdict(config), "history": history, "library_version": __version__}
 
 
@@ -778,9 +778,10 @@ def _build_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset, Dat
     return Subset(train_set, order[held_out:]), Subset(val_view, order[:held_out])
 
 
-def _fit_classes(model: nn.Module, *datasets: Dataset | None) -> None:
-    """Refuse labels beyond the classifier's outputs; record folder class names as timm's ``label_names``."""
-    for dataset in datasets:
+def _fit_classes(model: nn.Module, train_set: Dataset, val_set: Dataset | None) -> None:
+    """Refuse labels beyond the classifier's outputs; record the training set's class names
+    (folder datasets) as timm's ``label_names``."""
+    for dataset in (train_set, val_set):
         base = dataset.dataset if isinstance(dataset, Subset) else dataset
         if not isinstance(base, MaskedDataset):
             continue
@@ -790,7 +791,7 @@ def _fit_classes(model: nn.Module, *datasets: Dataset | None) -> None:
                 f"the data ({type(base).__name__}) has class index {top} but the model has {model.num_classes} "
                 f"classes: pass --num-classes {top + 1} or more (or check --class-index)")
         names = base.label_names
-        if dataset is datasets[0] and names is not None and len(names) == model.num_classes:
+        if dataset is train_set and names is not None and len(names) == model.num_classes:
             model.pretrained_cfg = {**model.pretrained_cfg, "label_names": names}
 
 
