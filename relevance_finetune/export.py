@@ -22,7 +22,7 @@ from timm.utils import unwrap_model
 from torch import nn
 
 from . import __version__
-from .models import create_model
+from .models import create_model, create_model_from_spec, load_weights
 from .train import TrainConfig, read_checkpoint_info
 
 __all__ = ["METADATA_KEY", "add_arguments", "export_checkpoint", "finetune_metadata", "load_finetuned", "run",
@@ -30,34 +30,40 @@ __all__ = ["METADATA_KEY", "add_arguments", "export_checkpoint", "finetune_metad
 
 METADATA_KEY = "relevance_finetune"
 _HALF = (0.5, 0.5, 0.5)
+_EXPORT_FILES = ("model.safetensors", "config.json")
 
 
 @contextlib.contextmanager
-def _atomic_directory(path: Path) -> Iterator[Path]:
-    """Yield an empty directory beside ``path`` whose files replace ``path``'s if the block succeeds.
+def _atomic_directory(path: Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary directory inside ``path`` whose files replace ``path``'s if the block succeeds.
 
-    A new ``path`` appears in one rename; in an existing one each file is replaced atomically,
-    ``config.json`` last, so timm never reads a config without its weights.
+    The temporary directory lives inside the destination, so the moves never cross a file system
+    (``path`` may be a mount point). Each file is replaced atomically, ``config.json`` last, so
+    timm never reads a config without its weights. Without ``overwrite`` an existing export is refused.
     """
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"export destination {path} exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    if not overwrite and any((path / name).exists() for name in _EXPORT_FILES):
+        raise FileExistsError(f"{path} already holds an export: pass --overwrite (overwrite=True) to replace it, "
+                              "or choose another directory")
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f".export.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()
     try:
         yield tmp
-        if path.exists():
-            for file in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
-                os.replace(file, path / file.name)
-        else:
-            os.replace(tmp, path)
+        for file in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+            os.replace(file, path / file.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):  # a failed export leaves no empty directory behind
+                path.rmdir()
 
 
 def _base_model_name(model: nn.Module) -> str | None:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return ".".join(part for part in (cfg.get("architecture"), cfg.get("tag")) if part) or None
+    """The architecture, without a pretrained tag: nothing says that the tag's weights were loaded."""
+    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
 
 
 def save_finetuned(
@@ -66,6 +72,7 @@ def save_finetuned(
         base_model: str | None = None,
         finetune_config: TrainConfig | Mapping[str, Any] | None = None,
         data_config: Mapping[str, Any] | None = None,
+        overwrite: bool = True,
 ) -> Path:
     """Write ``model`` to ``out_dir`` as ``model.safetensors`` + ``config.json`` (timm's hub layout).
 
@@ -74,14 +81,22 @@ def save_finetuned(
     model:
         A timm model (DDP and ``torch.compile`` wrappers are unwrapped).
     out_dir:
-        Created if missing; the files are written to a temporary directory first and moved in.
+        Created if missing; the files are written to a temporary directory inside it first and
+        moved in (``out_dir`` may be a mount point).
     base_model:
-        The model the finetune started from (default: from ``model.pretrained_cfg``).
+        The model the finetune started from, e.g. ``"vit_base_patch16_224.augreg_in21k"`` (default:
+        the architecture alone, since ``model.pretrained_cfg`` names its tag whether or not those
+        weights were loaded).
     finetune_config:
         The run's settings (a ``TrainConfig`` or a JSON-serialisable mapping); its ``lambda_*``
         entries are also listed under ``lambdas``.
     data_config:
         Preprocessing to record instead of the model's own (e.g. ``mean``/``std`` used in training).
+    overwrite:
+        Replace an existing export in ``out_dir``; False raises ``FileExistsError`` instead.
+
+    The class names in ``model.pretrained_cfg["label_names"]`` (set by the ``train`` command for
+    folder datasets) are written as timm's ``label_names``.
 
     Returns
     -------
@@ -103,10 +118,13 @@ def save_finetuned(
     except (TypeError, ValueError) as error:
         raise TypeError(f"finetune_config must be JSON-serialisable: {error}") from error
     extra = {"data_config": dict(data_config)} if data_config else {}
+    model_config: dict[str, Any] = {METADATA_KEY: metadata}
+    label_names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    if label_names and len(label_names) == model.num_classes:
+        model_config["label_names"] = list(label_names)
     out_dir = Path(out_dir)
-    with _atomic_directory(out_dir) as tmp:
-        timm.models.save_for_hf(
-            model, tmp, model_config={METADATA_KEY: metadata}, safe_serialization=True, **extra)
+    with _atomic_directory(out_dir, overwrite) as tmp:
+        timm.models.save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, **extra)
     return out_dir
 
 
@@ -130,35 +148,44 @@ def export_checkpoint(
         checkpoint: str | os.PathLike,
         out_dir: str | os.PathLike,
         model_name: str | None = None,
+        overwrite: bool = False,
 ) -> Path:
     """Export a training checkpoint (or any weights file) with :func:`save_finetuned`.
 
-    The model is rebuilt from ``model_name``, else from the name the checkpoint's config records;
-    weights that do not fit it raise ``ValueError`` naming both architectures.
+    The model is rebuilt from ``model_name`` if given, else from the model spec the checkpoint
+    stores (no access to the model's source: a ``local-dir:`` folder may have moved), else from
+    the name its config records (older checkpoints, or models with arguments that JSON cannot hold). Weights that do not fit raise
+    ``ValueError`` naming both models; an existing export is replaced only with ``overwrite``.
     """
     info = read_checkpoint_info(checkpoint) or {}
     config = info.get("config", {})
     name = model_name or config.get("model")
-    if name is None:
+    spec = info.get("model") or {}
+    if model_name is None and spec.get("model_args") is not None:
+        model = load_weights(create_model_from_spec(spec), checkpoint)
+    elif name is None:
         raise ValueError(f"{checkpoint} does not record its model: pass the timm model name (--model NAME)")
-    num_classes = config.get("num_classes")
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    model = create_model(name, checkpoint=checkpoint, **kwargs)
+    else:
+        num_classes = config.get("num_classes")
+        model = create_model(name, checkpoint=checkpoint, **({} if num_classes is None else {"num_classes": num_classes}))
+    started_from_weights = model_name is not None or config.get("pretrained") or config.get("checkpoint")
     data_config = {"mean": _HALF, "std": _HALF} if config.get("normalization") == "half" else None
-    return save_finetuned(model, out_dir, base_model=name, finetune_config=config, data_config=data_config)
+    return save_finetuned(model, out_dir, base_model=name if started_from_weights else None,
+                          finetune_config=config, data_config=data_config, overwrite=overwrite)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``export`` arguments: ``CHECKPOINT --out DIR [--model NAME]``."""
+    """The ``export`` arguments: ``CHECKPOINT --out DIR [--model NAME] [--overwrite]``."""
     parser.add_argument("checkpoint", help="a training checkpoint (.safetensors), or with --model any weights "
                                            "(.safetensors, .pth, an export folder)")
     parser.add_argument("--out", required=True, help="directory for model.safetensors + config.json")
     parser.add_argument("--model", help="timm model name of the weights (default: the one the checkpoint records)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``relevance-finetune export``."""
-    out = export_checkpoint(args.checkpoint, args.out, args.model)
+    out = export_checkpoint(args.checkpoint, args.out, args.model, args.overwrite)
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}; "
           f"load with timm.create_model('local-dir:{out}', pretrained=True)")
     return 0

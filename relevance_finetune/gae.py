@@ -144,7 +144,25 @@ def upsample_relevance(relevance: torch.Tensor, size: Sequence[int]) -> torch.Te
     return out[:, 0]
 
 
+# Attention module -> the handle instrumenting it: a second handle on the same modules is refused,
+# whatever wrapper (DDP, torch.compile) it is reached through.
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, GAEHandle]" = weakref.WeakKeyDictionary()
+# Wrappers whose inner model attach_gae instruments: class name -> attribute holding the model.
+_WRAPPERS = {
+    "DistributedDataParallel": "module",  # torch DDP, also what accelerate's prepare returns
+    "DataParallel": "module",
+    "DeepSpeedEngine": "module",          # accelerate with DeepSpeed
+    "OptimizedModule": "_orig_mod",       # torch.compile
+}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP, DataParallel, DeepSpeed and ``torch.compile`` wrappers (nested too)."""
+    while True:
+        attribute = next((_WRAPPERS[c.__name__] for c in type(model).__mro__ if c.__name__ in _WRAPPERS), None)
+        if attribute is None:
+            return model
+        model = getattr(model, attribute)
 
 
 def _in_backward() -> bool:
@@ -165,12 +183,14 @@ class GAEHandle:
         self._modules = _find_attention(model)
         self._maps: list[torch.Tensor | None] = [None] * len(self._modules)
         self._input_size: tuple[int, int] | None = None
+        self._removed = False
         self._fused_flags = [family.use_explicit(module) for module, family in self._modules]
         self._hooks = [model.patch_embed.register_forward_pre_hook(self._on_forward_start)]
         for index, (module, family) in enumerate(self._modules):
             hook = family.map_source(module).register_forward_hook(self._recorder(index))
             self._hooks.append(hook)
-        _ATTACHED[model] = self
+        for module, _ in self._modules:
+            _ATTACHED[module] = self
 
     # -- recording -------------------------------------------------------------------------
     def _on_forward_start(self, module: nn.Module, args: tuple) -> None:
@@ -189,6 +209,10 @@ class GAEHandle:
     @property
     def attention_maps(self) -> list[torch.Tensor]:
         """Post-softmax maps (B, heads, N, N) of the latest forward, first block first."""
+        if self._removed:
+            raise RuntimeError(
+                "this GAE handle was removed (gae.remove() or the end of its `with` block) and records "
+                "nothing: attach_gae(model) again, and use the new handle (e.g. in a new RelevanceRegularizer)")
         if self._input_size is None or any(m is None for m in self._maps):
             raise RuntimeError(
                 "no complete forward has been recorded: call the model on a batch of images "
@@ -284,6 +308,11 @@ class GAEHandle:
         GAE row on the patch grid (B, gh, gw). ``target`` None means the predicted class. Runs in
         eval mode and restores the model's mode and the recorded maps of the caller's forward.
         """
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"explain expects a (B, C, H, W) tensor of images, got {type(images).__name__}")
+        if images.ndim != 4:
+            hint = ": add the batch dimension with images[None]" if images.ndim == 3 else ""
+            raise ValueError(f"explain expects a batch of images (B, C, H, W), got shape {tuple(images.shape)}{hint}")
         saved = (self._maps, self._input_size)
         was_training = self.model.training
         self.model.eval()
@@ -310,8 +339,10 @@ class GAEHandle:
         for (module, family), flag in zip(self._modules, self._fused_flags):
             family.restore(module, flag)
         self._maps = [None] * len(self._modules)
-        if _ATTACHED.get(self.model) is self:
-            del _ATTACHED[self.model]
+        self._removed = True
+        for module, _ in self._modules:
+            if _ATTACHED.get(module) is self:
+                del _ATTACHED[module]
 
     def __enter__(self) -> "GAEHandle":
         return self
@@ -328,7 +359,8 @@ def _readout_pool(model: nn.Module) -> str:
     if not hasattr(model, "patch_embed"):
         raise UnsupportedModelError(
             f"{type(model).__name__} has no `patch_embed`: attach_gae supports timm vision "
-            f"transformers. Supported attention: {_supported_names()}.")
+            f"transformers (if it wraps one, pass the inner timm model). "
+            f"Supported attention: {_supported_names()}.")
     pool = getattr(model, "global_pool", None)
     if pool not in _SUPPORTED_POOLS:
         raise UnsupportedModelError(
@@ -358,7 +390,9 @@ def attach_gae(model: nn.Module, second_order: bool = False) -> GAEHandle:
     ----------
     model:
         A timm vision transformer whose attention is one of ``ATTENTION_FAMILIES``, pooled by
-        the class token (``global_pool='token'``) or the patch mean (``'avg'``).
+        the class token (``global_pool='token'``) or the patch mean (``'avg'``). DDP,
+        DataParallel, DeepSpeed (accelerate) and ``torch.compile`` wrappers are unwrapped: the
+        handle instruments the inner model (``handle.model``), and the wrapper's forwards record.
     second_order:
         Take the attention gradients with ``create_graph=True`` so the loss also reaches the
         weights through them. Default False: constant gradients, as the paper's code.
@@ -374,12 +408,16 @@ def attach_gae(model: nn.Module, second_order: bool = False) -> GAEHandle:
     UnsupportedModelError
         For models without supported attention (Swin, XCiT, CaiT, CNNs) or readout.
     RuntimeError
-        If the model already has a handle attached: call its ``remove()`` first.
+        If a handle is already attached to the model's attention modules (through any wrapper):
+        call its ``remove()`` first.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach_gae expects a torch.nn.Module, got {type(model).__name__}")
-    if model in _ATTACHED:
+    inner = _unwrap(model)
+    attached = next((_ATTACHED[m] for m in inner.modules() if m in _ATTACHED), None)
+    if attached is not None:
+        via = "" if inner is model else f" (reached through its {type(model).__name__} wrapper)"
         raise RuntimeError(
-            f"a GAE handle is already attached to this {type(model).__name__}: "
-            "use that handle, or call its remove() before attaching again")
-    return GAEHandle(model, second_order=second_order)
+            f"a GAE handle is already attached to this {type(inner).__name__}'s attention{via}: "
+            f"{attached!r}. Use that handle, or call its remove() before attaching again")
+    return GAEHandle(inner, second_order=second_order)

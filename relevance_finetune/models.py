@@ -1,20 +1,74 @@
-"""Model creation for the command line: any ``timm.create_model`` name plus optional weights."""
+"""Model creation for the command line: any ``timm.create_model`` name plus optional weights.
+
+A model's *spec* (:func:`model_spec`) is what rebuilds it without its source: the timm
+architecture, the constructor arguments and the pretrained config (preprocessing, label names).
+Training checkpoints store it, so they stay usable after a ``local-dir:`` source moves.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from typing import Any, Iterator
 
 import timm
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-__all__ = ["CHECKPOINT_FORMAT", "TRAINER_STATE_PREFIX", "create_model", "load_weights"]
+__all__ = ["CHECKPOINT_FORMAT", "TRAINER_STATE_PREFIX", "create_model", "create_model_from_spec", "load_weights",
+           "model_spec", "open_safetensors"]
 
 # The header of a training checkpoint (relevance_finetune.train): model tensors under their own
 # keys, optimiser/RNG tensors under TRAINER_STATE_PREFIX, JSON "info" with the architecture.
 CHECKPOINT_FORMAT = "relevance_finetune.checkpoint"
 TRAINER_STATE_PREFIX = "trainer_state/"
+
+
+# pretrained_cfg entries that point at the source of the weights, not at the model
+_SOURCE_KEYS = ("file", "source", "url", "hf_hub_id", "hf_hub_filename", "state_dict")
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | Path) -> Iterator[Any]:
+    """``safe_open(path)``; an unreadable (e.g. truncated) file raises ``ValueError`` naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except SafetensorError as error:
+        raise ValueError(f"cannot read {path}: {error} (truncated, or not a safetensors file)") from error
+
+
+def model_spec(model: nn.Module) -> dict[str, Any]:
+    """What :func:`create_model_from_spec` needs to rebuild ``model`` (JSON-serialisable).
+
+    ``architecture`` (timm name), ``model_args`` (constructor arguments as timm records them;
+    timm versions without ``get_model_args`` give ``num_classes`` only; None when an argument is
+    not JSON, e.g. a layer class) and ``pretrained_cfg`` (without the weights' source).
+    """
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    get_args = getattr(timm.models, "get_model_args", None)
+    args = get_args(model) if get_args is not None else {"num_classes": model.num_classes}
+    try:
+        args = json.loads(json.dumps(args))
+    except (TypeError, ValueError):
+        args = None
+    return {"architecture": cfg.get("architecture") or type(model).__name__,
+            "model_args": args,
+            "pretrained_cfg": json.loads(json.dumps({k: v for k, v in cfg.items() if k not in _SOURCE_KEYS},
+                                                    default=str))}
+
+
+def create_model_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """A randomly initialised model as :func:`model_spec` describes it (no file or network access)."""
+    return timm.create_model(spec["architecture"], pretrained=False, pretrained_cfg=spec["pretrained_cfg"],
+                             **spec["model_args"])
+
+
+def _describe(architecture: str | None, args: dict[str, Any], other: dict[str, Any]) -> str:
+    """``arch (num_classes=3, ...)``: the arguments in which ``args`` differs from ``other`` (if known)."""
+    differing = ", ".join(f"{k}={v!r}" for k, v in sorted(args.items()) if other and other.get(k) != v)
+    return f"{architecture or 'a model it does not name'}" + (f" ({differing})" if differing else "")
 
 
 def load_weights(model: nn.Module, checkpoint: str | Path) -> nn.Module:
@@ -29,35 +83,45 @@ def load_weights(model: nn.Module, checkpoint: str | Path) -> nn.Module:
         path = path / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    source = None
+    source: dict[str, Any] = {}
     if path.suffix == ".safetensors":
         state, source = _read_safetensors(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError) as error:
+            raise ValueError(f"cannot read {path}: {error} (truncated, or not a torch state dict)") from error
         if isinstance(state, dict):
             state = state.get("state_dict", state.get("model", state))
     _check_compatible(model, state, path, source)
     model.load_state_dict(state)
+    label_names = source.get("label_names")
+    if label_names and len(label_names) == getattr(model, "num_classes", None):
+        model.pretrained_cfg = {**model.pretrained_cfg, "label_names": list(label_names)}
     return model
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
-    """The model tensors of ``path`` and their architecture, where the file or a config.json beside it says."""
-    with safe_open(str(path), framework="pt") as f:
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The model tensors of ``path`` and what the file (or a config.json beside it) says of their model:
+    ``architecture``, ``model_args`` and ``label_names`` where recorded."""
+    with open_safetensors(path) as f:
         metadata = f.metadata() or {}
         checkpoint = metadata.get("format") == CHECKPOINT_FORMAT
         state = {k: f.get_tensor(k) for k in f.keys() if not (checkpoint and k.startswith(TRAINER_STATE_PREFIX))}
     if checkpoint:
-        return state, json.loads(metadata["info"]).get("architecture")
+        info = json.loads(metadata["info"])
+        spec = info.get("model") or {}
+        return state, {"architecture": info.get("architecture"), "model_args": spec.get("model_args"),
+                       "label_names": spec.get("pretrained_cfg", {}).get("label_names")}
     config = path.with_name("config.json")
-    return state, json.loads(config.read_text()).get("architecture") if config.is_file() else None
+    return state, json.loads(config.read_text()) if config.is_file() else {}
 
 
 def _check_compatible(
         model: nn.Module,
         state: dict[str, torch.Tensor],
         path: Path,
-        source: str | None = None,
+        source: dict[str, Any],
 ) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in state.items()}
@@ -73,9 +137,12 @@ def _check_compatible(
         if mismatched:
             k = mismatched[0]
             details.append(f"{len(mismatched)} shape mismatches (e.g. {k}: model {expected[k]}, file {given[k]})")
+        spec = model_spec(model)
+        given_args, model_args = source.get("model_args") or {}, spec["model_args"] or {}
         raise ValueError(
-            f"{path} ({source or 'architecture not recorded'}) does not fit this {type(model).__name__} "
-            f"({getattr(model, 'default_cfg', {}).get('architecture', '?')}): " + "; ".join(details))
+            f"{path} holds weights of {_describe(source.get('architecture'), given_args, model_args)}, "
+            f"which do not fit the model {_describe(spec['architecture'], model_args, given_args)} "
+            f"({type(model).__name__}): " + "; ".join(details))
 
 
 def create_model(

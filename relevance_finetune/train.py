@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -43,11 +42,12 @@ from tqdm import tqdm
 
 from . import __version__
 from . import recipes
+from ._files import atomic_path
 from .augment import BackgroundSwap
 from .data import ImageNetSDataset, MaskedCsvDataset, MaskedDataset, MaskedImageFolder, paired_transforms
 from .gae import UnsupportedModelError, attach_gae, explicit_attention
 from .losses import InputGradientRegularizer, RegularizerOutput, RelevanceRegularizer
-from .models import CHECKPOINT_FORMAT, TRAINER_STATE_PREFIX, create_model
+from .models import CHECKPOINT_FORMAT, TRAINER_STATE_PREFIX, create_model, model_spec, open_safetensors
 from .probes import replace_region
 
 __all__ = [
@@ -265,18 +265,6 @@ def resolve_config(flags: dict[str, Any] | None = None, config_file: str | Path 
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _encode(value: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
     """JSON skeleton of nested dicts/lists/tuples; tensors move to ``tensors`` under ``key``."""
     if isinstance(value, torch.Tensor):
@@ -320,7 +308,7 @@ def save_checkpoint(
     metadata = {"format": CHECKPOINT_FORMAT, "info": json.dumps(info)}
     if trainer_state is not None:
         metadata["trainer_state"] = json.dumps(_encode(trainer_state, tensors, TRAINER_STATE_PREFIX.rstrip("/")))
-    with _atomic_file(Path(path)) as tmp:
+    with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
 
@@ -329,7 +317,7 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any] | None:
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return None
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         metadata = f.metadata() or {}
     return json.loads(metadata["info"]) if metadata.get("format") == CHECKPOINT_FORMAT else None
 
@@ -337,7 +325,7 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any] | None:
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
     """Read a checkpoint of :func:`save_checkpoint`: ``(model_state, info, trainer_state or None)``."""
     path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         metadata = f.metadata() or {}
         if metadata.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a relevance-finetune checkpoint (no {CHECKPOINT_FORMAT!r} header)")
@@ -505,19 +493,26 @@ def _train_epoch(
         procs: _Processes,
         epoch: int,
 ) -> dict[str, float]:
-    """One pass over ``loader``: an optimiser step every ``grad_accum`` micro-batches."""
+    """One pass over ``loader``: an optimiser step every ``grad_accum`` micro-batches.
+
+    Each micro-batch's mean loss is weighted by its share of the step's images, so a short last
+    step (fewer or smaller micro-batches) is the mean over its images, as a full one is.
+    """
     model.train()
     meter = _Meter()
     bar = _progress(loader, procs, f"train {epoch + 1}/{config.epochs}", config.progress)
+    step_images = loader.batch_size * config.grad_accum
+    samples = len(loader.sampler)  # this process's images, equal on every process (the sampler pads)
     for step, batch in enumerate(bar):
         images, masks, labels = _to_device(batch, procs.device)
         if run.swap is not None:
             images, masks = run.swap(images, masks)
         last_micro_batch = (step + 1) % config.grad_accum == 0 or step + 1 == len(loader)
+        images_in_step = min(step_images, samples - step // config.grad_accum * step_images)
         sync = contextlib.nullcontext() if last_micro_batch or procs.world_size == 1 else model.no_sync()
         with sync:
             out, logits = _forward_loss(model, criterion, images, masks, labels, config.amp)
-            run.scaler.scale(out.loss / config.grad_accum).backward()
+            run.scaler.scale(out.loss * (labels.shape[0] / images_in_step)).backward()
         if last_micro_batch:
             run.scaler.step(run.optimizer)
             run.scaler.update()
@@ -611,8 +606,8 @@ class _Run:
 
 
 def _checkpoint_info(model: nn.Module, config: TrainConfig, history: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"epoch": len(history), "architecture": _architecture(model), "config": dataclasses.asdict(config),
-            "history": history, "library_version": __version__}
+    return {"epoch": len(history), "architecture": _architecture(model), "model": model_spec(model),
+            "config": dataclasses.asdict(config), "history": history, "library_version": __version__}
 
 
 def _architecture(model: nn.Module) -> str:
@@ -667,9 +662,9 @@ def _newest_is_best(history: list[dict[str, Any]], config: TrainConfig) -> bool:
 def _start_outputs(out: Path, config: TrainConfig, history: list[dict[str, Any]]) -> None:
     """Write the resolved config, and a metrics file holding exactly the checkpoint's history."""
     out.mkdir(parents=True, exist_ok=True)
-    with _atomic_file(out / RESOLVED_CONFIG) as tmp:
+    with atomic_path(out / RESOLVED_CONFIG) as tmp:
         tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    with _atomic_file(out / METRICS) as tmp:
+    with atomic_path(out / METRICS) as tmp:
         tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
 
 
@@ -714,8 +709,8 @@ def finetune(
     if config.select == "reliance" and val_set is None:
         raise ValueError("select='reliance' needs masked validation images: pass --val-data or --val-fraction")
     if out is not None and not config.resume and (out / LAST).exists():
-        raise FileExistsError(f"{out} already holds a run ({LAST}): pass resume to continue it, "
-                              "or choose another output directory")
+        raise FileExistsError(f"{out} already holds a run ({LAST}): pass --resume (TrainConfig.resume) to "
+                              "continue it, or choose another output directory")
     _seed_everything(config.seed + procs.rank)
     if config.deterministic:
         _use_deterministic_kernels()
@@ -781,7 +776,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``relevance-finetune train``; under torchrun, one process per device."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug")}
     config = resolve_config(flags, getattr(args, "config", None))
     if config.model is None or config.data is None or config.out is None:
         raise SystemExit("relevance-finetune train: --model (or a --preset naming one), --data and --out "
@@ -799,6 +794,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"relevance-finetune train: cannot finetune {config.model}: {error}", file=sys.stderr)
             return 2
         train_set, val_set = _build_datasets(model, config)
+        _fit_classes(model, train_set, val_set)
         finetune(model, train_set, val_set, config)
     finally:
         if started:
@@ -840,6 +836,23 @@ def _build_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset, Dat
     if held_out >= len(order):
         raise ValueError(f"val_fraction {config.val_fraction} leaves no training images of {len(order)}")
     return Subset(train_set, order[held_out:]), Subset(val_view, order[:held_out])
+
+
+def _fit_classes(model: nn.Module, train_set: Dataset, val_set: Dataset | None) -> None:
+    """Refuse labels beyond the classifier's outputs; record the training set's class names
+    (folder datasets) as timm's ``label_names``."""
+    for dataset in (train_set, val_set):
+        base = dataset.dataset if isinstance(dataset, Subset) else dataset
+        if not isinstance(base, MaskedDataset):
+            continue
+        top = max(sample.label for sample in base.samples)
+        if top >= model.num_classes:
+            raise ValueError(
+                f"the data ({type(base).__name__}) has class index {top} but the model has {model.num_classes} "
+                f"classes: pass --num-classes {top + 1} or more (or check --class-index)")
+        names = base.label_names
+        if dataset is train_set and names is not None and len(names) == model.num_classes:
+            model.pretrained_cfg = {**model.pretrained_cfg, "label_names": names}
 
 
 def _masked_dataset(data: str, masks: str | None, transform, config: TrainConfig) -> MaskedDataset:

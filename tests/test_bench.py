@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import cli_error
 from relevance_finetune.bench.synthetic import SpuriousConfig, make_split, render_image
 from relevance_finetune.probes import reliance_probes, replace_region
 
@@ -123,6 +124,13 @@ def test_demo_one_family_keeps_the_flat_schema(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"original", "ours"} and results["config"]["family"] == "texture"
     assert (out / "relevance_before_after.png").is_file() and (out / "ours" / "config.json").is_file()
+
+
+def test_demo_checks_that_out_is_writable_before_training(tmp_path, capsys, monkeypatch):
+    from relevance_finetune.bench import demo
+    monkeypatch.setattr(demo, "run_benchmark", lambda *args: pytest.fail("trained before checking --out"))
+    (tmp_path / "file").write_text("not a folder")
+    assert "cannot write to --out" in cli_error(capsys, ["demo", "--quick", "--out", str(tmp_path / "file" / "out")])
 
 
 def test_extension_adds_a_term_and_stays_out_of_the_default_methods():

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 from timm.models import save_for_hf
 
-from conftest import TINY_MODELS, tiny_model
+from conftest import TINY_MODELS, cli_error, tiny_model
 from relevance_finetune import evaluate as ev
 from relevance_finetune.cli import main
 
@@ -327,9 +327,9 @@ def test_evaluate_shortcuts_command(data_root, weights, tmp_path):
     assert "| IN-W gap |" in markdown and "| BG-gap | " in markdown and "| Carton gap |" in markdown
 
 
-def test_evaluate_command_rejects_bad_dataset_dir(weights, tmp_path):
-    with pytest.raises(ValueError, match="NAME=PATH"):
-        main(["evaluate", "--model", weights["model"], "--dataset-dir", "nowhere", "--out", str(tmp_path)])
+def test_evaluate_command_rejects_bad_dataset_dir(weights, tmp_path, capsys):
+    assert "NAME=PATH" in cli_error(
+        capsys, ["evaluate", "--model", weights["model"], "--dataset-dir", "nowhere", "--out", str(tmp_path)])
 
 
 def test_probes_reexport_is_lazy():

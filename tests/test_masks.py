@@ -377,7 +377,7 @@ def make_images(root, sizes=((40, 30), (33, 50), (32, 32), (45, 41), (60, 20))):
 
 
 def masks_command(dino_dir, images, out, *extra):
-    return main(["masks", "--method", "tokencut", "--model", f"local-dir:{dino_dir}", "--pretrained",
+    return main(["masks", "--debug", "--method", "tokencut", "--model", f"local-dir:{dino_dir}", "--pretrained",
                  "--images", str(images), "--out", str(out), "--workers", "0", "--batch-size", "2",
                  "--min-pixels", "0", *extra])
 

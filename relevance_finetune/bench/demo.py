@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import json
 import multiprocessing
-import os
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import __version__
+from .._files import atomic_path, write_text_atomic
 from .runner import (DEFAULT_METHODS, METHODS, BenchConfig, config_dict, create_original, make_data, normalize,
                      run_seed, train_original)
 from .synthetic import CLASS_NAMES, FAMILIES
@@ -112,12 +112,6 @@ def markdown_tables(methods: dict[str, Any]) -> str:
     return "\n\n".join(tables) + "\n\nChosen learning rates per seed: " + "; ".join(learning_rates) + ".\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
-
-
 def _shown_method(seed_result: dict[str, Any]) -> str:
     """The finetuned model the figure and the export show: the recommended recipe when it ran."""
     return next(name for name in ("recommended", "ours", *seed_result["models"]) if name in seed_result["models"]
@@ -154,7 +148,7 @@ def write_reports(out: Path, families: dict[str, dict[str, Any]], note: str = ""
     """Write ``results.json`` and ``results.md`` from each family's results (``_family_results``);
     one family keeps the flat schema, several go under ``"families"``. Returns the results."""
     results = next(iter(families.values())) if len(families) == 1 else {"families": families}
-    _write_atomic(out / "results.json", json.dumps(results, indent=2))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     text = ["# relevance-finetune demo\n", note] if note else ["# relevance-finetune demo\n"]
     for name, family in families.items():
         seeds = family["seeds"]
@@ -163,7 +157,7 @@ def write_reports(out: Path, families: dict[str, dict[str, Any]], note: str = ""
                     "row: the change vs the same seed's original, mean ± std over seeds.\n\n"
                     + markdown_tables(family["methods"]))
     text.append("Columns:\n\n" + "\n".join(f"- {line}" for line in COLUMNS) + "\n")
-    _write_atomic(out / "results.md", "\n".join(text))
+    write_text_atomic(out / "results.md", "\n".join(text))
     return results
 
 
@@ -181,9 +175,9 @@ def _seed_result(config: BenchConfig, seed: int, cache: Path, threads: int | Non
     results_path, model_path = _seed_paths(config, seed, cache)
     if not (results_path.is_file() and model_path.is_file()):
         result = run_seed(config, seed, cache)
-        save_file(result["models"][_shown_method(result)].state_dict(), str(model_path) + ".tmp")
-        os.replace(str(model_path) + ".tmp", model_path)
-        _write_atomic(results_path, json.dumps({k: v for k, v in result.items() if k not in ("models", "samples")}))
+        with atomic_path(model_path) as temporary:
+            save_file(result["models"][_shown_method(result)].state_dict(), str(temporary))
+        write_text_atomic(results_path, json.dumps({k: v for k, v in result.items() if k not in ("models", "samples")}))
     return config.family
 
 
@@ -263,6 +257,11 @@ def run(args: argparse.Namespace) -> int:
     seeds = args.seeds if args.seeds is not None else (3 if args.full else 1)
     if seeds < 1 or args.jobs < 1:
         raise SystemExit("--seeds and --jobs must be at least 1")
+    try:  # before any training: a read-only --out would only fail once the models are trained
+        args.out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.out).close()
+    except OSError as error:
+        raise PermissionError(f"cannot write to --out {args.out} ({error.strerror}): choose another folder") from error
     if args.threads:
         torch.set_num_threads(args.threads)
     families = FAMILIES if "all" in args.family else tuple(dict.fromkeys(args.family))
