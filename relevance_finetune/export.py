@@ -22,7 +22,7 @@ from timm.utils import unwrap_model
 from torch import nn
 
 from . import __version__
-from .models import create_model
+from .models import create_model, merge_model_kwargs
 from .train import TrainConfig, read_checkpoint_info
 
 __all__ = ["METADATA_KEY", "add_arguments", "export_checkpoint", "finetune_metadata", "load_finetuned", "run",
@@ -141,8 +141,8 @@ def export_checkpoint(
     name = model_name or config.get("model")
     if name is None:
         raise ValueError(f"{checkpoint} does not record its model: pass the timm model name (--model NAME)")
-    num_classes = config.get("num_classes")
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    kwargs = merge_model_kwargs(config.get("model_kwargs"), img_size=config.get("img_size"),
+                                num_classes=config.get("num_classes"))
     model = create_model(name, checkpoint=checkpoint, **kwargs)
     data_config = {"mean": _HALF, "std": _HALF} if config.get("normalization") == "half" else None
     return save_finetuned(model, out_dir, base_model=name, finetune_config=config, data_config=data_config)

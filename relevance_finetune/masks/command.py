@@ -19,7 +19,7 @@ from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
 from ..data import list_images, model_input_size, read_image, write_mask
-from ..models import create_model
+from ..models import add_model_arguments, create_model, merge_model_kwargs
 from .tokencut import last_block_keys, tokencut_partition, upsample_mask
 
 __all__ = ["add_arguments", "parse_shard", "run"]
@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "local-dir:DIR or hf-hub:ORG/NAME")
     parser.add_argument("--checkpoint", help="weights file (.safetensors or checkpoint) to load")
     parser.add_argument("--pretrained", action="store_true", help="load the model's pretrained weights")
+    add_model_arguments(parser)
     parser.add_argument("--images", required=True, type=Path, help="folder of <class>/<name>.<ext> images")
     parser.add_argument("--out", required=True, type=Path, help="output folder for <class>/<name>.png masks")
     parser.add_argument("--min-pixels", type=int, default=520,
@@ -87,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     targets = [args.out / name / f"{path.stem}.png" for name, path in items]
     todo = [i for i, target in enumerate(targets) if not target.exists()]
 
-    model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                         **merge_model_kwargs(args.model_kwargs, img_size=args.img_size))
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun process
