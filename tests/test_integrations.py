@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import huggingface_hub
 import numpy as np
 import pytest
 import timm
@@ -13,12 +14,16 @@ import torch
 import yaml
 from PIL import Image
 from timm.data import resolve_model_data_config
+from timm.models._hub import generate_readme
 
-from conftest import tiny_images, tiny_model
+from conftest import TINY_MODELS, tiny_images, tiny_model
 from relevance_finetune import cli
+from relevance_finetune import export as export_module
 from relevance_finetune.data import model_data_config
+from relevance_finetune.export import PushError, finetune_metadata, save_finetuned
 from relevance_finetune.models import create_model, merge_model_kwargs, parse_model_kwarg
-from test_train import SyntheticMasked, write_masked_folder
+from relevance_finetune.train import TrainConfig, finetune
+from test_train import SyntheticMasked, config, one_thread, write_masked_folder  # noqa: F401 (one_thread: autouse)
 
 TINY_VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "depth=1", "embed_dim=32", "num_heads=2",
             "patch_size=8"]
@@ -81,3 +86,82 @@ def test_data_config_follows_the_size_the_model_was_built_for():
     model = tiny_model(img_size=48)
     assert resolve_model_data_config(model)["input_size"] != (3, 48, 48)  # timm's: the pretrained size
     assert model_data_config(model)["input_size"] == (3, 48, 48)
+
+
+# -- the model card and the Hub --------------------------------------------------------------------
+def train_run(tmp_path):
+    """A one-epoch run with validation on disk: its directory."""
+    run = tmp_path / "run"
+    finetune(tiny_model(num_classes=4), SyntheticMasked(4), SyntheticMasked(2, seed=1),
+             config(out=str(run), model="vit_tiny_patch16_224", model_kwargs=TINY_MODELS["vit_cls"][1], num_classes=4,
+                    data="data/train"))
+    return run
+
+
+def test_every_export_has_a_model_card(tmp_path):
+    out = save_finetuned(tiny_model(), tmp_path / "export", base_model="vit_tiny_patch16_224.augreg_in21k",
+                         finetune_config=TrainConfig(lambda_bg=1.5, data_format="imagenet-s", masks="ImageNetS919"),
+                         metrics={"epoch": 3, "train_loss": 0.5, "val_loss": 0.25, "val_accuracy": 0.75},
+                         evaluations={"robustness": "## robustness: vit\n\n| Run | A |\n|---|---|\n| after | 2.5 |\n"},
+                         probes={"object_only": 80.5, "background_only": 12.25})
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "README.md"}
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\ntags:\n") and "library_name: timm" in card
+    for expected in ("**Base model:** vit_tiny_patch16_224.augreg_in21k", "lambda_bg: 1.5", "method: ours",
+                     "ImageNet-S919 semi-supervised segmentation masks, 500 classes x 3 images per class",
+                     "**Validation metrics (epoch 3):**", "  - loss: 0.25", "  - accuracy: 0.75",
+                     "### robustness", "#### robustness: vit", "| after | 2.5 |", "| background_only | 12.25 |",
+                     "timm.create_model('local-dir:", "@inproceedings{chefer2022optimizing"):
+        assert expected in card, expected
+    bare = (save_finetuned(tiny_model(), tmp_path / "bare") / "README.md").read_text()
+    assert "**Base model:** vit_tiny_patch16_224" in bare and "**Run metrics:** not recorded" in bare
+    assert "No evaluation tables or reliance probes were given" in bare
+
+
+def test_export_command_writes_the_runs_metrics_tables_and_probes(tmp_path, capsys):
+    run = train_run(tmp_path)
+    (tmp_path / "robustness.md").write_text("## robustness: tiny\n\n| Run | ImageNet-A |\n|---|---|\n| after | 1.5 |\n")
+    (tmp_path / "probes.json").write_text(json.dumps({"full": 75.0, "object_only": 50.0}))
+    assert cli.main(["export", str(run / "best.safetensors"), "--out", str(tmp_path / "export"), "--evaluation",
+                     str(tmp_path / "robustness.md"), "--probes", str(tmp_path / "probes.json")]) == 0
+    assert "README.md" in capsys.readouterr().out
+    card = (tmp_path / "export" / "README.md").read_text()
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"  - loss: {record['val_loss']:.4g}" in card and "**Validation metrics (epoch 1):**" in card
+    assert "the mask folder `train/masks`" in card and "| after | 1.5 |" in card and "| object_only | 50 |" in card
+    with pytest.raises(FileNotFoundError, match="model card input not found"):
+        cli.main(["export", str(run / "best.safetensors"), "--out", str(tmp_path / "x"), "--probes", "nothing.json"])
+
+
+def test_push_goes_through_timm_with_the_local_card(tmp_path, monkeypatch):
+    pushed = {}
+    monkeypatch.setattr(export_module, "push_to_hf_hub", lambda model, repo_id, **kwargs: pushed.update(
+        kwargs, repo_id=repo_id))
+    out = save_finetuned(tiny_model(), tmp_path / "export", finetune_config={"lr": 1e-5},
+                         data_config={"mean": (0.5,) * 3, "std": (0.5,) * 3}, push_to_hub="someone/tiny-vit",
+                         private=True)
+    assert pushed["repo_id"] == "someone/tiny-vit" and pushed["private"] and pushed["safe_serialization"] is True
+    assert pushed["model_config"] == {"relevance_finetune": finetune_metadata(out)}
+    assert pushed["data_config"] == {"mean": (0.5,) * 3, "std": (0.5,) * 3}
+    # the Hub's README.md (timm writes it from the card) is the local one
+    assert generate_readme(pushed["model_card"], "tiny-vit") == (out / "README.md").read_text()
+    assert "timm.create_model('hf-hub:someone/tiny-vit'" in (out / "README.md").read_text()
+    with pytest.raises(ValueError, match="someone/bad/id"):
+        save_finetuned(tiny_model(), tmp_path / "never", push_to_hub="someone/bad/id")
+    assert not (tmp_path / "never").exists()
+
+
+def test_push_without_network_is_one_line_after_a_complete_export(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    run = train_run(tmp_path)
+    out = tmp_path / "export"
+    assert cli.main(["export", str(run / "last.safetensors"), "--out", str(out), "--push-to-hub", "someone/tiny"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("relevance-finetune export: error: could not push to the Hub repository 'someone/tiny'")
+    assert err.count("\n") == 1 and f"the export in {out} is complete" in err
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "README.md"}
+    assert timm.create_model(f"local-dir:{out}", pretrained=True).num_classes == 4
+    with pytest.raises(PushError, match="could not push"):
+        save_finetuned(tiny_model(), tmp_path / "again", push_to_hub="someone/tiny")
+    assert (tmp_path / "again" / "README.md").is_file()
