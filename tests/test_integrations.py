@@ -17,7 +17,7 @@ from timm.data import resolve_model_data_config
 from timm.models._hub import generate_readme
 
 from conftest import TINY_MODELS, tiny_images, tiny_model
-from relevance_finetune import cli
+from relevance_finetune import UnsupportedModelError, attach_gae, cli
 from relevance_finetune import export as export_module
 from relevance_finetune.data import model_data_config
 from relevance_finetune.export import PushError, finetune_metadata, save_finetuned
@@ -165,3 +165,16 @@ def test_push_without_network_is_one_line_after_a_complete_export(tmp_path, monk
     with pytest.raises(PushError, match="could not push"):
         save_finetuned(tiny_model(), tmp_path / "again", push_to_hub="someone/tiny")
     assert (tmp_path / "again" / "README.md").is_file()
+
+
+# -- NaFlexVit -------------------------------------------------------------------------------------
+NAFLEX = ["--model", "naflexvit_base_patch16_gap", "--model-kwargs", "depth=1", "embed_dim=32", "num_heads=2"]
+
+
+def test_naflexvit_is_refused_with_the_reason(tmp_path, capsys):
+    pytest.importorskip("timm.models.naflexvit")
+    model = timm.create_model("naflexvit_base_patch16_gap", pretrained=False, depth=1, embed_dim=32, num_heads=2)
+    with pytest.raises(UnsupportedModelError, match=r"^NaFlexVit is not supported: .*\(patch_coord, patch_valid\)"):
+        attach_gae(model)
+    assert cli.main(["train", *NAFLEX, "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "cannot finetune naflexvit_base_patch16_gap: NaFlexVit is not supported" in capsys.readouterr().err
