@@ -4,26 +4,33 @@ gradient checkpointing), each on a tiny random-weight model on the CPU."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+from pathlib import Path
 
 import huggingface_hub
 import numpy as np
 import pytest
 import timm
 import torch
+import torch.multiprocessing as mp
 import yaml
 from PIL import Image
 from timm.data import resolve_model_data_config
 from timm.models._hub import generate_readme
 
 from conftest import TINY_MODELS, tiny_images, tiny_model
-from relevance_finetune import UnsupportedModelError, attach_gae, cli
+from relevance_finetune import RelevanceRegularizer, UnsupportedModelError, attach_gae, cli
 from relevance_finetune import export as export_module
 from relevance_finetune.data import model_data_config
 from relevance_finetune.export import PushError, finetune_metadata, save_finetuned
 from relevance_finetune.models import create_model, merge_model_kwargs, parse_model_kwarg
 from relevance_finetune.train import TrainConfig, finetune
-from test_train import SyntheticMasked, config, one_thread, write_masked_folder  # noqa: F401 (one_thread: autouse)
+from test_train import SyntheticMasked, config, free_port, one_thread, write_masked_folder  # noqa: F401 (autouse)
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "depth=1", "embed_dim=32", "num_heads=2",
             "patch_size=8"]
@@ -178,3 +185,158 @@ def test_naflexvit_is_refused_with_the_reason(tmp_path, capsys):
         attach_gae(model)
     assert cli.main(["train", *NAFLEX, "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     assert "cannot finetune naflexvit_base_patch16_gap: NaFlexVit is not supported" in capsys.readouterr().err
+
+
+# -- the recipes of docs/integrations.md -------------------------------------------------------------
+LR = 1e-3
+
+
+def adamw(parameters) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameters, lr=LR, weight_decay=1e-4)
+
+
+def sgd(parameters) -> torch.optim.Optimizer:
+    """For comparisons across processes: Adam's first step turns float noise in a zero gradient into
+    a step of up to ``lr`` (the key bias has no gradient), SGD keeps it noise."""
+    return torch.optim.SGD(parameters, lr=0.1)
+
+
+def full_batch():
+    images, masks, labels = (torch.stack([torch.as_tensor(s[i]) for s in SyntheticMasked(4)]) for i in range(3))
+    return images, masks, labels
+
+
+def plain_step(model: torch.nn.Module, optimizer=adamw) -> torch.nn.Module:
+    """The README's drop-in loop, one step on the full batch: what every recipe must equal."""
+    images, masks, labels = full_batch()
+    optimizer = optimizer(model.parameters())
+    with attach_gae(model) as gae:
+        RelevanceRegularizer(gae)(model(images), masks, labels=labels).loss.backward()
+    optimizer.step()
+    return model
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, atol: float = 1e-6) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture
+def accelerate():
+    accelerate = pytest.importorskip("accelerate")
+    yield accelerate
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def accelerate_step(accelerate, optimizer=adamw, path: str | None = None) -> torch.nn.Module:
+    """The accelerate recipe, one step: attach to the bare model, then prepare."""
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = tiny_model(num_classes=4)
+    gae = attach_gae(model)  # before prepare(): the bare model's own attention modules
+    criterion = RelevanceRegularizer(gae)
+    optimizer = optimizer(model.parameters())
+    loader = DataLoader(SyntheticMasked(4), batch_size=4 // accelerator.num_processes)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    for images, masks, labels in loader:
+        out = criterion(model(images), masks, labels=labels)
+        accelerator.backward(out.loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        break
+    if path is not None and accelerator.is_main_process:
+        torch.save({"state": accelerator.unwrap_model(model).state_dict(), "wrapper": type(model).__name__,
+                    "processes": accelerator.num_processes}, path)
+    return accelerator.unwrap_model(model)
+
+
+def test_accelerate_one_process_takes_the_plain_step(accelerate):
+    assert_same_weights(accelerate_step(accelerate), plain_step(tiny_model(num_classes=4)))
+
+
+def accelerate_worker(rank: int, port: int, path: str) -> None:
+    """One of two processes started as torchrun starts them (its environment variables), gloo."""
+    import accelerate
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    accelerate_step(accelerate, sgd, path)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_accelerate_two_processes_take_the_one_process_step(accelerate, tmp_path):
+    path = str(tmp_path / "rank0.pt")
+    start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(accelerate_worker, args=(free_port(), path), nprocs=2, join=True, start_method=start_method)
+    saved = torch.load(path, weights_only=True)
+    assert saved["processes"] == 2 and saved["wrapper"] == "DistributedDataParallel"
+    distributed = tiny_model(num_classes=4)
+    distributed.load_state_dict(saved["state"])
+    assert_same_weights(distributed, plain_step(tiny_model(num_classes=4), sgd))
+
+
+def test_lightning_module_takes_the_plain_step_and_validates(tmp_path):
+    L = pytest.importorskip("lightning")
+    spec = importlib.util.spec_from_file_location("lightning_module", ROOT / "examples" / "lightning_module.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    torch.manual_seed(0)
+    module = example.RelevanceFinetune("vit_tiny_patch16_224", pretrained=False, lr=LR,
+                                       model_kwargs={**TINY_MODELS["vit_cls"][1], "num_classes": 4})
+    reference = tiny_model(num_classes=4)
+    reference.load_state_dict(module.model.state_dict())
+    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=tmp_path)
+    val_loader = DataLoader(SyntheticMasked(2, seed=1), batch_size=2)
+    trainer = L.Trainer(max_steps=1, num_sanity_val_steps=0, inference_mode=False, **options)
+    trainer.fit(module, DataLoader(SyntheticMasked(4), batch_size=4), val_loader)
+    assert_same_weights(module.model, plain_step(reference))
+    assert {"train/loss", "val/loss", "val/background"} <= set(trainer.callback_metrics)
+    with pytest.raises(RuntimeError, match="ran without gradients"):  # Lightning's default: inference mode
+        L.Trainer(**options).validate(module, val_loader, verbose=False)
+
+
+def test_compiled_model_takes_the_plain_step():
+    model = tiny_model(num_classes=4)
+    gae = attach_gae(model)  # before compiling: the hooks go on the model's own modules
+    compiled = torch.compile(model, backend="aot_eager")  # the recipe's default inductor needs minutes here
+    images, masks, labels = full_batch()
+    optimizer = adamw(model.parameters())
+    try:
+        RelevanceRegularizer(gae)(compiled(images), masks, labels=labels).loss.backward()
+        optimizer.step()
+    finally:
+        torch._dynamo.reset()
+    assert_same_weights(model, plain_step(tiny_model(num_classes=4)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_relevance_and_loss_follow_float32(dtype):
+    images, masks, labels = full_batch()
+    results = []
+    for autocast in (False, True):
+        model = tiny_model(num_classes=4)
+        with attach_gae(model) as gae:
+            with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+                logits = model(images)
+            out = RelevanceRegularizer(gae)(logits.float(), masks, labels=labels)
+            results.append((out.loss.detach(), gae.relevance(logits, labels).detach()))
+            out.loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    (loss32, relevance32), (loss, relevance) = results
+    assert relevance.dtype == torch.float32  # the rollout runs in float32 whatever the maps' dtype
+    assert torch.corrcoef(torch.stack([relevance.flatten(), relevance32.flatten()]))[0, 1] > 0.999
+    assert loss == pytest.approx(float(loss32), rel=0.02)
+
+
+def test_gradient_checkpointing_takes_the_same_step():
+    checkpointed = tiny_model(num_classes=4).train()
+    checkpointed.set_grad_checkpointing(True)
+    assert_same_weights(plain_step(checkpointed), plain_step(tiny_model(num_classes=4).train()), atol=0)
+    reentrant = pytest.importorskip("timm.layers").__dict__.get("set_reentrant_ckpt")
+    if reentrant is not None:  # older timm checkpoints reentrantly: the maps then carry no gradient
+        reentrant(True)
+        try:
+            with pytest.raises(RuntimeError, match="reentrant gradient checkpointing"):
+                plain_step(checkpointed)
+        finally:
+            reentrant(False)
