@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import timm
+from huggingface_hub.utils import validate_repo_id
 from timm.models import push_to_hf_hub
 from timm.models._hub import generate_readme
-from huggingface_hub.utils import validate_repo_id
 from timm.utils import unwrap_model
 from torch import nn
 
@@ -331,7 +331,8 @@ def _add_card_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evaluation", nargs="+", default=[], type=Path, metavar="FILE",
                         help="markdown tables for the model card (the <suite>.md files of `evaluate`)")
     parser.add_argument("--probes", type=Path, metavar="JSON",
-                        help="reliance-probe accuracies for the model card ({name: percent}, as reliance_probes returns)")
+                        help="reliance-probe accuracies for the model card: {name: percent}, as reliance_probes "
+                             "returns them")
     parser.add_argument("--push-to-hub", metavar="REPO_ID",
                         help="then push the export to this Hugging Face Hub repository (timm's push_to_hf_hub)")
     parser.add_argument("--private", action="store_true", help="make a new Hub repository private")

@@ -19,8 +19,9 @@ import yaml
 from PIL import Image
 from timm.data import resolve_model_data_config
 from timm.models._hub import generate_readme
+from torch.utils.data import DataLoader
 
-from conftest import TINY_MODELS, tiny_images, tiny_model
+from conftest import TINY_MODELS, tiny_model
 from relevance_finetune import RelevanceRegularizer, UnsupportedModelError, attach_gae, cli
 from relevance_finetune import export as export_module
 from relevance_finetune.data import model_data_config
@@ -28,7 +29,6 @@ from relevance_finetune.export import PushError, finetune_metadata, save_finetun
 from relevance_finetune.models import create_model, merge_model_kwargs, parse_model_kwarg
 from relevance_finetune.train import TrainConfig, finetune
 from test_train import SyntheticMasked, config, free_port, one_thread, write_masked_folder  # noqa: F401 (autouse)
-from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,8 +48,8 @@ def test_model_kwargs_are_read_as_timm_reads_them():
             parse_model_kwarg(bad)
 
 
-@pytest.mark.parametrize("command, required", [
-    ("train", []), ("masks", ["--images", "i", "--out", "o"]), ("evaluate", ["--out", "o"]), ("explain", ["i", "--out", "o"])])
+@pytest.mark.parametrize("command, required", [("train", []), ("masks", ["--images", "i", "--out", "o"]),
+                                               ("evaluate", ["--out", "o"]), ("explain", ["i", "--out", "o"])])
 def test_every_model_command_takes_model_kwargs_and_img_size(command, required, capsys):
     args = cli.build_parser(command).parse_args(
         [command, *required, "--model", "m", "--model-kwargs", "depth=1", "global_pool=avg", "--img-size", "48"])
