@@ -45,6 +45,7 @@ __all__ = [
     "class_indices",
     "imagenet_class_index",
     "list_images",
+    "model_data_config",
     "model_input_size",
     "paired_transforms",
     "read_binary_mask",
@@ -168,6 +169,11 @@ def model_input_size(model: nn.Module) -> tuple[int, int]:
     if img_size is not None:
         return tuple(int(s) for s in img_size)
     return tuple(resolve_model_data_config(model)["input_size"][1:])
+
+
+def model_data_config(model: nn.Module) -> dict:
+    """timm's data config of ``model`` (mean, std, crop, interpolation) at the size it was built for."""
+    return {**resolve_model_data_config(model), "input_size": (3, *model_input_size(model))}
 
 
 @dataclass(frozen=True)

@@ -35,14 +35,15 @@ import numpy as np
 import timm
 import torch
 from PIL import Image
-from timm.data import ImageNetInfo, create_transform, resolve_model_data_config
+from timm.data import ImageNetInfo, create_transform
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from .data import model_data_config
 from .gae import attach_gae
 from .metrics import DEFAULT_FRACTIONS, SegmentationMeter, area_under_curve, perturbation_curve
-from .models import create_model
+from .models import add_model_arguments, create_model, merge_model_kwargs
 
 __all__ = [
     "CARTON_CLASS",
@@ -432,7 +433,7 @@ def evaluate_robustness(
     num_classes = getattr(model, "num_classes", None)
     if num_classes != 1000:
         raise ValueError(f"robustness sets are scored on ImageNet-1k logits; the model has {num_classes} classes")
-    config = dict(data_config or resolve_model_data_config(model))
+    config = dict(data_config or model_data_config(model))
     transform = create_transform(**config, is_training=False)
     loader = _loader(_ImageFiles(eval_set, transform), batch_size, num_workers, max_images, seed)
     device = _device_of(model)
@@ -529,7 +530,7 @@ def evaluate_segmentation(
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    config = dict(data_config or resolve_model_data_config(model))
+    config = dict(data_config or model_data_config(model))
     if protocol == "paper":
         config["mean"] = config["std"] = PAPER_NORMALIZATION
     dataset = ImageNetSegmentation(path, config["input_size"][-2:], config["mean"], config["std"])
@@ -559,7 +560,7 @@ def evaluate_perturbation(
     Relevance is GAE for the predicted class; removed pixels are set to black (``-mean/std``
     after normalisation), as the reference zeroes them before normalising.
     """
-    config = dict(data_config or resolve_model_data_config(model))
+    config = dict(data_config or model_data_config(model))
     fill = [-m / s for m, s in zip(config["mean"], config["std"])]
     transform = create_transform(**config, is_training=False)
     loader = _loader(_ImageFiles(eval_set, transform), batch_size, num_workers, max_images, seed)
@@ -689,7 +690,7 @@ def evaluate_imagenet_w(
     ``carton_images``.
     """
     _require_imagenet_head(model, "ImageNet-W")
-    config = dict(data_config or resolve_model_data_config(model))
+    config = dict(data_config or model_data_config(model))
     transform = _Pair(create_transform(**config, is_training=False), watermark_transform(config))
     loader = _loader(_ImageFiles(eval_set, transform), batch_size, num_workers, max_images, seed)
     device = _device_of(model)
@@ -737,7 +738,7 @@ def evaluate_imagenet9(
     """
     from torchvision import transforms
     _require_imagenet_head(model, "ImageNet-9")
-    config = dict(data_config or resolve_model_data_config(model))
+    config = dict(data_config or model_data_config(model))
     transform = transforms.Compose([
         transforms.Resize(tuple(config["input_size"][-2:]),
                           interpolation=transforms.InterpolationMode(config.get("interpolation", "bilinear"))),
@@ -865,15 +866,17 @@ def find_weights(path: str | Path) -> Path:
     raise FileNotFoundError(f"no weights at {path}: expected a file, or a folder holding one of {WEIGHT_FILES}")
 
 
-def build_model(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> nn.Module:
+def build_model(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
+                **kwargs: Any) -> nn.Module:
     """``models.create_model`` with pretrained weights when the name has them and no checkpoint is given.
 
-    ``checkpoint`` may be a weights file, an export folder or a ``relevance-finetune train`` run folder.
+    ``checkpoint`` may be a weights file, an export folder or a ``relevance-finetune train`` run folder;
+    ``kwargs`` go to ``timm.create_model``.
     """
     pretrained = checkpoint is None and (
         name.startswith(("local-dir:", "hf-hub:")) or timm.is_model_pretrained(name))
     weights = None if checkpoint is None else find_weights(checkpoint)
-    return create_model(name, pretrained=pretrained, checkpoint=weights).to(device).eval()
+    return create_model(name, pretrained=pretrained, checkpoint=weights, **kwargs).to(device).eval()
 
 
 @dataclass
@@ -1060,6 +1063,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="any timm.create_model name, local-dir:DIR or hf-hub:ORG/NAME")
     parser.add_argument("--checkpoint", default=None, help="weights to load (.safetensors, checkpoint, or export dir)")
+    add_model_arguments(parser)
     parser.add_argument("--compare", default=None, metavar="PATH",
                         help="second weights for the same model: before/after columns")
     parser.add_argument("--labels", nargs=2, default=("before", "after"), metavar=("BEFORE", "AFTER"),
@@ -1082,7 +1086,8 @@ def run(args: argparse.Namespace) -> int:
         weights[args.labels[1]] = args.compare
     runs = {}
     for label, checkpoint in weights.items():
-        model = build_model(args.model, checkpoint, args.device)
+        model = build_model(args.model, checkpoint, args.device,
+                            **merge_model_kwargs(args.model_kwargs, img_size=args.img_size))
         runs[label] = run_suite(model, args.suite, options)
         del model
     out = Path(args.out)

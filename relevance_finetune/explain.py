@@ -16,12 +16,12 @@ from typing import Sequence
 
 import torch
 from PIL import Image
-from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_model_data_config
+from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset
 from torch import nn
 
-from .data import IMG_EXTENSIONS, imagenet_class_index, model_input_size, read_image
+from .data import IMG_EXTENSIONS, imagenet_class_index, model_data_config, read_image
 from .gae import UnsupportedModelError, attach_gae, normalize_relevance, upsample_relevance
-from .models import create_model, load_weights
+from .models import add_model_arguments, create_model, load_weights, merge_model_kwargs
 from .viz import before_after_grid, denormalize, prediction_title, save_overlay
 
 __all__ = [
@@ -141,7 +141,7 @@ def explain_images(
     architecture: ``out/compare_NNN.png`` grids of up to ``batch_size`` images, ``model`` in the
     "original" row and ``compare`` in the "finetuned" row.
     """
-    config = {**resolve_model_data_config(model), "input_size": (3, *model_input_size(model))}
+    config = model_data_config(model)
     transform = create_transform(**config)
     names = class_names(model)
     device = next(model.parameters()).device
@@ -175,6 +175,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="any timm.create_model name, local-dir:DIR or hf-hub:ORG/NAME")
     parser.add_argument("--pretrained", action="store_true", help="load the model name's pretrained weights")
     parser.add_argument("--checkpoint", help="weights to load into the model (.safetensors, checkpoint or export dir)")
+    add_model_arguments(parser)
     parser.add_argument("--compare", metavar="CHECKPOINT",
                         help="a second checkpoint of the same architecture: write before/after grids")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
@@ -186,7 +187,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load_models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module | None]:
     try:
-        model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+        model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                             **merge_model_kwargs(args.model_kwargs, img_size=args.img_size))
         attach_gae(model).remove()  # fail now, before any image is read, if GAE cannot explain it
         compare = None
         if args.compare is not None:

@@ -37,6 +37,13 @@ _UNSUPPORTED_ATTENTION = (
     "AttentionPoolLatent",  # 'map' pooling head
 )
 _SUPPORTED_POOLS = ("token", "avg")
+# Models refused whatever their attention, and why (docs/integrations.md#naflexvit).
+_UNSUPPORTED_MODELS = {
+    "NaFlexVit": "a NaFlex batch holds images of different sizes and aspect ratios as patch sequences padded "
+                 "to one length (patch_coord, patch_valid), so each image has its own relevance grid and the "
+                 "loss would need per-image masks on that grid with the padding left out; finetune a "
+                 "fixed-grid timm ViT instead (vit_*, with --img-size or dynamic_img_size=True)",
+}
 
 
 class UnsupportedModelError(TypeError):
@@ -356,6 +363,10 @@ class GAEHandle:
 
 
 def _readout_pool(model: nn.Module) -> str:
+    reason = _UNSUPPORTED_MODELS.get(type(model).__name__)
+    if reason is not None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not supported: {reason}. Supported attention: {_supported_names()}.")
     if not hasattr(model, "patch_embed"):
         raise UnsupportedModelError(
             f"{type(model).__name__} has no `patch_embed`: attach_gae supports timm vision "

@@ -3,21 +3,27 @@
 A model's *spec* (:func:`model_spec`) is what rebuilds it without its source: the timm
 architecture, the constructor arguments and the pretrained config (preprocessing, label names).
 Training checkpoints store it, so they stay usable after a ``local-dir:`` source moves.
+``--model-kwargs KEY=VALUE ...`` and ``--img-size N`` follow timm's own ``train.py``: each value is
+read as a Python literal where it parses (``depth=2``, ``drop_path_rate=0.1``, ``img_size=(224, 160)``)
+and kept as a string otherwise (``global_pool=avg``).
 """
 from __future__ import annotations
 
+import argparse
+import ast
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import timm
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-__all__ = ["CHECKPOINT_FORMAT", "TRAINER_STATE_PREFIX", "create_model", "create_model_from_spec", "load_weights",
-           "model_spec", "open_safetensors"]
+__all__ = ["CHECKPOINT_FORMAT", "TRAINER_STATE_PREFIX", "add_model_arguments", "create_model",
+           "create_model_from_spec", "load_weights", "merge_model_kwargs", "model_spec", "open_safetensors",
+           "parse_model_kwarg"]
 
 # The header of a training checkpoint (relevance_finetune.train): model tensors under their own
 # keys, optimiser/RNG tensors under TRAINER_STATE_PREFIX, JSON "info" with the architecture.
@@ -158,6 +164,10 @@ def create_model(
     """
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as error:
+        if not kwargs:
+            raise
+        raise ValueError(f"timm model {name!r} does not take the arguments {kwargs}: {error}") from error
     except RuntimeError as error:
         if "Unknown model" in str(error):
             raise ValueError(f"timm has no model named {name!r}") from error
@@ -169,3 +179,61 @@ def create_model(
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return model
+
+
+def parse_model_kwarg(item: str) -> tuple[str, Any]:
+    """``'KEY=VALUE'`` -> ``(KEY, value)``: a Python literal where ``VALUE`` parses, else the string.
+
+    The rule of timm's ``train.py --model-kwargs``. Raises ``argparse.ArgumentTypeError`` (the
+    command's one-line error) when there is no ``=`` or ``KEY`` is not a Python name.
+    """
+    key, sep, text = item.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a keyword of timm.create_model, got {item!r}")
+    try:
+        return key, ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return key, text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+class _KeyValues(argparse.Action):
+    """Collect the ``(key, value)`` pairs of :func:`parse_model_kwarg` into one dict."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, dict(values))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> None:
+    """Add ``--model-kwargs KEY=VALUE ...`` and ``--img-size N`` (``defaults``: e.g. ``default=SUPPRESS``)."""
+    parser.add_argument("--model-kwargs", nargs="*", type=parse_model_kwarg, action=_KeyValues, metavar="KEY=VALUE",
+                        **{"default": {}, **defaults},
+                        help="more timm.create_model arguments, as timm's train.py takes them "
+                             "(e.g. drop_path_rate=0.1 global_pool=avg)")
+    parser.add_argument("--img-size", type=_positive_int, metavar="N", **{"default": None, **defaults},
+                        help="build the model for N x N images (timm resamples pretrained position "
+                             "embeddings); the data follow the model")
+
+
+def merge_model_kwargs(model_kwargs: Mapping[str, Any] | None = None, **named: Any) -> dict[str, Any]:
+    """``model_kwargs`` with each of ``named`` (``img_size=``, ``num_classes=``) that is not None.
+
+    Raises ``ValueError`` when a name is given both ways with different values.
+    """
+    merged = dict(model_kwargs or {})
+    for key, value in named.items():
+        if value is None:
+            continue
+        if key in merged and merged[key] != value:
+            raise ValueError(f"{key} is given twice: {value!r}, and {merged[key]!r} in the model kwargs")
+        merged[key] = value
+    return merged

@@ -47,7 +47,8 @@ from .augment import BackgroundSwap
 from .data import ImageNetSDataset, MaskedCsvDataset, MaskedDataset, MaskedImageFolder, paired_transforms
 from .gae import UnsupportedModelError, attach_gae, explicit_attention
 from .losses import InputGradientRegularizer, RegularizerOutput, RelevanceRegularizer
-from .models import CHECKPOINT_FORMAT, TRAINER_STATE_PREFIX, create_model, model_spec, open_safetensors
+from .models import (CHECKPOINT_FORMAT, TRAINER_STATE_PREFIX, add_model_arguments, create_model,
+                     merge_model_kwargs, model_spec, open_safetensors)
 from .probes import replace_region
 
 __all__ = [
@@ -104,6 +105,8 @@ class TrainConfig:
     pretrained: bool = _option(False, "load the model's pretrained weights")
     checkpoint: str | None = _option(None, "weights to start from (.safetensors, checkpoint, export dir)")
     num_classes: int | None = _option(None, "replace the classifier (default: keep the model's)")
+    model_kwargs: dict = field(default_factory=dict, metadata={"help": "more timm.create_model arguments"})
+    img_size: int | None = _option(None, "build the model for this image size; the data follow the model")
     data: str | None = _option(
         None, "training data: a folder with images/ and masks/ (or the images folder, with --masks), "
               "a CSV manifest image,mask,label, or the ImageNet root (with --data-format imagenet-s)")
@@ -178,6 +181,12 @@ class TrainConfig:
             raise ValueError(f"need workers >= 0, lr > 0, temperature > 0 and 0 <= val_fraction < 1, got "
                              f"workers={self.workers}, lr={self.lr}, temperature={self.temperature}, "
                              f"val_fraction={self.val_fraction}")
+        if self.img_size is not None and self.img_size < 1:
+            raise ValueError(f"img_size must be positive, got {self.img_size}")
+        try:  # as the checkpoint will hold them: tuples become lists, so a resumed run compares equal
+            self.model_kwargs = json.loads(json.dumps(self.model_kwargs))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"model_kwargs must be JSON-serialisable: {error}") from None
         if self.pretrained and self.checkpoint is not None:
             raise ValueError("pass either pretrained or checkpoint, not both")
         if self.preset is not None and self.preset not in PRESETS:
@@ -762,7 +771,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``train`` flags: one per ``TrainConfig`` field, plus ``--config FILE``."""
     parser.add_argument("--config", metavar="FILE", help="TOML/YAML file of settings (keys as the flags); flags win")
     hints = typing.get_type_hints(TrainConfig)
+    add_model_arguments(parser, default=argparse.SUPPRESS)
     for f in dataclasses.fields(TrainConfig):
+        if f.name in ("model_kwargs", "img_size"):
+            continue
         kind, choices, _ = _field_kind(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         shown = "" if f.default in (None, False) else f" (default: {f.default})"
@@ -786,7 +798,8 @@ def run(args: argparse.Namespace) -> int:
         resuming = config.resume and (Path(config.out) / LAST).is_file()
         model = create_model(config.model, pretrained=config.pretrained and not resuming,
                              checkpoint=None if resuming else config.checkpoint,
-                             **({} if config.num_classes is None else {"num_classes": config.num_classes}))
+                             **merge_model_kwargs(config.model_kwargs, img_size=config.img_size,
+                                                  num_classes=config.num_classes))
         try:
             with build_criterion(model, config):
                 pass

@@ -32,7 +32,7 @@ def perturbed(model: torch.nn.Module) -> torch.nn.Module:
 def test_timm_loads_the_export_with_identical_logits(tmp_path, key):
     model = perturbed(tiny_model(key))
     out = save_finetuned(model, tmp_path / "export", base_model="tiny", finetune_config=TrainConfig(lr=1e-5))
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json"}
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "README.md"}
     images = tiny_images(model)
     with torch.no_grad():
         expected = model(images)

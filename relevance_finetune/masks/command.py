@@ -23,7 +23,7 @@ from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
 from ..data import list_images, model_input_size, read_image, write_mask
-from ..models import create_model
+from ..models import add_model_arguments, create_model, merge_model_kwargs
 from .bilateral import bilateral_refine
 from .tokencut import last_block_keys, tokencut_partition, upsample_mask
 
@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "local-dir:DIR or hf-hub:ORG/NAME")
     parser.add_argument("--checkpoint", help="weights file (.safetensors or checkpoint) to load")
     parser.add_argument("--pretrained", action="store_true", help="load the model's pretrained weights")
+    add_model_arguments(parser)
     parser.add_argument("--images", required=True, type=Path, help="folder of <class>/<name>.<ext> images")
     parser.add_argument("--out", required=True, type=Path, help="output folder for <class>/<name>.png masks")
     parser.add_argument("--refine", choices=["bilateral", "none"], default="bilateral",
@@ -128,7 +129,9 @@ def _as_list(batch: list[_Item]) -> list[_Item]:
 
 
 def _create_model(args: argparse.Namespace) -> torch.nn.Module:
-    kwargs = dict(dynamic_img_size=True) if args.resize == "aspect" else {}
+    kwargs = merge_model_kwargs(args.model_kwargs, img_size=args.img_size)
+    if args.resize == "aspect":
+        kwargs["dynamic_img_size"] = True
     try:
         return create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs)
     except TypeError as error:
