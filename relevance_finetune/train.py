@@ -657,15 +657,15 @@ def _newest_is_best(history: list[dict[str, Any]], config: TrainConfig) -> bool:
 
     ``"paper"``: lower validation loss. ``"reliance"``: among epochs whose validation accuracy is
     within ``max_val_drop`` points of the starting accuracy, lower background-only accuracy (ties:
-    higher accuracy)."""
+    higher accuracy, then the earlier epoch)."""
     if "val_loss" not in history[-1]:
         return False
     if config.select == "paper":
         return history[-1]["val_loss"] < min((r["val_loss"] for r in history[:-1]), default=float("inf"))
     floor = history[0]["val_start_accuracy"] - config.max_val_drop / 100
-    keys = [(r["val_background_only"], -r["val_accuracy"]) for r in history if r["val_accuracy"] >= floor]
+    earlier = [(r["val_background_only"], -r["val_accuracy"]) for r in history[:-1] if r["val_accuracy"] >= floor]
     newest = (history[-1]["val_background_only"], -history[-1]["val_accuracy"])
-    return history[-1]["val_accuracy"] >= floor and newest <= min(keys)
+    return history[-1]["val_accuracy"] >= floor and newest < min(earlier, default=(float("inf"),))
 
 
 def _start_outputs(out: Path, config: TrainConfig, history: list[dict[str, Any]]) -> None:
