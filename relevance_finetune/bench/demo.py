@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -249,13 +250,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "hour per family on 2 CPU cores)")
     scale.add_argument("--quick", action="store_true", help="a smoke test (about 2 minutes): its numbers mean nothing")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="(family, seed) runs in parallel processes, one thread each (default: 1)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="(family, seed) runs in parallel processes, one thread each (default: as many as "
+                             "there are runs, up to the CPU count)")
 
 
 def run(args: argparse.Namespace) -> int:
     seeds = args.seeds if args.seeds is not None else (3 if args.full else 1)
-    if seeds < 1 or args.jobs < 1:
+    if seeds < 1 or (args.jobs is not None and args.jobs < 1):
         raise SystemExit("--seeds and --jobs must be at least 1")
     try:  # before any training: a read-only --out would only fail once the models are trained
         args.out.mkdir(parents=True, exist_ok=True)
@@ -273,7 +275,8 @@ def run(args: argparse.Namespace) -> int:
                "nothing about the methods.**\n"
     if args.methods:
         config = replace(config, methods=tuple(args.methods))
-    results = run_benchmark(config, list(range(seeds)), args.out, families, note, args.jobs)
+    jobs = args.jobs or max(1, min(len(families) * seeds, os.cpu_count() or 1))
+    results = run_benchmark(config, list(range(seeds)), args.out, families, note, jobs)
     for family, report in (results["families"] if "families" in results else {families[0]: results}).items():
         print(f"\nShortcut family: {family}\n" + markdown_tables(report["methods"]))
     print("\n".join(["Columns (the original's row in percent, the others the change vs the original):",

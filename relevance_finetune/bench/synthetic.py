@@ -8,8 +8,9 @@ inside the object. Outside it lies a shortcut of one of ``num_classes`` values, 
 - ``hue``: the background's hue (with a random smooth brightness gradient);
 - ``texture``: the background's texture, oriented waves of a class-specific angle and period
   in a light and a dark random colour (their hue carries nothing);
-- ``mark``: a small symbol of class-specific shape and colour stamped somewhere on the
-  background, away from the object, like a watermark; the background hue is random.
+- ``mark``: a small plate of class-specific colour and symbol (a third of the image side)
+  stamped somewhere on the background, away from the object, like a watermark or a logo; the
+  background hue is random.
 
 In the biased training distribution the shortcut is the class's with probability ``p``; out of
 distribution it is independent of the class; adversarially it is always another class's. Exact
@@ -133,19 +134,23 @@ def _mark_pattern(index: int) -> Array:
 
 
 def _stamp(image: Array, mask: Array, index: int, num_classes: int, rng: np.random.Generator) -> Array:
-    """Stamp the mark of ``index`` (a 4x4 symbol in the class's hue, 1/4 of the image side) on the
-    background: at the candidate position of least overlap with the object, never over it."""
+    """Stamp the mark of ``index`` on the background: a plate a third of the image side in the
+    class's hue with the class's 4x4 symbol cut out in black, at the candidate position of least
+    overlap with the object, never over the object."""
     size = image.shape[-1]
-    cell = max(1, size // 16)
+    cell = max(1, size // 12)
     side = 4 * cell
     corners = rng.integers(0, size - side + 1, size=(16, 2))
     overlap = [mask[y:y + side, x:x + side].sum() for y, x in corners]
     y, x = corners[int(np.argmin(overlap))]
+    plate = np.zeros((size, size), bool)
+    plate[y:y + side, x:x + side] = True
     symbol = np.zeros((size, size), bool)
     symbol[y:y + side, x:x + side] = np.kron(_mark_pattern(index), np.ones((cell, cell), bool))
-    symbol &= ~mask
-    ink = 0.5 + 0.5 * np.cos(2 * np.pi * (index / num_classes + np.array([0.0, 1 / 3, 2 / 3])))
-    return np.where(symbol[None], ink[:, None, None], image)
+    colour = 0.5 + 0.5 * np.cos(2 * np.pi * (index / num_classes + np.array([0.0, 1 / 3, 2 / 3])))
+    marked = np.where(plate[None], colour[:, None, None], image)
+    marked = np.where(symbol[None], 0.0, marked)
+    return np.where(mask[None], image, marked)
 
 
 def _pattern(label: int, size: int, rng: np.random.Generator) -> Array:
