@@ -21,9 +21,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-__all__ = ["CHECKPOINT_FORMAT", "TRAINER_STATE_PREFIX", "add_model_arguments", "create_model",
-           "create_model_from_spec", "load_weights", "merge_model_kwargs", "model_spec", "open_safetensors",
-           "parse_model_kwarg"]
+__all__ = ["CHECKPOINT_FORMAT", "TRAINER_STATE_PREFIX", "WEIGHT_FILES", "add_model_arguments", "build_model",
+           "create_model", "create_model_from_spec", "find_weights", "load_weights", "merge_model_kwargs",
+           "model_spec", "open_safetensors", "parse_model_kwarg"]
 
 # The header of a training checkpoint (relevance_finetune.train): model tensors under their own
 # keys, optimiser/RNG tensors under TRAINER_STATE_PREFIX, JSON "info" with the architecture.
@@ -33,6 +33,8 @@ TRAINER_STATE_PREFIX = "trainer_state/"
 
 # pretrained_cfg entries that point at the source of the weights, not at the model
 _SOURCE_KEYS = ("file", "source", "url", "hf_hub_id", "hf_hub_filename", "state_dict")
+# what find_weights looks for in a folder: an export, a training run
+WEIGHT_FILES = ("model.safetensors", "best.safetensors")
 
 
 @contextlib.contextmanager
@@ -179,6 +181,30 @@ def create_model(
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return model
+
+
+def find_weights(path: str | Path) -> Path:
+    """``path`` itself for a file; in a folder, its ``model.safetensors`` or else ``best.safetensors``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"no weights at {path}: expected a file, or a folder holding one of {WEIGHT_FILES}")
+
+
+def build_model(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
+                **kwargs: Any) -> nn.Module:
+    """:func:`create_model` with pretrained weights when the name has them and no checkpoint is given.
+
+    ``checkpoint`` may be a weights file, an export folder or a ``relevance-finetune train`` run folder;
+    ``kwargs`` go to ``timm.create_model``.
+    """
+    pretrained = checkpoint is None and (
+        name.startswith(("local-dir:", "hf-hub:")) or timm.is_model_pretrained(name))
+    weights = None if checkpoint is None else find_weights(checkpoint)
+    return create_model(name, pretrained=pretrained, checkpoint=weights, **kwargs).to(device).eval()
 
 
 def parse_model_kwarg(item: str) -> tuple[str, Any]:
