@@ -11,40 +11,23 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import timm
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-__all__ = ["CHECKPOINT_FORMAT", "TRAINER_STATE_PREFIX", "WEIGHT_FILES", "add_model_arguments", "build_model",
-           "create_model", "create_model_from_spec", "find_weights", "load_weights", "merge_model_kwargs",
-           "model_spec", "open_safetensors", "parse_model_kwarg"]
+from .checkpoint import CHECKPOINT_FORMAT, TRAINER_STATE_PREFIX, open_safetensors
 
-# The header of a training checkpoint (relevance_finetune.train): model tensors under their own
-# keys, optimiser/RNG tensors under TRAINER_STATE_PREFIX, JSON "info" with the architecture.
-CHECKPOINT_FORMAT = "relevance_finetune.checkpoint"
-TRAINER_STATE_PREFIX = "trainer_state/"
-
+__all__ = ["WEIGHT_FILES", "add_model_arguments", "build_model", "create_model", "create_model_from_spec",
+           "find_weights", "load_weights", "merge_model_kwargs", "model_spec", "parse_model_kwarg"]
 
 # pretrained_cfg entries that point at the source of the weights, not at the model
 _SOURCE_KEYS = ("file", "source", "url", "hf_hub_id", "hf_hub_filename", "state_dict")
 # what find_weights looks for in a folder: an export, a training run
 WEIGHT_FILES = ("model.safetensors", "best.safetensors")
-
-
-@contextlib.contextmanager
-def open_safetensors(path: str | Path) -> Iterator[Any]:
-    """``safe_open(path)``; an unreadable (e.g. truncated) file raises ``ValueError`` naming it."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            yield f
-    except SafetensorError as error:
-        raise ValueError(f"cannot read {path}: {error} (truncated, or not a safetensors file)") from error
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
