@@ -29,8 +29,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from ..data import model_data_config
 from ..gae import attach_gae
+from ..images import model_data_config
 from ..metrics import DEFAULT_FRACTIONS, SegmentationMeter, area_under_curve, perturbation_curve
 from .datasets import (CARTON_CLASS, ROBUSTNESS_DATASETS, SHORTCUT_DATASETS, EvalSet, ImageNetSegmentation,
                        in9_superclasses, load_eval_set, load_imagenet9, load_wnid_folders, resolve_path)
