@@ -1,5 +1,9 @@
 """Model creation for the command line: any ``timm.create_model`` name plus optional weights.
 
+Every command turns ``--model`` / ``--checkpoint`` into a model here: :func:`create_model` (the name,
+pretrained or not, and a weights file) and :func:`build_model` (pretrained when no checkpoint is
+given; a checkpoint may be a training run or export folder, see :func:`find_weights`).
+
 A model's *spec* (:func:`model_spec`) is what rebuilds it without its source: the timm
 architecture, the constructor arguments and the pretrained config (preprocessing, label names).
 Training checkpoints store it, so they stay usable after a ``local-dir:`` source moves.

@@ -40,10 +40,10 @@ from . import __version__
 from . import recipes
 from ._files import atomic_path
 from .augment import BackgroundSwap
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import ImageNetSDataset, MaskedCsvDataset, MaskedDataset, MaskedImageFolder, paired_transforms
 from .gae import UnsupportedModelError, attach_gae, explicit_attention
 from .losses import InputGradientRegularizer, RegularizerOutput, RelevanceRegularizer
-from .checkpoint import load_checkpoint, save_checkpoint
 from .models import add_model_arguments, create_model, merge_model_kwargs, model_spec
 from .probes import replace_region
 
