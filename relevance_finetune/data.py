@@ -6,6 +6,10 @@ Every dataset yields ``(image, mask, label)``: a normalised float image (3, H, W
 - ``MaskedImageFolder``: ``images/<class>/<name>.<ext>`` with ``masks/<class>/<name>.png``;
 - ``MaskedCsvDataset``: a CSV manifest with the columns ``image,mask,label``;
 - ``ImageNetSDataset``: ImageNet-S masks paired with ImageNet training images (the paper's split).
+
+The file helpers (``read_image``, ``read_binary_mask``, ``write_mask``, ``list_images``) and the
+model's input size live in :mod:`relevance_finetune.images` and are re-exported here; ImageNet-S
+decoding lives in :mod:`relevance_finetune.imagenet_s`.
 """
 from __future__ import annotations
 
@@ -29,9 +33,9 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
-from ._files import atomic_path
-from .masks.imagenet_s import (
-    Merged, decode_imagenet_s_mask, imagenet_s_foreground, imagenet_s_split, read_categories)
+from .imagenet_s import Merged, decode_imagenet_s_mask, imagenet_s_foreground, imagenet_s_split, read_categories
+from .images import (IMG_EXTENSIONS, list_images, model_data_config, model_input_size, read_binary_mask, read_image,
+                     write_mask)
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -53,7 +57,6 @@ __all__ = [
     "write_mask",
 ]
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 REFERENCE_CROP_PCT = 224 / 256  # the reference resizes to 256 and crops 224
 _WNID = re.compile(r"n\d{8}")
 ClassIndex = Literal["auto", "folder", "imagenet"]
@@ -65,72 +68,6 @@ class Sample(NamedTuple):
     image: Path
     mask: Path
     label: int
-
-
-# -- files -------------------------------------------------------------------------------------
-def read_image(path: str | os.PathLike) -> Image.Image:
-    """The fully decoded RGB image at ``path``; ``ValueError`` naming the file if unreadable."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
-
-
-def read_binary_mask(path: str | os.PathLike) -> np.ndarray:
-    """A (H, W) bool mask from a single-channel PNG holding {0, 1} or {0, 255}.
-
-    Greyscale, palette and 1-bit PNGs are accepted, and RGB(A) ones whose colour channels are
-    equal. Raises ``ValueError`` naming the file for anything else.
-    """
-    try:
-        with Image.open(path) as image:
-            pixels = np.asarray(image)
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read mask {path}: {error}") from error
-    if pixels.ndim == 3:
-        if not (pixels[..., :3] == pixels[..., :1]).all():
-            raise ValueError(f"mask {path} is a colour image; expected one channel of 0/1 or 0/255")
-        pixels = pixels[..., 0]
-    if pixels.dtype == bool:
-        return pixels
-    values = set(np.unique(pixels).tolist())
-    if values <= {0, 1}:
-        return pixels == 1
-    if values <= {0, 255}:
-        return pixels == 255
-    shown = sorted(values)[:6]
-    raise ValueError(f"mask {path} holds values {shown}{'...' if len(values) > 6 else ''}; "
-                     "expected {0, 1} or {0, 255}")
-
-
-def write_mask(mask: np.ndarray, path: str | os.PathLike) -> None:
-    """Write a (H, W) bool mask as a 0/255 PNG atomically (temporary file, then ``os.replace``)."""
-    with atomic_path(path) as temporary:
-        Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255, mode="L").save(
-            temporary, format="PNG")
-
-
-def list_images(root: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENSIONS) -> dict[str, list[Path]]:
-    """Images of a ``<root>/<class>/<name>.<ext>`` tree: class folder -> sorted image paths.
-
-    Every class folder is listed (an empty one maps to ``[]``). Raises ``FileNotFoundError`` if
-    ``root`` is missing and ``ValueError`` if it holds no class folders.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise ValueError(f"{root} holds no class folders; expected {root}/<class>/<name>.<ext>")
-    suffixes = tuple(e.lower() for e in extensions)
-    return {folder.name: sorted(p for p in folder.iterdir()
-                                if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("."))
-            for folder in folders}
 
 
 # -- class indices -----------------------------------------------------------------------------
@@ -163,19 +100,6 @@ def class_indices(names: Sequence[str], class_index: ClassIndex = "auto") -> dic
 
 
 # -- transforms --------------------------------------------------------------------------------
-def model_input_size(model: nn.Module) -> tuple[int, int]:
-    """(H, W) the model was built for: ``patch_embed.img_size``, else its timm data config."""
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img_size is not None:
-        return tuple(int(s) for s in img_size)
-    return tuple(resolve_model_data_config(model)["input_size"][1:])
-
-
-def model_data_config(model: nn.Module) -> dict:
-    """timm's data config of ``model`` (mean, std, crop, interpolation) at the size it was built for."""
-    return {**resolve_model_data_config(model), "input_size": (3, *model_input_size(model))}
-
-
 @dataclass(frozen=True)
 class PairedTransform:
     """Resize, crop and flip an image and its mask with the same parameters, then normalise.
@@ -472,7 +396,7 @@ class ImageNetSDataset(MaskedDataset):
     categories_file:
         ``ImageNetS_categories_im919.txt``; when given, a mask must hold its own class id.
     num_classes, images_per_class, val_per_class, class_seed, exclude, merged, list_file:
-        See :func:`relevance_finetune.masks.imagenet_s.imagenet_s_split`.
+        See :func:`relevance_finetune.imagenet_s.imagenet_s_split`.
 
     Labels are ImageNet-1k indices of the image's wnid.
     """

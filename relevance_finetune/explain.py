@@ -19,8 +19,9 @@ from PIL import Image
 from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset
 from torch import nn
 
-from .data import IMG_EXTENSIONS, imagenet_class_index, model_data_config, read_image
+from .data import imagenet_class_index
 from .gae import UnsupportedModelError, attach_gae, normalize_relevance, upsample_relevance
+from .images import IMG_EXTENSIONS, model_data_config, read_image
 from .models import add_model_arguments, create_model, load_weights, merge_model_kwargs
 from .viz import before_after_grid, denormalize, prediction_title, save_overlay
 

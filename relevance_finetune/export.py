@@ -28,8 +28,8 @@ from timm.utils import unwrap_model
 from torch import nn
 
 from . import __version__
+from .checkpoint import read_checkpoint_info
 from .models import create_model, create_model_from_spec, load_weights, merge_model_kwargs
-from .train import TrainConfig, read_checkpoint_info
 
 __all__ = ["METADATA_KEY", "PushError", "add_arguments", "export_checkpoint", "finetune_metadata", "load_finetuned",
            "model_card", "run", "save_finetuned"]
@@ -208,7 +208,7 @@ def save_finetuned(
         model: nn.Module,
         out_dir: str | os.PathLike,
         base_model: str | None = None,
-        finetune_config: TrainConfig | Mapping[str, Any] | None = None,
+        finetune_config: Any = None,
         data_config: Mapping[str, Any] | None = None,
         overwrite: bool = True,
         *,
@@ -233,8 +233,8 @@ def save_finetuned(
         the architecture alone, since ``model.pretrained_cfg`` names its tag whether or not those
         weights were loaded).
     finetune_config:
-        The run's settings (a ``TrainConfig`` or a JSON-serialisable mapping); its ``lambda_*``
-        entries are also listed under ``lambdas``.
+        The run's settings (a dataclass such as ``TrainConfig``, or a JSON-serialisable mapping);
+        its ``lambda_*`` entries are also listed under ``lambdas``.
     data_config:
         Preprocessing to record instead of the model's own (e.g. ``mean``/``std`` used in training).
     overwrite:

@@ -1,5 +1,9 @@
 """Model creation for the command line: any ``timm.create_model`` name plus optional weights.
 
+Every command turns ``--model`` / ``--checkpoint`` into a model here: :func:`create_model` (the name,
+pretrained or not, and a weights file) and :func:`build_model` (pretrained when no checkpoint is
+given; a checkpoint may be a training run or export folder, see :func:`find_weights`).
+
 A model's *spec* (:func:`model_spec`) is what rebuilds it without its source: the timm
 architecture, the constructor arguments and the pretrained config (preprocessing, label names).
 Training checkpoints store it, so they stay usable after a ``local-dir:`` source moves.
@@ -11,38 +15,23 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import timm
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-__all__ = ["CHECKPOINT_FORMAT", "TRAINER_STATE_PREFIX", "add_model_arguments", "create_model",
-           "create_model_from_spec", "load_weights", "merge_model_kwargs", "model_spec", "open_safetensors",
-           "parse_model_kwarg"]
+from .checkpoint import CHECKPOINT_FORMAT, TRAINER_STATE_PREFIX, open_safetensors
 
-# The header of a training checkpoint (relevance_finetune.train): model tensors under their own
-# keys, optimiser/RNG tensors under TRAINER_STATE_PREFIX, JSON "info" with the architecture.
-CHECKPOINT_FORMAT = "relevance_finetune.checkpoint"
-TRAINER_STATE_PREFIX = "trainer_state/"
-
+__all__ = ["WEIGHT_FILES", "add_model_arguments", "build_model", "create_model", "create_model_from_spec",
+           "find_weights", "load_weights", "merge_model_kwargs", "model_spec", "parse_model_kwarg"]
 
 # pretrained_cfg entries that point at the source of the weights, not at the model
 _SOURCE_KEYS = ("file", "source", "url", "hf_hub_id", "hf_hub_filename", "state_dict")
-
-
-@contextlib.contextmanager
-def open_safetensors(path: str | Path) -> Iterator[Any]:
-    """``safe_open(path)``; an unreadable (e.g. truncated) file raises ``ValueError`` naming it."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            yield f
-    except SafetensorError as error:
-        raise ValueError(f"cannot read {path}: {error} (truncated, or not a safetensors file)") from error
+# what find_weights looks for in a folder: an export, a training run
+WEIGHT_FILES = ("model.safetensors", "best.safetensors")
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
@@ -179,6 +168,30 @@ def create_model(
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return model
+
+
+def find_weights(path: str | Path) -> Path:
+    """``path`` itself for a file; in a folder, its ``model.safetensors`` or else ``best.safetensors``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"no weights at {path}: expected a file, or a folder holding one of {WEIGHT_FILES}")
+
+
+def build_model(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
+                **kwargs: Any) -> nn.Module:
+    """:func:`create_model` with pretrained weights when the name has them and no checkpoint is given.
+
+    ``checkpoint`` may be a weights file, an export folder or a ``relevance-finetune train`` run folder;
+    ``kwargs`` go to ``timm.create_model``.
+    """
+    pretrained = checkpoint is None and (
+        name.startswith(("local-dir:", "hf-hub:")) or timm.is_model_pretrained(name))
+    weights = None if checkpoint is None else find_weights(checkpoint)
+    return create_model(name, pretrained=pretrained, checkpoint=weights, **kwargs).to(device).eval()
 
 
 def parse_model_kwarg(item: str) -> tuple[str, Any]:

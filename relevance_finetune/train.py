@@ -4,10 +4,8 @@
 samples (image (3, H, W), mask (1, H, W) in [0, 1], int label). Under ``torchrun`` it runs
 DistributedDataParallel; ``config.batch_size`` is always the global batch.
 
-A checkpoint is one ``.safetensors`` file: the model's state dict under its own keys (read by
-:func:`relevance_finetune.models.load_weights`), the optimiser, schedule, grad-scaler and RNG
-tensors under ``trainer_state/``, and JSON in the header (the structure of that state, the epoch,
-the config, the metrics history). Loading never unpickles.
+Each epoch writes ``last.safetensors`` (with the trainer state, for an exact resume) and, when it
+is the best so far, ``best.safetensors``, in the format of :mod:`relevance_finetune.checkpoint`.
 """
 from __future__ import annotations
 
@@ -32,23 +30,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
-from timm.utils import unwrap_model
 from tqdm import tqdm
 
 from . import __version__
 from . import recipes
 from ._files import atomic_path
 from .augment import BackgroundSwap
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import ImageNetSDataset, MaskedCsvDataset, MaskedDataset, MaskedImageFolder, paired_transforms
 from .gae import UnsupportedModelError, attach_gae, explicit_attention
 from .losses import InputGradientRegularizer, RegularizerOutput, RelevanceRegularizer
-from .models import (CHECKPOINT_FORMAT, TRAINER_STATE_PREFIX, add_model_arguments, create_model,
-                     merge_model_kwargs, model_spec, open_safetensors)
+from .models import add_model_arguments, create_model, merge_model_kwargs, model_spec
 from .probes import replace_region
 
 __all__ = [
@@ -57,12 +53,9 @@ __all__ = [
     "add_arguments",
     "build_criterion",
     "finetune",
-    "load_checkpoint",
-    "read_checkpoint_info",
     "read_config_file",
     "resolve_config",
     "run",
-    "save_checkpoint",
 ]
 
 _log = logging.getLogger(__name__)
@@ -271,79 +264,6 @@ def resolve_config(flags: dict[str, Any] | None = None, config_file: str | Path 
     preset = flags.get("preset", file_values.get("preset"))  # an unknown one fails in TrainConfig
     recipe = _recipe_settings(flags.get("recipe", file_values.get("recipe")))
     return TrainConfig(**{**PRESETS.get(preset, {}), **recipe, **file_values, **flags})
-
-
-# -- checkpoints -----------------------------------------------------------------------------------
-def _encode(value: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
-    """JSON skeleton of nested dicts/lists/tuples; tensors move to ``tensors`` under ``key``."""
-    if isinstance(value, torch.Tensor):
-        tensors[key] = value.detach().cpu().contiguous()
-        return {"tensor": key}
-    if isinstance(value, dict):
-        return {"dict": [[k, _encode(v, tensors, f"{key}/{i}")] for i, (k, v) in enumerate(value.items())]}
-    if isinstance(value, (list, tuple)):
-        kind = "list" if isinstance(value, list) else "tuple"
-        return {kind: [_encode(v, tensors, f"{key}/{i}") for i, v in enumerate(value)]}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"cannot store a {type(value).__name__} at {key!r} in a checkpoint")
-
-
-def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if not isinstance(node, dict):
-        return node
-    ((kind, value),) = node.items()
-    if kind == "tensor":
-        return tensors[value]
-    if kind == "dict":
-        return {k: _decode(v, tensors) for k, v in value}
-    items = [_decode(v, tensors) for v in value]
-    return items if kind == "list" else tuple(items)
-
-
-def save_checkpoint(
-        path: str | Path,
-        model: nn.Module,
-        info: dict[str, Any],
-        trainer_state: dict[str, Any] | None = None,
-) -> None:
-    """Write ``model``'s weights (unwrapped from DDP), ``info`` (JSON) and optionally ``trainer_state``
-    to one file, atomically.
-
-    ``trainer_state`` is any nesting of dicts, lists, tuples, tensors and JSON scalars
-    (optimiser and scheduler state dicts, RNG states).
-    """
-    tensors = {k: v.detach().cpu().contiguous() for k, v in unwrap_model(model).state_dict().items()}
-    metadata = {"format": CHECKPOINT_FORMAT, "info": json.dumps(info)}
-    if trainer_state is not None:
-        metadata["trainer_state"] = json.dumps(_encode(trainer_state, tensors, TRAINER_STATE_PREFIX.rstrip("/")))
-    with atomic_path(Path(path)) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-
-
-def read_checkpoint_info(path: str | Path) -> dict[str, Any] | None:
-    """The JSON ``info`` of a checkpoint (epoch, architecture, config, history), or None for other files."""
-    path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file():
-        return None
-    with open_safetensors(path) as f:
-        metadata = f.metadata() or {}
-    return json.loads(metadata["info"]) if metadata.get("format") == CHECKPOINT_FORMAT else None
-
-
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
-    """Read a checkpoint of :func:`save_checkpoint`: ``(model_state, info, trainer_state or None)``."""
-    path = Path(path)
-    with open_safetensors(path) as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a relevance-finetune checkpoint (no {CHECKPOINT_FORMAT!r} header)")
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    model_state = {k: v for k, v in tensors.items() if not k.startswith(TRAINER_STATE_PREFIX)}
-    trainer_state = None
-    if "trainer_state" in metadata:
-        trainer_state = _decode(json.loads(metadata["trainer_state"]), tensors)
-    return model_state, json.loads(metadata["info"]), trainer_state
 
 
 # -- randomness ------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from timm.models import save_for_hf
 from conftest import TINY_MODELS, cli_error, tiny_model
 from relevance_finetune import evaluate as ev
 from relevance_finetune.cli import main
+from relevance_finetune.evaluate.datasets import _subset_indices
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 A_WNIDS = ev.imagenet_synsets()[6], ev.imagenet_synsets()[11]  # first two ImageNet-A classes
@@ -100,7 +101,7 @@ def data_root(tmp_path_factory) -> Path:
     for wnid in A_WNIDS:
         _write_images(root / "imagenet-a" / wnid, 2)
     (root / "imagenet-a/README.txt").write_text("ImageNet-A")
-    r_wnids = [ev.imagenet_synsets()[i] for i in ev._subset_indices("r")[:2]]
+    r_wnids = [ev.imagenet_synsets()[i] for i in _subset_indices("r")[:2]]
     for wnid in r_wnids:
         _write_images(root / "imagenet-r" / wnid, 1)
     for index in ("0", "2", "10"):
@@ -330,11 +331,6 @@ def test_evaluate_shortcuts_command(data_root, weights, tmp_path):
 def test_evaluate_command_rejects_bad_dataset_dir(weights, tmp_path, capsys):
     assert "NAME=PATH" in cli_error(
         capsys, ["evaluate", "--model", weights["model"], "--dataset-dir", "nowhere", "--out", str(tmp_path)])
-
-
-def test_probes_reexport_is_lazy():
-    with pytest.raises(AttributeError):
-        ev.no_such_probe  # noqa: B018
 
 
 # -- the table scripts -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from conftest import tiny_images, tiny_model
 from relevance_finetune import RelevanceRegularizer, attach_gae, recipes
 from relevance_finetune import train as train_module
 from relevance_finetune.augment import BackgroundSwap
+from relevance_finetune.checkpoint import read_checkpoint_info
 from relevance_finetune.train import TrainConfig, finetune, resolve_config
 from test_train import SyntheticMasked
 
@@ -113,7 +114,7 @@ def test_reliance_selection_records_and_keeps_the_rule_s_epoch(tmp_path):
                        _config(tmp_path, epochs=3, select="reliance", max_val_drop=100.0))
     assert all({"val_background_only", "val_start_accuracy", "val_start_background_only"} <= set(r) for r in history)
     best = min(history, key=lambda r: (r["val_background_only"], -r["val_accuracy"]))
-    info = train_module.read_checkpoint_info(tmp_path / "best.safetensors")
+    info = read_checkpoint_info(tmp_path / "best.safetensors")
     assert info["epoch"] == best["epoch"]
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2, 3]

@@ -19,9 +19,10 @@ from torch.utils.data import Dataset
 from conftest import cli_error, tiny_model
 from relevance_finetune import UnsupportedModelError, cli
 from relevance_finetune import train as train_module
+from relevance_finetune import checkpoint as checkpoint_module
+from relevance_finetune.checkpoint import load_checkpoint, save_checkpoint
 from relevance_finetune.models import load_weights
-from relevance_finetune.train import (
-    PRESETS, TrainConfig, finetune, load_checkpoint, read_config_file, resolve_config, save_checkpoint)
+from relevance_finetune.train import PRESETS, TrainConfig, finetune, read_config_file, resolve_config
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -153,7 +154,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
             f.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "save_file", crash)
+    monkeypatch.setattr(checkpoint_module, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, tiny_model(seed=3), {"epoch": 2})
     _, info, _ = load_checkpoint(path)

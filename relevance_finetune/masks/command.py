@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
-from ..data import list_images, model_input_size, read_image, write_mask
+from ..images import list_images, model_input_size, read_image, write_mask
 from ..models import add_model_arguments, create_model, merge_model_kwargs
 from .bilateral import bilateral_refine
 from .tokencut import last_block_keys, tokencut_partition, upsample_mask

@@ -1,0 +1,71 @@
+"""The paper's evaluations: robustness accuracy, the segmentation test, the perturbation test and shortcuts.
+
+- :mod:`.datasets`: one loader per benchmark (published layouts) and the label mappings;
+- :mod:`.suites`: the suites and their protocols (``standard`` and ``paper``), :func:`run_suite`;
+- :mod:`.report`: the markdown tables (the paper's layouts);
+- :mod:`.command`: ``relevance-finetune evaluate`` and the ``examples/table*.py`` plumbing.
+
+``relevance-finetune evaluate`` runs one suite for one or two sets of weights and writes
+``<suite>.json`` and ``<suite>.md``. Models are built by :func:`relevance_finetune.models.build_model`.
+"""
+from ..models import build_model, find_weights
+from .command import (add_arguments, add_data_arguments, add_table_arguments, evaluate_grid, options_from_args, run,
+                      table_models)
+from .datasets import (CARTON_CLASS, DATASETS, IN9_CLASSES, IN9_VARIANTS, ROBUSTNESS_DATASETS, SHORTCUT_DATASETS,
+                       EvalSet, ImageNetSegmentation, imagenet_synsets, in9_superclasses, load_eval_set,
+                       load_imagenet9, load_imagenet_v2, load_objectnet, load_set_a, load_si_score, load_wnid_folders,
+                       resolve_path, si_score_label_to_index)
+from .report import SEGMENTATION_METRICS, metric_table, robustness_table, shortcut_rows, write_table
+from .suites import (PAPER_NORMALIZATION, PROTOCOLS, SUITES, EvalOptions, evaluate_imagenet9, evaluate_imagenet_w,
+                     evaluate_perturbation, evaluate_robustness, evaluate_segmentation, evaluate_shortcut, run_suite,
+                     segmentation_protocol, topk_correct, watermark_transform)
+
+__all__ = [
+    "CARTON_CLASS",
+    "DATASETS",
+    "IN9_CLASSES",
+    "IN9_VARIANTS",
+    "PAPER_NORMALIZATION",
+    "PROTOCOLS",
+    "ROBUSTNESS_DATASETS",
+    "SEGMENTATION_METRICS",
+    "SHORTCUT_DATASETS",
+    "SUITES",
+    "EvalSet",
+    "ImageNetSegmentation",
+    "EvalOptions",
+    "add_arguments",
+    "add_data_arguments",
+    "add_table_arguments",
+    "build_model",
+    "evaluate_grid",
+    "evaluate_imagenet9",
+    "evaluate_imagenet_w",
+    "evaluate_perturbation",
+    "evaluate_robustness",
+    "evaluate_segmentation",
+    "evaluate_shortcut",
+    "find_weights",
+    "imagenet_synsets",
+    "in9_superclasses",
+    "load_eval_set",
+    "load_imagenet9",
+    "load_imagenet_v2",
+    "load_objectnet",
+    "load_set_a",
+    "load_si_score",
+    "load_wnid_folders",
+    "metric_table",
+    "options_from_args",
+    "resolve_path",
+    "robustness_table",
+    "run",
+    "run_suite",
+    "segmentation_protocol",
+    "shortcut_rows",
+    "si_score_label_to_index",
+    "table_models",
+    "topk_correct",
+    "watermark_transform",
+    "write_table",
+]

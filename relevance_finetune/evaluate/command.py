@@ -1,0 +1,153 @@
+"""``relevance-finetune evaluate`` and the plumbing of the ``examples/table*.py`` scripts.
+
+The command runs one suite for one or two sets of weights and writes ``<suite>.json`` and
+``<suite>.md``; :func:`evaluate_grid` runs one suite for every row of a paper table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..metrics import DEFAULT_FRACTIONS
+from ..models import add_model_arguments, build_model, merge_model_kwargs
+from .datasets import DATASETS, load_set_a
+from .report import suite_markdown
+from .suites import PROTOCOLS, SUITES, EvalOptions, run_suite
+
+__all__ = ["add_arguments", "add_data_arguments", "add_table_arguments", "evaluate_grid", "options_from_args",
+           "run", "table_models"]
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Dataset and loader options shared by ``evaluate`` and the example scripts."""
+    parser.add_argument("--data-root", default=None,
+                        help="folder holding the datasets under their default names (see docs/reproduction.md)")
+    parser.add_argument("--dataset-dir", action="append", default=[], metavar="NAME=PATH",
+                        help=f"location of one dataset, overriding --data-root; NAME in {sorted(DATASETS)}")
+    parser.add_argument("--protocol", choices=PROTOCOLS + ("both",), default="both",
+                        help="robustness scoring protocol (default: both, each result says which); "
+                             "segmentation: 'paper' normalises with mean = std = 0.5 as the reference, "
+                             "otherwise with the model's own mean and std")
+    parser.add_argument("--set-a", default=None, metavar="FILE",
+                        help="wnids or class indices of the finetune's classes: results split into set A / set B")
+    parser.add_argument("--si-score-labels", default=None, metavar="JSON",
+                        help="{label string: ImageNet index} for SI-Score folders (default: matched to timm's names)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="evaluate a seeded random subset of at most this many images per dataset")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def options_from_args(args: argparse.Namespace, datasets: Sequence[str] | None = None) -> EvalOptions:
+    """:class:`EvalOptions` from the flags of :func:`add_data_arguments` (and ``--fractions``)."""
+    dirs = {}
+    for item in args.dataset_dir:
+        name, sep, path = item.partition("=")
+        if not sep or name not in DATASETS:
+            raise ValueError(f"--dataset-dir expects NAME=PATH with NAME in {sorted(DATASETS)}, got {item!r}")
+        dirs[name] = path
+    return EvalOptions(
+        data_root=args.data_root, dataset_dirs=dirs, datasets=datasets,
+        protocols=PROTOCOLS if args.protocol == "both" else (args.protocol,),
+        set_a=load_set_a(args.set_a) if args.set_a else None,
+        si_labels=json.loads(Path(args.si_score_labels).read_text()) if args.si_score_labels else None,
+        fractions=tuple(getattr(args, "fractions", None) or DEFAULT_FRACTIONS),
+        batch_size=args.batch_size, num_workers=args.workers, max_images=args.max_images,
+        seed=args.seed, progress=not args.no_progress)
+
+
+def add_table_arguments(parser: argparse.ArgumentParser, models: Mapping[str, str | None]) -> None:
+    """Arguments of the ``examples/table*.py`` scripts: checkpoints, model names, output, data."""
+    parser.add_argument("--checkpoints", default="checkpoints",
+                        help="finetuned weights as CHECKPOINTS/<model>/<method>/model.safetensors")
+    parser.add_argument("--model-name", action="append", default=[], metavar="MODEL=NAME",
+                        help=f"timm name for a table's model (defaults: {dict(models)})")
+    parser.add_argument("--only", nargs="+", default=None, metavar="MODEL", choices=list(models),
+                        help="evaluate only these of the table's models")
+    parser.add_argument("--out", required=True, help="markdown file to write (JSON next to it)")
+    add_data_arguments(parser)
+
+
+def table_models(args: argparse.Namespace, models: Mapping[str, str | None]) -> dict[str, str | None]:
+    """The table's model names with ``--model-name MODEL=NAME`` overrides, restricted to ``--only``."""
+    names = dict(models)
+    for item in args.model_name:
+        key, sep, name = item.partition("=")
+        if not sep or key not in names:
+            raise ValueError(f"--model-name expects MODEL=NAME with MODEL in {list(names)}, got {item!r}")
+        names[key] = name
+    return {key: name for key, name in names.items() if args.only is None or key in args.only}
+
+
+def evaluate_grid(
+        grid: Sequence[tuple[Sequence[str], str | None, str | Path | None]],
+        suite: str,
+        options: EvalOptions,
+        device: str | torch.device = "cpu",
+) -> list[tuple[tuple[str, ...], dict[str, Any] | None]]:
+    """Evaluate every ``(label cells, model name, checkpoint)`` row of a paper table.
+
+    A row without a model name, or whose checkpoint does not exist, is reported and yields
+    ``None`` (shown as "-"), so a table fills in as the finetunes finish.
+    """
+    rows = []
+    for labels, name, checkpoint in grid:
+        if name is None or (checkpoint is not None and not Path(checkpoint).exists()):
+            print(f"skipping {' / '.join(labels)}: " + (
+                "no model name given" if name is None else f"no checkpoint at {checkpoint}"))
+            rows.append((tuple(labels), None))
+            continue
+        model = build_model(name, checkpoint, device)
+        rows.append((tuple(labels), run_suite(model, suite, options)))
+        del model
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``relevance-finetune evaluate``."""
+    parser.add_argument("--model", required=True,
+                        help="any timm.create_model name, local-dir:DIR or hf-hub:ORG/NAME")
+    parser.add_argument("--checkpoint", default=None, help="weights to load (.safetensors, checkpoint, or export dir)")
+    add_model_arguments(parser)
+    parser.add_argument("--compare", default=None, metavar="PATH",
+                        help="second weights for the same model: before/after columns")
+    parser.add_argument("--labels", nargs=2, default=("before", "after"), metavar=("BEFORE", "AFTER"),
+                        help="column names for --checkpoint and --compare")
+    parser.add_argument("--suite", choices=SUITES, default="robustness")
+    parser.add_argument("--datasets", nargs="+", default=None, choices=sorted(DATASETS), metavar="NAME",
+                        help="robustness/perturbation/shortcuts datasets (default: every set of the suite "
+                             "present; perturbation: imagenet)")
+    parser.add_argument("--fractions", type=float, nargs="+", default=None,
+                        help="perturbation: shares of pixels removed (default 0.1 .. 0.9)")
+    parser.add_argument("--out", required=True, help="output folder for <suite>.json and <suite>.md")
+    add_data_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``relevance-finetune evaluate``."""
+    options = options_from_args(args, args.datasets)
+    weights = {args.labels[0]: args.checkpoint}
+    if args.compare:
+        weights[args.labels[1]] = args.compare
+    runs = {}
+    for label, checkpoint in weights.items():
+        model = build_model(args.model, checkpoint, args.device,
+                            **merge_model_kwargs(args.model_kwargs, img_size=args.img_size))
+        runs[label] = run_suite(model, args.suite, options)
+        del model
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"suite": args.suite, "model": args.model, "protocols": list(options.protocols),
+              "set_a": args.set_a, "weights": weights, "runs": runs}
+    (out / f"{args.suite}.json").write_text(json.dumps(report, indent=2))
+    markdown = f"## {args.suite}: {args.model}\n\n" + suite_markdown(
+        args.suite, runs, options.protocols, options.set_a is not None)
+    (out / f"{args.suite}.md").write_text(markdown)
+    print(markdown)
+    return 0

@@ -1,0 +1,132 @@
+"""Markdown tables of evaluation results: the paper's table layouts and the ``evaluate`` command's report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .datasets import DATASETS, IN9_VARIANTS
+
+__all__ = ["SEGMENTATION_METRICS", "metric_table", "robustness_table", "shortcut_rows", "suite_markdown",
+           "write_table"]
+
+SEGMENTATION_METRICS = {"pixel_acc": "Pixel acc.", "miou": "mIoU", "map": "mAP", "mass_accuracy": "Mass acc.",
+                        "rank_accuracy": "Rank acc.", "pointing_game": "Pointing game"}
+
+
+def _markdown(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None, delta: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if delta is None else f"{value:.1f} ({value - delta:+.1f})"
+
+
+def robustness_table(
+        rows: Sequence[tuple[Sequence[str], Mapping[str, Mapping[str, Any]] | None]],
+        datasets: Sequence[str],
+        row_header: Sequence[str] = ("Model",),
+        protocol: str = "standard",
+        metrics: Sequence[str] = ("top1", "top5"),
+        split: str | None = None,
+        baselines: Sequence[int | None] | None = None,
+) -> str:
+    """Markdown table in the layout of the paper's Tables 1, 2 and 4.
+
+    ``rows`` are ``(label cells, {dataset: {protocol: result}})``; results may be None or lack a
+    dataset (shown as "-"). ``split`` picks ``'set_a'``/``'set_b'``. ``baselines[i]``, a row index
+    or None, makes row ``i`` show each value's change against that row, as Table 2 does.
+    """
+    def value(results, dataset, metric):
+        entry = (results or {}).get(dataset, {}).get(protocol)
+        if entry is None or (split and split not in entry):
+            return None
+        return (entry[split] if split else entry)[metric]
+
+    names = {"top1": "R@1", "top5": "R@5"}
+    header = list(row_header) + [f"{DATASETS[d].title if d in DATASETS else d} {names.get(m, m)}"
+                                 for d in datasets for m in metrics]
+    baselines = baselines or [None] * len(rows)
+    body = []
+    for (labels, results), b in zip(rows, baselines):
+        base = None if b is None else rows[b][1]
+        cells = [_fmt(value(results, d, m), None if base is None else value(base, d, m))
+                 for d in datasets for m in metrics]
+        body.append(list(labels) + cells)
+    return _markdown(header, body)
+
+
+def metric_table(columns: Mapping[str, Mapping[str, float] | None], metrics: Mapping[str, str],
+                 corner: str = "Metric") -> str:
+    """Markdown table with one row per metric (``{key: title}``) and one column per run (Table 3)."""
+    header = [corner] + list(columns)
+    rows = [[title] + [_fmt((result or {}).get(key)) for result in columns.values()]
+            for key, title in metrics.items()]
+    return _markdown(header, rows)
+
+
+def shortcut_rows(results: Mapping[str, Any]) -> dict[str, float | None]:
+    """One run's shortcut results as ``{row title: value}`` for :func:`metric_table`."""
+    rows: dict[str, float | None] = {}
+    if "imagenet-w" in results:
+        w = results["imagenet-w"]
+        rows.update({"IN-1k top-1": w["clean_top1"], "IN-W top-1": w["watermarked_top1"],
+                     "IN-W gap": w["in_w_gap"], "Carton gap": w["carton_gap"]})
+    if "imagenet-9" in results:
+        in9 = results["imagenet-9"]
+        rows.update({f"IN-9 {v}": in9[v]["top1"] for v in IN9_VARIANTS if v in in9})
+        rows["BG-gap"] = in9["bg_gap"]
+    return rows
+
+
+def _perturbation_rows(result: Mapping[str, Any]) -> dict[str, float]:
+    flat = {}
+    for mode in ("positive", "negative"):
+        flat[f"{mode} AUC"] = result[mode]["auc"]
+        for fraction, accuracy in zip(result[mode]["fractions"], result[mode]["accuracy"]):
+            flat[f"{mode} {fraction:.0%}"] = accuracy
+    return flat
+
+
+def suite_markdown(suite: str, runs: Mapping[str, Mapping[str, Any]], protocols: Sequence[str],
+                    split: bool) -> str:
+    """The ``<suite>.md`` report of ``runs`` (``{column label: run_suite result}``); ``split``: set A/B tables."""
+    datasets = list(next(iter(runs.values())))
+    if suite == "segmentation":
+        results = {label: r["segmentation"] for label, r in runs.items()}
+        first = next(iter(results.values()))
+        return (f"Preprocessing: `{first['protocol']}` (mean {first['mean']}, std {first['std']})\n\n"
+                + metric_table(results, SEGMENTATION_METRICS))
+    if suite == "shortcuts":
+        rows = {label: shortcut_rows(r) for label, r in runs.items()}
+        return metric_table(rows, {k: k for k in next(iter(rows.values()))})
+    if suite == "perturbation":
+        parts = []
+        for d in datasets:
+            rows = {label: _perturbation_rows(r[d]) for label, r in runs.items()}
+            parts.append(f"### {d}\n\n" + metric_table(rows, {k: k for k in next(iter(rows.values()))}))
+        return "\n".join(parts)
+    rows = [((label,), r) for label, r in runs.items()]
+    baselines = [None] + [0] * (len(rows) - 1)
+    splits = (None, "set_a", "set_b") if split else (None,)
+    parts = []
+    for protocol in protocols:
+        for s in splits:
+            title = f"Protocol: {protocol}" + (f", set {s[-1].upper()} classes" if s else "")
+            parts.append(f"### {title}\n\n" + robustness_table(
+                rows, datasets, ("Run",), protocol, split=s, baselines=baselines))
+    return "\n".join(parts)
+
+
+def write_table(path: str | Path, markdown: str, rows: Sequence[tuple[Sequence[str], Any]]) -> None:
+    """Write a table's markdown to ``path`` and its raw results to ``path`` with ``.json``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown)
+    path.with_suffix(".json").write_text(json.dumps([{"row": list(labels), "results": results}
+                                                      for labels, results in rows], indent=2))
+    print(markdown)
