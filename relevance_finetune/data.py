@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
+from ._files import atomic_path
 from .masks.imagenet_s import (
     Merged, decode_imagenet_s_mask, imagenet_s_foreground, imagenet_s_split, read_categories)
 
@@ -44,6 +45,7 @@ __all__ = [
     "class_indices",
     "imagenet_class_index",
     "list_images",
+    "model_data_config",
     "model_input_size",
     "paired_transforms",
     "read_binary_mask",
@@ -108,15 +110,9 @@ def read_binary_mask(path: str | os.PathLike) -> np.ndarray:
 
 def write_mask(mask: np.ndarray, path: str | os.PathLike) -> None:
     """Write a (H, W) bool mask as a 0/255 PNG atomically (temporary file, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as temporary:
         Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255, mode="L").save(
             temporary, format="PNG")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def list_images(root: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENSIONS) -> dict[str, list[Path]]:
@@ -173,6 +169,11 @@ def model_input_size(model: nn.Module) -> tuple[int, int]:
     if img_size is not None:
         return tuple(int(s) for s in img_size)
     return tuple(resolve_model_data_config(model)["input_size"][1:])
+
+
+def model_data_config(model: nn.Module) -> dict:
+    """timm's data config of ``model`` (mean, std, crop, interpolation) at the size it was built for."""
+    return {**resolve_model_data_config(model), "input_size": (3, *model_input_size(model))}
 
 
 @dataclass(frozen=True)
@@ -338,6 +339,14 @@ class MaskedDataset(Dataset):
                              f"{sample.image} is {image.width}x{image.height} (width x height)")
         return image, mask
 
+    @property
+    def label_names(self) -> list[str] | None:
+        """Class names in index order when the indices are 0..K-1 of named classes (folder order), else None."""
+        mapping = getattr(self, "class_to_idx", None)
+        if not mapping or sorted(mapping.values()) != list(range(len(mapping))):
+            return None
+        return sorted(mapping, key=mapping.get)
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -435,7 +444,7 @@ class MaskedCsvDataset(MaskedDataset):
         if all(re.fullmatch(r"\d+", label) for label in labels):
             to_index = {label: int(label) for label in labels}
         else:
-            to_index = self._class_indices(labels, class_index, manifest)
+            to_index = self.class_to_idx = self._class_indices(labels, class_index, manifest)
             self.classes = sorted(to_index)
         samples = []
         for (number, row), label in zip(rows, labels):

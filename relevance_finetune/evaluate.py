@@ -15,8 +15,9 @@ each result names its protocol:
 
 The segmentation test (Table 3) reads ImageNet-segmentation's ``gtsegs_ijcv.mat`` and the
 perturbation test (Appendix N) removes pixels by relevance order; both use
-:mod:`relevance_finetune.metrics`. ``relevance-finetune evaluate`` runs one suite for one or
-two sets of weights and writes ``<suite>.json`` and ``<suite>.md``.
+:mod:`relevance_finetune.metrics`. The shortcut suite scores ImageNet-W (watermark) and the
+Backgrounds Challenge / ImageNet-9 (background). ``relevance-finetune evaluate`` runs one suite
+for one or two sets of weights and writes ``<suite>.json`` and ``<suite>.md``.
 """
 from __future__ import annotations
 
@@ -34,20 +35,26 @@ import numpy as np
 import timm
 import torch
 from PIL import Image
-from timm.data import ImageNetInfo, create_transform, resolve_model_data_config
+from timm.data import ImageNetInfo, create_transform
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from .data import model_data_config
 from .gae import attach_gae
 from .metrics import DEFAULT_FRACTIONS, SegmentationMeter, area_under_curve, perturbation_curve
-from .models import create_model
+from .models import add_model_arguments, create_model, merge_model_kwargs
 
 __all__ = [
+    "CARTON_CLASS",
     "DATASETS",
+    "IN9_CLASSES",
+    "IN9_VARIANTS",
+    "PAPER_NORMALIZATION",
     "PROTOCOLS",
     "ROBUSTNESS_DATASETS",
     "SEGMENTATION_METRICS",
+    "SHORTCUT_DATASETS",
     "SUITES",
     "EvalSet",
     "ImageNetSegmentation",
@@ -57,12 +64,17 @@ __all__ = [
     "add_table_arguments",
     "build_model",
     "evaluate_grid",
+    "evaluate_imagenet9",
+    "evaluate_imagenet_w",
     "evaluate_perturbation",
     "evaluate_robustness",
     "evaluate_segmentation",
+    "evaluate_shortcut",
     "find_weights",
     "imagenet_synsets",
+    "in9_superclasses",
     "load_eval_set",
+    "load_imagenet9",
     "load_imagenet_v2",
     "load_objectnet",
     "load_set_a",
@@ -74,14 +86,17 @@ __all__ = [
     "robustness_table",
     "run",
     "run_suite",
+    "segmentation_protocol",
+    "shortcut_rows",
     "si_score_label_to_index",
     "table_models",
     "topk_correct",
+    "watermark_transform",
     "write_table",
 ]
 
 PROTOCOLS = ("standard", "paper")
-SUITES = ("robustness", "segmentation", "perturbation")
+SUITES = ("robustness", "segmentation", "perturbation", "shortcuts")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -90,7 +105,7 @@ class DatasetSpec:
     """Where a dataset lives under ``--data-root``, its table title and how to read it."""
     path: str
     title: str
-    kind: str  # loader: 'val' | 'a' | 'r' | 'sketch' | 'v2' | 'objectnet' | 'si' | 'mat'
+    kind: str  # loader: 'val' | 'a' | 'r' | 'sketch' | 'v2' | 'objectnet' | 'si' | 'mat' | 'w' | 'in9'
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -104,8 +119,12 @@ DATASETS: dict[str, DatasetSpec] = {
     "si-rotation": DatasetSpec("si-score/rotation", "SI-rotation", "si"),
     "si-size": DatasetSpec("si-score/area", "SI-size", "si"),
     "segmentation": DatasetSpec("gtsegs_ijcv.mat", "ImageNet-segmentation", "mat"),
+    "imagenet-w": DatasetSpec("imagenet/val", "IN-W", "w"),
+    "imagenet-9": DatasetSpec("bg_challenge", "IN-9", "in9"),
 }
-ROBUSTNESS_DATASETS = tuple(name for name, spec in DATASETS.items() if spec.kind != "mat")
+SHORTCUT_DATASETS = tuple(name for name, spec in DATASETS.items() if spec.kind in ("w", "in9"))
+ROBUSTNESS_DATASETS = tuple(name for name, spec in DATASETS.items()
+                            if spec.kind != "mat" and name not in SHORTCUT_DATASETS)
 OBJECTNET_BORDER = 2  # pixels cropped on each side (the official evaluation template)
 
 
@@ -414,7 +433,7 @@ def evaluate_robustness(
     num_classes = getattr(model, "num_classes", None)
     if num_classes != 1000:
         raise ValueError(f"robustness sets are scored on ImageNet-1k logits; the model has {num_classes} classes")
-    config = dict(data_config or resolve_model_data_config(model))
+    config = dict(data_config or model_data_config(model))
     transform = create_transform(**config, is_training=False)
     loader = _loader(_ImageFiles(eval_set, transform), batch_size, num_workers, max_images, seed)
     device = _device_of(model)
@@ -484,6 +503,14 @@ class ImageNetSegmentation(Dataset):
         return self.transform(Image.fromarray(image.astype(np.uint8))), torch.from_numpy(np.array(mask))
 
 
+PAPER_NORMALIZATION = (0.5, 0.5, 0.5)  # the reference's mean and std, for every model
+
+
+def segmentation_protocol(options: "EvalOptions") -> str:
+    """``'paper'`` when only the paper protocol is asked for, else ``'standard'`` (the model's own)."""
+    return "paper" if tuple(options.protocols) == ("paper",) else "standard"
+
+
 def evaluate_segmentation(
         model: nn.Module,
         path: str | Path,
@@ -493,16 +520,27 @@ def evaluate_segmentation(
         seed: int = 0,
         data_config: Mapping[str, Any] | None = None,
         progress: bool = True,
-) -> dict[str, float]:
-    """Pixel accuracy, mIoU and mAP (percent) of the model's GAE maps for its predicted class."""
-    config = dict(data_config or resolve_model_data_config(model))
+        protocol: str = "standard",
+) -> dict[str, Any]:
+    """Segmentation and localisation metrics (percent) of the model's GAE maps for its predicted class.
+
+    ``protocol`` ``'standard'`` normalises with the model's mean and std (``data_config``,
+    default: the model's timm config); ``'paper'`` with mean = std = 0.5 for every model, as the
+    reference code. The result names the protocol and the mean and std used.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    config = dict(data_config or model_data_config(model))
+    if protocol == "paper":
+        config["mean"] = config["std"] = PAPER_NORMALIZATION
     dataset = ImageNetSegmentation(path, config["input_size"][-2:], config["mean"], config["std"])
     loader = _loader(dataset, batch_size, num_workers, max_images, seed)
     device, meter = _device_of(model), SegmentationMeter()
     with attach_gae(model) as gae:
         for images, masks in tqdm(loader, desc="segmentation", disable=not progress):
             meter.update(gae.explain(images.to(device)), masks)
-    return meter.compute()
+    return {**meter.compute(), "protocol": protocol,
+            "mean": [float(m) for m in config["mean"]], "std": [float(v) for v in config["std"]]}
 
 
 # -- perturbation test ------------------------------------------------------------------------------
@@ -522,7 +560,7 @@ def evaluate_perturbation(
     Relevance is GAE for the predicted class; removed pixels are set to black (``-mean/std``
     after normalisation), as the reference zeroes them before normalising.
     """
-    config = dict(data_config or resolve_model_data_config(model))
+    config = dict(data_config or model_data_config(model))
     fill = [-m / s for m, s in zip(config["mean"], config["std"])]
     transform = create_transform(**config, is_training=False)
     loader = _loader(_ImageFiles(eval_set, transform), batch_size, num_workers, max_images, seed)
@@ -543,6 +581,205 @@ def evaluate_perturbation(
         result[mode] = {"fractions": list(fractions), "accuracy": accuracy,
                         "auc": area_under_curve(fractions, accuracy)}
     return result
+
+
+# -- shortcut evaluations -----------------------------------------------------------------------------
+CARTON_CLASS = 478  # 'carton': the class ImageNet-W's watermark pulls predictions towards (Li et al. 2023)
+IN9_CLASSES = ("00_dog", "01_bird", "02_wheeled vehicle", "03_reptile", "04_carnivore", "05_insect",
+               "06_musical instrument", "07_primate", "08_fish")
+IN9_VARIANTS = ("original", "only_fg", "only_bg_b", "only_bg_t", "no_fg", "mixed_same", "mixed_rand", "mixed_next")
+# ImageNet-1k indices of each IN-9 superclass: the WordNet descendants of dog, bird, wheeled vehicle,
+# reptile, carnivore, insect, musical instrument, primate and fish (Xiao et al. 2020, in_to_in9.json)
+_IN9_MEMBERS = (
+    "151-170 173-268",
+    "7-24 87-100 127-146",
+    "407-408 428 436 444 468 511 547 555 561 565 569 573 586 603 609 612 627 656 661 665 670-671 675 690 705 "
+    "717 734 751 757 791 802-803 817 820 829 847 864 866-867 870 880",
+    "33-68",
+    "269-280 286-299 356-362 387-388",
+    "300-326",
+    "401-402 420 432 486 494 513 541 546 558 566 577 579 593-594 641-642 683-684 687 699 776 822 875 881 889",
+    "365-384",
+    "0-6 389-397",
+)
+
+
+def in9_superclasses() -> torch.Tensor:
+    """(1000,) long tensor: the IN-9 superclass of each ImageNet-1k class, -1 for the 630 in none."""
+    table = torch.full((1000,), -1, dtype=torch.long)
+    for superclass, members in enumerate(_IN9_MEMBERS):
+        for item in members.split():
+            first, _, last = item.partition("-")
+            table[int(first):int(last or first) + 1] = superclass
+    return table
+
+
+def load_imagenet9(root: str | Path, name: str = "imagenet-9") -> dict[str, EvalSet]:
+    """The IN-9 variants present under ``root``: ``root/<variant>/val/<NN_class>/*`` (Xiao et al. 2020).
+
+    Targets are superclass indices 0..8 (the folders' order); folders that are not image variants
+    (``fg_mask``, a README) are skipped.
+    """
+    root = Path(root)
+    what = f"{name} (<variant>/val/ with the 9 class folders {IN9_CLASSES[0]} .. {IN9_CLASSES[-1]})"
+    variants = [v for v in IN9_VARIANTS if (root / v / "val").is_dir()]
+    if not variants:
+        raise FileNotFoundError(f"{what}: no variant folder ({', '.join(IN9_VARIANTS)}) in {root}")
+    sets = {}
+    for variant in variants:
+        dirs = _class_dirs(root / variant / "val", what)
+        if tuple(d.name for d in dirs) != IN9_CLASSES:
+            raise ValueError(f"{what}: {root / variant / 'val'} holds {[d.name for d in dirs]}")
+        sets[variant] = _collect(f"{name}/{variant}", ((d, (i,), d.name) for i, d in enumerate(dirs)))
+    return sets
+
+
+class _Pair:
+    """Both transforms of one image, so clean and watermarked copies share a decode."""
+
+    def __init__(self, first: Callable, second: Callable) -> None:
+        self.first, self.second = first, second
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.first(image), self.second(image)
+
+
+def watermark_transform(config: Mapping[str, Any]) -> Callable:
+    """timm's eval transform for ``config`` with ImageNet-W's watermark inserted before ``Normalize``.
+
+    The watermark is ``imagenet_w.AddWatermark(crop size)`` (``pip install "relevance-finetune[eval]"``),
+    applied after the resize and crop and before normalisation, as Li et al. (2023) do.
+    """
+    try:
+        from imagenet_w import AddWatermark
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError("ImageNet-W needs the imagenet-w package: "
+                                  "pip install 'relevance-finetune[eval]'") from error
+    from torchvision import transforms
+    steps = list(create_transform(**config, is_training=False).transforms)
+    at = next((i for i, t in enumerate(steps) if isinstance(t, transforms.Normalize)), None)
+    if at is None:
+        raise ValueError(f"expected timm's eval transform to end with Normalize, got {steps}")
+    steps.insert(at, AddWatermark(int(config["input_size"][-2])))
+    return transforms.Compose(steps)
+
+
+def _require_imagenet_head(model: nn.Module, what: str) -> None:
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes != 1000:
+        raise ValueError(f"{what} is scored on ImageNet-1k logits; the model has {num_classes} classes")
+
+
+@torch.no_grad()
+def evaluate_imagenet_w(
+        model: nn.Module,
+        eval_set: EvalSet,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        max_images: int | None = None,
+        seed: int = 0,
+        data_config: Mapping[str, Any] | None = None,
+        progress: bool = True,
+) -> dict[str, Any]:
+    """ImageNet-W (Li et al., CVPR 2023): 1000-way top-1 on ImageNet val with and without the watermark.
+
+    Returns percentages: ``clean_top1``, ``watermarked_top1``, ``in_w_gap`` (watermarked - clean),
+    the same three on the carton class's images (``carton_gap``: how much more often a carton is
+    recognised when watermarked; None without carton images), the mean carton probability
+    (``clean_p_carton``, ``watermarked_p_carton``, ``delta_p_carton``), ``images`` and
+    ``carton_images``.
+    """
+    _require_imagenet_head(model, "ImageNet-W")
+    config = dict(data_config or model_data_config(model))
+    transform = _Pair(create_transform(**config, is_training=False), watermark_transform(config))
+    loader = _loader(_ImageFiles(eval_set, transform), batch_size, num_workers, max_images, seed)
+    device = _device_of(model)
+    model.eval()
+    hits, carton_prob, labels = {"clean": [], "watermarked": []}, {"clean": [], "watermarked": []}, []
+    for (clean, marked), index in tqdm(loader, desc=eval_set.name, disable=not progress):
+        target = torch.tensor([eval_set.targets[i][0] for i in index.tolist()])
+        labels.append(target)
+        for key, images in (("clean", clean), ("watermarked", marked)):
+            logits = model(images.to(device)).float().cpu()
+            hits[key].append(logits.argmax(dim=1) == target)
+            carton_prob[key].append(logits.softmax(dim=1)[:, CARTON_CLASS])
+    carton = torch.cat(labels) == CARTON_CLASS
+    result: dict[str, Any] = {"dataset": eval_set.name, "images": len(carton), "carton_images": int(carton.sum())}
+    for key in hits:
+        correct, prob = torch.cat(hits[key]).double(), torch.cat(carton_prob[key]).double()
+        result[f"{key}_top1"] = 100.0 * float(correct.mean())
+        result[f"{key}_carton_top1"] = 100.0 * float(correct[carton].mean()) if carton.any() else None
+        result[f"{key}_p_carton"] = 100.0 * float(prob.mean())
+    result["in_w_gap"] = result["watermarked_top1"] - result["clean_top1"]
+    result["carton_gap"] = (None if result["clean_carton_top1"] is None
+                            else result["watermarked_carton_top1"] - result["clean_carton_top1"])
+    result["delta_p_carton"] = result["watermarked_p_carton"] - result["clean_p_carton"]
+    return result
+
+
+@torch.no_grad()
+def evaluate_imagenet9(
+        model: nn.Module,
+        root: str | Path,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        max_images: int | None = None,
+        seed: int = 0,
+        data_config: Mapping[str, Any] | None = None,
+        progress: bool = True,
+) -> dict[str, Any]:
+    """Backgrounds Challenge / ImageNet-9 (Xiao et al., ICLR 2021): top-1 on each variant present.
+
+    The 1000-way argmax is mapped to its IN-9 superclass (:func:`in9_superclasses`; a class in
+    none counts as wrong), as the authors score ImageNet models. Images (224 x 224 in the release)
+    are resized to the model's input size, without a crop, and normalised with its mean and std.
+    Returns ``{variant: {top1, n}}`` in percent and ``bg_gap`` = mixed_same - mixed_rand (None
+    unless both are present).
+    """
+    from torchvision import transforms
+    _require_imagenet_head(model, "ImageNet-9")
+    config = dict(data_config or model_data_config(model))
+    transform = transforms.Compose([
+        transforms.Resize(tuple(config["input_size"][-2:]),
+                          interpolation=transforms.InterpolationMode(config.get("interpolation", "bilinear"))),
+        transforms.ToTensor(), transforms.Normalize(config["mean"], config["std"])])
+    superclass, device = in9_superclasses(), _device_of(model)
+    model.eval()
+    result: dict[str, Any] = {}
+    for variant, eval_set in load_imagenet9(root).items():
+        loader = _loader(_ImageFiles(eval_set, transform), batch_size, num_workers, max_images, seed)
+        correct = []
+        for images, index in tqdm(loader, desc=eval_set.name, disable=not progress):
+            predicted = superclass[model(images.to(device)).argmax(dim=1).cpu()]
+            correct.append(predicted == torch.tensor([eval_set.targets[i][0] for i in index.tolist()]))
+        correct = torch.cat(correct).double()
+        result[variant] = {"top1": 100.0 * float(correct.mean()), "n": len(correct)}
+    both = "mixed_same" in result and "mixed_rand" in result
+    result["bg_gap"] = result["mixed_same"]["top1"] - result["mixed_rand"]["top1"] if both else None
+    return result
+
+
+def evaluate_shortcut(model: nn.Module, name: str, path: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """Run shortcut dataset ``name`` (``'imagenet-w'`` or ``'imagenet-9'``) from ``path``."""
+    if name == "imagenet-w":
+        return evaluate_imagenet_w(model, load_wnid_folders(path, name), **kwargs)
+    if name == "imagenet-9":
+        return evaluate_imagenet9(model, path, **kwargs)
+    raise ValueError(f"{name!r} is not a shortcut dataset; expected one of {SHORTCUT_DATASETS}")
+
+
+def shortcut_rows(results: Mapping[str, Any]) -> dict[str, float | None]:
+    """One run's shortcut results as ``{row title: value}`` for :func:`metric_table`."""
+    rows: dict[str, float | None] = {}
+    if "imagenet-w" in results:
+        w = results["imagenet-w"]
+        rows.update({"IN-1k top-1": w["clean_top1"], "IN-W top-1": w["watermarked_top1"],
+                     "IN-W gap": w["in_w_gap"], "Carton gap": w["carton_gap"]})
+    if "imagenet-9" in results:
+        in9 = results["imagenet-9"]
+        rows.update({f"IN-9 {v}": in9[v]["top1"] for v in IN9_VARIANTS if v in in9})
+        rows["BG-gap"] = in9["bg_gap"]
+    return rows
 
 
 # -- tables -------------------------------------------------------------------------------------------
@@ -601,7 +838,8 @@ def metric_table(columns: Mapping[str, Mapping[str, float] | None], metrics: Map
     return _markdown(header, rows)
 
 
-SEGMENTATION_METRICS = {"pixel_acc": "Pixel acc.", "miou": "mIoU", "map": "mAP"}
+SEGMENTATION_METRICS = {"pixel_acc": "Pixel acc.", "miou": "mIoU", "map": "mAP", "mass_accuracy": "Mass acc.",
+                        "rank_accuracy": "Rank acc.", "pointing_game": "Pointing game"}
 
 
 def _perturbation_rows(result: Mapping[str, Any]) -> dict[str, float]:
@@ -628,15 +866,17 @@ def find_weights(path: str | Path) -> Path:
     raise FileNotFoundError(f"no weights at {path}: expected a file, or a folder holding one of {WEIGHT_FILES}")
 
 
-def build_model(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> nn.Module:
+def build_model(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
+                **kwargs: Any) -> nn.Module:
     """``models.create_model`` with pretrained weights when the name has them and no checkpoint is given.
 
-    ``checkpoint`` may be a weights file, an export folder or a ``relevance-finetune train`` run folder.
+    ``checkpoint`` may be a weights file, an export folder or a ``relevance-finetune train`` run folder;
+    ``kwargs`` go to ``timm.create_model``.
     """
     pretrained = checkpoint is None and (
         name.startswith(("local-dir:", "hf-hub:")) or timm.is_model_pretrained(name))
     weights = None if checkpoint is None else find_weights(checkpoint)
-    return create_model(name, pretrained=pretrained, checkpoint=weights).to(device).eval()
+    return create_model(name, pretrained=pretrained, checkpoint=weights, **kwargs).to(device).eval()
 
 
 @dataclass
@@ -663,11 +903,11 @@ def _dataset_names(suite: str, options: EvalOptions) -> list[str]:
         return list(options.datasets)
     if suite == "perturbation":
         return ["imagenet"]
-    present = [n for n in ROBUSTNESS_DATASETS if resolve_path(n, options.data_root, options.dataset_dirs).exists()]
+    candidates = SHORTCUT_DATASETS if suite == "shortcuts" else ROBUSTNESS_DATASETS
+    present = [n for n in candidates if resolve_path(n, options.data_root, options.dataset_dirs).exists()]
     if not present:
-        expected = ", ".join(f"{n}: {resolve_path(n, options.data_root, options.dataset_dirs)}"
-                             for n in ROBUSTNESS_DATASETS)
-        raise FileNotFoundError(f"no robustness dataset found; expected any of {expected}")
+        expected = ", ".join(f"{n}: {resolve_path(n, options.data_root, options.dataset_dirs)}" for n in candidates)
+        raise FileNotFoundError(f"no {suite} dataset found; expected any of {expected}")
     return present
 
 
@@ -679,7 +919,9 @@ def run_suite(model: nn.Module, suite: str, options: EvalOptions) -> dict[str, A
     for name in _dataset_names(suite, options):
         path = resolve_path(name, options.data_root, options.dataset_dirs)
         if suite == "segmentation":
-            results[name] = evaluate_segmentation(model, path, **common)
+            results[name] = evaluate_segmentation(model, path, **common, protocol=segmentation_protocol(options))
+        elif suite == "shortcuts":
+            results[name] = evaluate_shortcut(model, name, path, **common)
         elif suite == "perturbation":
             results[name] = evaluate_perturbation(
                 model, load_eval_set(name, path, options.si_labels), options.fractions, **common)
@@ -750,7 +992,13 @@ def _suite_markdown(suite: str, runs: Mapping[str, Mapping[str, Any]], protocols
                     split: bool) -> str:
     datasets = list(next(iter(runs.values())))
     if suite == "segmentation":
-        return metric_table({label: r["segmentation"] for label, r in runs.items()}, SEGMENTATION_METRICS)
+        results = {label: r["segmentation"] for label, r in runs.items()}
+        first = next(iter(results.values()))
+        return (f"Preprocessing: `{first['protocol']}` (mean {first['mean']}, std {first['std']})\n\n"
+                + metric_table(results, SEGMENTATION_METRICS))
+    if suite == "shortcuts":
+        rows = {label: shortcut_rows(r) for label, r in runs.items()}
+        return metric_table(rows, {k: k for k in next(iter(rows.values()))})
     if suite == "perturbation":
         parts = []
         for d in datasets:
@@ -776,7 +1024,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset-dir", action="append", default=[], metavar="NAME=PATH",
                         help=f"location of one dataset, overriding --data-root; NAME in {sorted(DATASETS)}")
     parser.add_argument("--protocol", choices=PROTOCOLS + ("both",), default="both",
-                        help="robustness scoring protocol (default: both, each result says which)")
+                        help="robustness scoring protocol (default: both, each result says which); "
+                             "segmentation: 'paper' normalises with mean = std = 0.5 as the reference, "
+                             "otherwise with the model's own mean and std")
     parser.add_argument("--set-a", default=None, metavar="FILE",
                         help="wnids or class indices of the finetune's classes: results split into set A / set B")
     parser.add_argument("--si-score-labels", default=None, metavar="JSON",
@@ -813,14 +1063,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="any timm.create_model name, local-dir:DIR or hf-hub:ORG/NAME")
     parser.add_argument("--checkpoint", default=None, help="weights to load (.safetensors, checkpoint, or export dir)")
+    add_model_arguments(parser)
     parser.add_argument("--compare", default=None, metavar="PATH",
                         help="second weights for the same model: before/after columns")
     parser.add_argument("--labels", nargs=2, default=("before", "after"), metavar=("BEFORE", "AFTER"),
                         help="column names for --checkpoint and --compare")
     parser.add_argument("--suite", choices=SUITES, default="robustness")
     parser.add_argument("--datasets", nargs="+", default=None, choices=sorted(DATASETS), metavar="NAME",
-                        help="robustness/perturbation datasets (default: every robustness set present; "
-                             "perturbation: imagenet)")
+                        help="robustness/perturbation/shortcuts datasets (default: every set of the suite "
+                             "present; perturbation: imagenet)")
     parser.add_argument("--fractions", type=float, nargs="+", default=None,
                         help="perturbation: shares of pixels removed (default 0.1 .. 0.9)")
     parser.add_argument("--out", required=True, help="output folder for <suite>.json and <suite>.md")
@@ -835,7 +1086,8 @@ def run(args: argparse.Namespace) -> int:
         weights[args.labels[1]] = args.compare
     runs = {}
     for label, checkpoint in weights.items():
-        model = build_model(args.model, checkpoint, args.device)
+        model = build_model(args.model, checkpoint, args.device,
+                            **merge_model_kwargs(args.model_kwargs, img_size=args.img_size))
         runs[label] = run_suite(model, args.suite, options)
         del model
     out = Path(args.out)

@@ -2,6 +2,8 @@
 
 One overlay PNG per image, or with ``--compare CHECKPOINT`` one before/after grid (the paper's
 Fig. 3) per batch of images, and ``predictions.json`` with the top-5 classes of each image.
+Panels are titled with class names (the model's ``label_names``, else ImageNet's) and, where an
+image's folder names its class (``<class>/<image>``, a class name or an ImageNet wnid), the true class.
 """
 from __future__ import annotations
 
@@ -14,12 +16,12 @@ from typing import Sequence
 
 import torch
 from PIL import Image
-from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_model_data_config
+from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset
 from torch import nn
 
-from .data import IMG_EXTENSIONS, model_input_size, read_image
+from .data import IMG_EXTENSIONS, imagenet_class_index, model_data_config, read_image
 from .gae import UnsupportedModelError, attach_gae, normalize_relevance, upsample_relevance
-from .models import create_model, load_weights
+from .models import add_model_arguments, create_model, load_weights, merge_model_kwargs
 from .viz import before_after_grid, denormalize, prediction_title, save_overlay
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "explain_images",
     "find_images",
     "run",
+    "true_classes",
     "top_predictions",
 ]
 
@@ -57,12 +60,25 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def class_names(model: nn.Module) -> list[str] | None:
-    """Short class names (``"tabby"``) of an ImageNet classifier (1k, 11k or 21k classes), else None."""
+    """Class names by index: the model's ``label_names`` (e.g. the folder classes ``train``
+    recorded), else the short names (``"tabby"``) of an ImageNet classifier (1k, 11k or 21k
+    classes), else None."""
+    label_names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
     subset = infer_imagenet_subset(model)
     if subset is None:
-        return None
+        return list(label_names) if label_names and len(label_names) == model.num_classes else None
     info = ImageNetInfo(subset)
     return [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
+
+
+def true_classes(paths: Sequence[Path], model: nn.Module) -> list[int | None]:
+    """The class index of each image whose folder names one: a ``label_names`` entry of the
+    model, or an ImageNet wnid for a 1k-class ImageNet model; None elsewhere."""
+    label_names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names") or ()
+    folders = {name: index for index, name in enumerate(label_names)}
+    if infer_imagenet_subset(model) == "imagenet-1k":
+        folders.update(imagenet_class_index())
+    return [folders.get(path.parent.name) for path in paths]
 
 
 def top_predictions(logits: torch.Tensor, names: Sequence[str] | None, k: int = TOP_K) -> list[list[dict]]:
@@ -82,10 +98,15 @@ def _read(path: Path) -> Image.Image:
         raise ExplainError(str(error)) from error
 
 
-def _title(top: list[dict], target: int | None, names: Sequence[str] | None) -> str:
-    title = prediction_title(top[0]["label"], top[0]["probability"])
+def _label(index: int, names: Sequence[str] | None) -> str:
+    return names[index] if names else str(index)
+
+
+def _title(top: list[dict], target: int | None, names: Sequence[str] | None, true: int | None) -> str:
+    title = prediction_title(top[0]["label"], top[0]["probability"],
+                             true_label=None if true is None else _label(true, names))
     if target is not None:
-        title += f"; relevance for {names[target] if names else target}"
+        title += f"; relevance for {_label(target, names)}"
     return title
 
 
@@ -120,29 +141,31 @@ def explain_images(
     architecture: ``out/compare_NNN.png`` grids of up to ``batch_size`` images, ``model`` in the
     "original" row and ``compare`` in the "finetuned" row.
     """
-    config = {**resolve_model_data_config(model), "input_size": (3, *model_input_size(model))}
+    config = model_data_config(model)
     transform = create_transform(**config)
     names = class_names(model)
     device = next(model.parameters()).device
     records = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
+        truth = true_classes(chunk, model)
         batch = torch.stack([transform(_read(p)) for p in chunk]).to(device)
         shown = denormalize(batch, config).cpu()
         relevance, top = _explain_batch(model, batch, target, names)
-        titles = [_title(t, target, names) for t in top]
+        titles = [_title(t, target, names, true) for t, true in zip(top, truth)]
+        known = [{} if true is None else {"true": {"index": true, "label": _label(true, names)}} for true in truth]
         if compare is None:
             files = [f"{start + i:03d}_{p.stem}.png" for i, p in enumerate(chunk)]
             for file, image, heat, title in zip(files, shown, relevance, titles):
                 save_overlay(out / file, image, heat, title)
-            records += [{"image": str(p), "overlay": f, "top5": t} for p, f, t in zip(chunk, files, top)]
+            records += [{"image": str(p), "overlay": f, "top5": t, **k} for p, f, t, k in zip(chunk, files, top, known)]
         else:
             relevance_after, top_after = _explain_batch(compare, batch, target, names)
             file = f"compare_{start // batch_size:03d}.png"
             before_after_grid(shown, relevance, relevance_after, titles,
-                              [_title(t, target, names) for t in top_after], out / file)
-            records += [{"image": str(p), "grid": file, "column": i, "top5": t, "top5_compare": ta}
-                        for i, (p, t, ta) in enumerate(zip(chunk, top, top_after))]
+                              [_title(t, target, names, true) for t, true in zip(top_after, truth)], out / file)
+            records += [{"image": str(p), "grid": file, "column": i, "top5": t, "top5_compare": ta, **k}
+                        for i, (p, t, ta, k) in enumerate(zip(chunk, top, top_after, known))]
     return records
 
 
@@ -152,6 +175,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="any timm.create_model name, local-dir:DIR or hf-hub:ORG/NAME")
     parser.add_argument("--pretrained", action="store_true", help="load the model name's pretrained weights")
     parser.add_argument("--checkpoint", help="weights to load into the model (.safetensors, checkpoint or export dir)")
+    add_model_arguments(parser)
     parser.add_argument("--compare", metavar="CHECKPOINT",
                         help="a second checkpoint of the same architecture: write before/after grids")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
@@ -163,7 +187,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load_models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module | None]:
     try:
-        model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+        model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                             **merge_model_kwargs(args.model_kwargs, img_size=args.img_size))
         attach_gae(model).remove()  # fail now, before any image is read, if GAE cannot explain it
         compare = None
         if args.compare is not None:

@@ -46,6 +46,13 @@ _ATTENTION_MODES = ("explicit", "fused", "auto")
 # attention="auto" runs fused from this many tokens on (CLS and prefix tokens included); below
 # it the explicit path is as small and faster. Measured in docs/performance.md.
 AUTO_FUSED_TOKENS = 512
+# Models refused whatever their attention, and why (docs/integrations.md#naflexvit).
+_UNSUPPORTED_MODELS = {
+    "NaFlexVit": "a NaFlex batch holds images of different sizes and aspect ratios as patch sequences padded "
+                 "to one length (patch_coord, patch_valid), so each image has its own relevance grid and the "
+                 "loss would need per-image masks on that grid with the padding left out; finetune a "
+                 "fixed-grid timm ViT instead (vit_*, with --img-size or dynamic_img_size=True)",
+}
 
 
 class UnsupportedModelError(TypeError):
@@ -164,7 +171,25 @@ def upsample_relevance(relevance: torch.Tensor, size: Sequence[int]) -> torch.Te
     return out[:, 0]
 
 
+# Attention module -> the handle instrumenting it: a second handle on the same modules is refused,
+# whatever wrapper (DDP, torch.compile) it is reached through.
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, GAEHandle]" = weakref.WeakKeyDictionary()
+# Wrappers whose inner model attach_gae instruments: class name -> attribute holding the model.
+_WRAPPERS = {
+    "DistributedDataParallel": "module",  # torch DDP, also what accelerate's prepare returns
+    "DataParallel": "module",
+    "DeepSpeedEngine": "module",          # accelerate with DeepSpeed
+    "OptimizedModule": "_orig_mod",       # torch.compile
+}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP, DataParallel, DeepSpeed and ``torch.compile`` wrappers (nested too)."""
+    while True:
+        attribute = next((_WRAPPERS[c.__name__] for c in type(model).__mro__ if c.__name__ in _WRAPPERS), None)
+        if attribute is None:
+            return model
+        model = getattr(model, attribute)
 
 
 def _in_backward() -> bool:
@@ -194,6 +219,7 @@ class GAEHandle:
         # per block, of the latest forward: the map (explicit path) or the SDPA call (fused path)
         self._maps: list[torch.Tensor | SDPACall | None] = [None] * len(self._modules)
         self._input_size: tuple[int, int] | None = None
+        self._removed = False
         self._fused_flags = [family.use_fused(module) if attention == "fused" else family.use_explicit(module)
                              for module, family in self._modules]
         self._hooks = [model.patch_embed.register_forward_pre_hook(self._on_forward_start)]
@@ -202,7 +228,8 @@ class GAEHandle:
             if attention != "explicit":
                 self._hooks += self._sdpa_hooks(module, index)
             self._hooks.append(hook)
-        _ATTACHED[model] = self
+        for module, _ in self._modules:
+            _ATTACHED[module] = self
 
     # -- recording -------------------------------------------------------------------------
     def _on_forward_start(self, module: nn.Module, args: tuple) -> None:
@@ -251,6 +278,10 @@ class GAEHandle:
         On the explicit path the post-softmax maps (B, heads, N, N); on the fused path the
         :class:`~relevance_finetune.fused.SDPACall` of each block (q, k, v, bias, output).
         """
+        if self._removed:
+            raise RuntimeError(
+                "this GAE handle was removed (gae.remove() or the end of its `with` block) and records "
+                "nothing: attach_gae(model) again, and use the new handle (e.g. in a new RelevanceRegularizer)")
         if self._input_size is None or any(m is None for m in self._maps):
             raise RuntimeError(
                 "no complete forward has been recorded: call the model on a batch of images "
@@ -352,6 +383,11 @@ class GAEHandle:
         GAE row on the patch grid (B, gh, gw). ``target`` None means the predicted class. Runs in
         eval mode and restores the model's mode and the recorded maps of the caller's forward.
         """
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"explain expects a (B, C, H, W) tensor of images, got {type(images).__name__}")
+        if images.ndim != 4:
+            hint = ": add the batch dimension with images[None]" if images.ndim == 3 else ""
+            raise ValueError(f"explain expects a batch of images (B, C, H, W), got shape {tuple(images.shape)}{hint}")
         saved = (self._maps, self._input_size)
         was_training = self.model.training
         self.model.eval()
@@ -378,8 +414,10 @@ class GAEHandle:
         for (module, family), flag in zip(self._modules, self._fused_flags):
             family.restore(module, flag)
         self._maps = [None] * len(self._modules)
-        if _ATTACHED.get(self.model) is self:
-            del _ATTACHED[self.model]
+        self._removed = True
+        for module, _ in self._modules:
+            if _ATTACHED.get(module) is self:
+                del _ATTACHED[module]
 
     def __enter__(self) -> "GAEHandle":
         return self
@@ -426,10 +464,15 @@ def _explicit_increment(
 
 
 def _readout_pool(model: nn.Module) -> str:
+    reason = _UNSUPPORTED_MODELS.get(type(model).__name__)
+    if reason is not None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not supported: {reason}. Supported attention: {_supported_names()}.")
     if not hasattr(model, "patch_embed"):
         raise UnsupportedModelError(
             f"{type(model).__name__} has no `patch_embed`: attach_gae supports timm vision "
-            f"transformers. Supported attention: {_supported_names()}.")
+            f"transformers (if it wraps one, pass the inner timm model). "
+            f"Supported attention: {_supported_names()}.")
     pool = getattr(model, "global_pool", None)
     if pool not in _SUPPORTED_POOLS:
         raise UnsupportedModelError(
@@ -459,7 +502,9 @@ def attach_gae(model: nn.Module, second_order: bool = False, attention: str = "e
     ----------
     model:
         A timm vision transformer whose attention is one of ``ATTENTION_FAMILIES``, pooled by
-        the class token (``global_pool='token'``) or the patch mean (``'avg'``).
+        the class token (``global_pool='token'``) or the patch mean (``'avg'``). DDP,
+        DataParallel, DeepSpeed (accelerate) and ``torch.compile`` wrappers are unwrapped: the
+        handle instruments the inner model (``handle.model``), and the wrapper's forwards record.
     second_order:
         Take the attention gradients with ``create_graph=True`` so the loss also reaches the
         weights through them. Default False: constant gradients, as the paper's code.
@@ -484,12 +529,16 @@ def attach_gae(model: nn.Module, second_order: bool = False, attention: str = "e
     UnsupportedModelError
         For models without supported attention (Swin, XCiT, CaiT, CNNs) or readout.
     RuntimeError
-        If the model already has a handle attached: call its ``remove()`` first.
+        If a handle is already attached to the model's attention modules (through any wrapper):
+        call its ``remove()`` first.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach_gae expects a torch.nn.Module, got {type(model).__name__}")
-    if model in _ATTACHED:
+    inner = _unwrap(model)
+    attached = next((_ATTACHED[m] for m in inner.modules() if m in _ATTACHED), None)
+    if attached is not None:
+        via = "" if inner is model else f" (reached through its {type(model).__name__} wrapper)"
         raise RuntimeError(
-            f"a GAE handle is already attached to this {type(model).__name__}: "
-            "use that handle, or call its remove() before attaching again")
-    return GAEHandle(model, second_order=second_order, attention=attention)
+            f"a GAE handle is already attached to this {type(inner).__name__}'s attention{via}: "
+            f"{attached!r}. Use that handle, or call its remove() before attaching again")
+    return GAEHandle(inner, second_order=second_order, attention=attention)

@@ -81,6 +81,16 @@ def _classification_loss(
     return F.cross_entropy(logits / temperature, target)
 
 
+def _check_aspect(mask_size: tuple[int, int], grid: tuple[int, int]) -> None:
+    """Refuse masks whose aspect ratio differs from the images' (by more than one patch)."""
+    (height, width), (gh, gw) = mask_size, grid
+    if round(height * gw / width) != gh or round(width * gh / height) != gw:
+        raise ValueError(
+            f"masks of {height}x{width} (height x width) do not have the images' aspect ratio (patch grid "
+            f"{gh}x{gw}): the relevance map would be stretched onto them; resize and crop the masks as the "
+            "images (e.g. relevance_finetune.data.paired_transforms)")
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -146,6 +156,11 @@ class RelevanceRegularizer(nn.Module):
             masks: torch.Tensor,
             labels: torch.Tensor | None = None,
     ) -> RegularizerOutput:
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(
+                f"expected the logits as one tensor, got a {type(logits).__name__}: a distilled DeiT "
+                "with distilled training on returns (class, distillation) logits; pass their mean "
+                "(a + b) / 2, as timm does at inference, or call model.set_distilled_training(False)")
         masks = prepare_masks(masks, logits.shape[0]).to(logits.device)
         out = RegularizerOutput(loss=logits.new_zeros(()))
         use_bg = self.lambda_relevance != 0 and self.lambda_bg != 0
@@ -153,6 +168,7 @@ class RelevanceRegularizer(nn.Module):
         if use_bg or use_fg:
             target = labels if self.relevance_target == "label" else None
             raw = self.gae.relevance(logits, target)
+            _check_aspect(masks.shape[-2:], raw.shape[-2:])
             relevance = normalize_relevance(upsample_relevance(raw, masks.shape[-2:]), self.eps)
             out.relevance = relevance
             relevance_loss = logits.new_zeros(())

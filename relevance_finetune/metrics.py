@@ -1,13 +1,17 @@
-"""Relevance-quality metrics: the segmentation test and the perturbation test.
+"""Relevance-quality metrics: the segmentation test, localisation scores and the perturbation test.
 
-Both follow the protocol of Chefer et al. (Transformer-Explainability, CVPR 2021), which the
-RobustViT paper uses for its Table 3 and Appendix N. Pure tensor functions: no files, no data
-loading; the same functions serve ``relevance-finetune evaluate`` and the built-in benchmark.
+The segmentation and perturbation tests follow the protocol of Chefer et al.
+(Transformer-Explainability, CVPR 2021), which the RobustViT paper uses for its Table 3 and
+Appendix N; the localisation scores follow the definitions of Quantus (Hedström et al., JMLR
+2023). Pure tensor functions: no files, no data loading; the same functions serve
+``relevance-finetune evaluate`` and the built-in benchmark.
 
 Segmentation test, per image: min-max normalise the relevance map, threshold it at its own
 mean (strictly greater = foreground); pixel accuracy and the (background, foreground) IoU are
 accumulated over the whole dataset, average precision of the continuous map is taken per image
-and averaged over images.
+and averaged over images. As in the reference code, a constant map (no min-max range) counts as
+background everywhere with both AP channels 0 (AP = 0.5), and pixels labelled -1 are left out
+of every metric.
 """
 from __future__ import annotations
 
@@ -19,11 +23,15 @@ from torch import nn
 
 __all__ = [
     "DEFAULT_FRACTIONS",
+    "LOCALISATION_METRICS",
     "SegmentationMeter",
     "area_under_curve",
     "average_precision",
     "perturb",
     "perturbation_curve",
+    "pointing_game",
+    "relevance_mass_accuracy",
+    "relevance_rank_accuracy",
 ]
 
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -39,12 +47,26 @@ def _as_maps(x: torch.Tensor, name: str) -> torch.Tensor:
     return x.detach().float().cpu()
 
 
-def _min_max(maps: torch.Tensor) -> torch.Tensor:
-    """Exact per-image min-max to [0, 1] (no epsilon, so tied values stay tied); constant -> 0."""
+def _min_max(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact per-image min-max to [0, 1] (no epsilon, so tied values stay tied).
+
+    Returns the normalised maps and a (B,) bool tensor of the constant maps, which become 0.
+    """
     flat = maps.flatten(1)
     low = flat.min(dim=1, keepdim=True).values
     span = flat.max(dim=1, keepdim=True).values - low
-    return torch.where(span > 0, (flat - low) / span.clamp(min=torch.finfo(flat.dtype).tiny), 0.0).view_as(maps)
+    normalised = torch.where(span > 0, (flat - low) / span.clamp(min=torch.finfo(flat.dtype).tiny), 0.0)
+    return normalised.view_as(maps), span[:, 0] == 0
+
+
+def _labels(relevance: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, H, W) relevance, foreground (mask > 0.5) and labelled pixels (mask >= 0; -1 = ignored)."""
+    relevance, masks = _as_maps(relevance, "relevance"), _as_maps(masks, "masks")
+    if relevance.shape != masks.shape:
+        raise ValueError(
+            f"relevance {tuple(relevance.shape)} and masks {tuple(masks.shape)} must have the "
+            "same shape: upsample the relevance to the mask size (gae.explain does)")
+    return relevance, masks > 0.5, masks >= 0
 
 
 def average_precision(scores: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor) -> float:
@@ -79,8 +101,9 @@ class SegmentationMeter:
     --------
     >>> meter = SegmentationMeter()
     >>> meter.update(torch.tensor([[[0.9, 0.1], [0.8, 0.2]]]), torch.tensor([[[1, 0], [1, 0]]]))
-    >>> meter.compute()
-    {'pixel_acc': 100.0, 'miou': 100.0, 'map': 100.0, 'images': 1}
+    >>> result = meter.compute()
+    >>> result["pixel_acc"], result["miou"], result["map"], result["pointing_game"], result["images"]
+    (100.0, 100.0, 100.0, 100.0, 1)
     """
 
     def __init__(self) -> None:
@@ -93,6 +116,7 @@ class SegmentationMeter:
         self.intersection = np.zeros(2, dtype=np.int64)  # (background, foreground)
         self.union = np.zeros(2, dtype=np.int64)
         self.ap_scores: list[float] = []
+        self.localisation: dict[str, list[torch.Tensor]] = {name: [] for name in LOCALISATION_METRICS}
 
     def update(self, relevance: torch.Tensor, masks: torch.Tensor) -> None:
         """Add a batch.
@@ -100,35 +124,133 @@ class SegmentationMeter:
         Parameters
         ----------
         relevance : (B, H, W) or (B, 1, H, W) maps, raw or in [0, 1]; each is min-max normalised.
-        masks : same spatial size, foreground where > 0.5 (binary masks or soft ones).
+        masks : same spatial size, foreground where > 0.5 (binary masks or soft ones); pixels
+            labelled -1 (any negative value) are ignored by every metric.
         """
-        relevance, masks = _as_maps(relevance, "relevance"), _as_maps(masks, "masks")
-        if relevance.shape != masks.shape:
-            raise ValueError(
-                f"relevance {tuple(relevance.shape)} and masks {tuple(masks.shape)} must have the "
-                "same shape: upsample the relevance to the mask size (gae.explain does)")
-        relevance = _min_max(relevance)
-        truth = masks > 0.5
+        relevance, truth, valid = _labels(relevance, masks)
+        relevance, constant = _min_max(relevance)
         pred = relevance > relevance.flatten(1).mean(1)[:, None, None]
-        self.correct += int((pred == truth).sum())
-        self.labeled += truth.numel()
+        self.correct += int(((pred == truth) & valid).sum())
+        self.labeled += int(valid.sum())
         for cls, (p, t) in enumerate(((~pred, ~truth), (pred, truth))):
-            self.intersection[cls] += int((p & t).sum())
-            self.union[cls] += int((p | t).sum())
-        for r, t in zip(relevance.numpy(), truth.numpy()):
-            self.ap_scores.append(average_precision(np.stack([1 - r, r]), np.stack([~t, t])))
+            self.intersection[cls] += int((p & t & valid).sum())
+            self.union[cls] += int(((p | t) & valid).sum())
+        for r, t, v, flat in zip(relevance.numpy(), truth.numpy(), valid.numpy(), constant.tolist()):
+            scores = np.zeros((2, int(v.sum())), np.float32) if flat else np.stack([1 - r[v], r[v]])
+            self.ap_scores.append(average_precision(scores, np.stack([~t[v], t[v]])))
+        for name, metric in LOCALISATION_METRICS.items():
+            self.localisation[name].append(metric(relevance, torch.where(valid, truth.float(), -1.0)))
 
-    def compute(self) -> dict[str, float]:
-        """``pixel_acc``, ``miou``, ``map`` in percent, and the number of ``images``."""
+    def compute(self) -> dict[str, float | None]:
+        """``pixel_acc``, ``miou``, ``map`` and the localisation scores in percent, and ``images``.
+
+        ``mass_accuracy``, ``rank_accuracy`` and ``pointing_game`` are means over the
+        ``localised_images``, those with at least one labelled foreground pixel (None if none).
+        """
         if not self.ap_scores:
             raise ValueError("SegmentationMeter.compute() called before any update()")
         iou = self.intersection / np.maximum(self.union, 1)
-        return {
-            "pixel_acc": 100.0 * self.correct / self.labeled,
+        result = {
+            "pixel_acc": 100.0 * self.correct / max(self.labeled, 1),
             "miou": 100.0 * float(iou.mean()),
             "map": 100.0 * float(np.mean(self.ap_scores)),
             "images": len(self.ap_scores),
         }
+        scored = None
+        for name, scores in self.localisation.items():
+            scores = torch.cat(scores)
+            scored = scores[~scores.isnan()]
+            result[name] = 100.0 * float(scored.mean()) if scored.numel() else None
+        result["localised_images"] = scored.numel()
+        return result
+
+
+# -- localisation (Quantus's definitions) -------------------------------------------------------------
+def _localisation_inputs(relevance: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, N) float64 relevance, foreground and labelled pixels, flattened."""
+    relevance, truth, valid = _labels(torch.as_tensor(relevance), torch.as_tensor(masks))
+    return relevance.double().flatten(1), truth.flatten(1), valid.flatten(1)
+
+
+def _nan_without_foreground(scores: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    return torch.where(truth.any(dim=1), scores, torch.nan)
+
+
+def relevance_mass_accuracy(relevance: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Share of the relevance that lies on the object (Arras et al., Inf. Fusion 2022).
+
+    As Quantus's ``RelevanceMassAccuracy`` (``abs=False``; its default max-normalisation does not
+    change the ratio): ``sum(R * S) / sum(R)`` per image. Pass non-negative maps (GAE maps are).
+
+    Parameters
+    ----------
+    relevance : (B, H, W) or (B, 1, H, W) maps.
+    masks : same shape; foreground where > 0.5, pixels labelled -1 (negative) left out.
+
+    Returns
+    -------
+    (B,) float64 scores, in [0, 1] for non-negative maps; NaN for an image without foreground (as
+    Quantus); 0 for a map whose labelled pixels sum to 0 (Quantus: 0/0 = NaN), such as the
+    all-zero map a constant relevance map becomes after min-max normalisation.
+    """
+    relevance, truth, valid = _localisation_inputs(relevance, masks)
+    relevance = relevance * valid
+    total = relevance.sum(dim=1)
+    within = (relevance * truth).sum(dim=1)
+    return _nan_without_foreground(torch.where(total != 0, within / total.where(total != 0, 1.0), 0.0), truth)
+
+
+def relevance_rank_accuracy(relevance: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Share of the K most relevant pixels that lie on the object, K = object size (Arras et al. 2022).
+
+    As Quantus's ``RelevanceRankAccuracy``: ``|top-K(R) & S| / K`` with ``K = |S|``. Quantus
+    breaks ties at the K-th value by ``np.argsort`` order (arbitrary); here the pixels tied at the
+    K-th value share the remaining places in proportion (the expectation over tie orders), so a
+    constant map scores ``|S| / N``. Without ties the two agree exactly.
+
+    Parameters
+    ----------
+    relevance, masks : as :func:`relevance_mass_accuracy`.
+
+    Returns
+    -------
+    (B,) float64 scores in [0, 1]; NaN for an image without foreground (as Quantus).
+    """
+    relevance, truth, valid = _localisation_inputs(relevance, masks)
+    relevance = relevance.masked_fill(~valid, -torch.inf)
+    k = truth.sum(dim=1)
+    kth = relevance.sort(dim=1, descending=True).values.gather(1, (k - 1).clamp(min=0)[:, None])
+    above, tied = relevance > kth, relevance == kth
+    hits = (above & truth).sum(dim=1) + (k - above.sum(dim=1)) * (tied & truth).sum(dim=1) / tied.sum(dim=1)
+    return _nan_without_foreground(hits / k.clamp(min=1), truth)
+
+
+def pointing_game(relevance: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """1 where the most relevant pixel lies on the object, else 0 (Zhang et al., IJCV 2018).
+
+    As Quantus's ``PointingGame`` (``weighted=False``): a hit when any pixel holding the maximum
+    is foreground, so a constant map hits whenever the object is present; no tolerance radius
+    (the original paper allows 15 pixels).
+
+    Parameters
+    ----------
+    relevance, masks : as :func:`relevance_mass_accuracy`.
+
+    Returns
+    -------
+    (B,) float64 scores in {0, 1}; NaN for an image without foreground (as Quantus).
+    """
+    relevance, truth, valid = _localisation_inputs(relevance, masks)
+    relevance = relevance.masked_fill(~valid, -torch.inf)
+    top = relevance == relevance.max(dim=1, keepdim=True).values
+    return _nan_without_foreground((top & truth).any(dim=1).double(), truth)
+
+
+LOCALISATION_METRICS = {
+    "mass_accuracy": relevance_mass_accuracy,
+    "rank_accuracy": relevance_rank_accuracy,
+    "pointing_game": pointing_game,
+}
 
 
 def perturb(

@@ -1,20 +1,80 @@
-"""Model creation for the command line: any ``timm.create_model`` name plus optional weights."""
+"""Model creation for the command line: any ``timm.create_model`` name plus optional weights.
+
+A model's *spec* (:func:`model_spec`) is what rebuilds it without its source: the timm
+architecture, the constructor arguments and the pretrained config (preprocessing, label names).
+Training checkpoints store it, so they stay usable after a ``local-dir:`` source moves.
+``--model-kwargs KEY=VALUE ...`` and ``--img-size N`` follow timm's own ``train.py``: each value is
+read as a Python literal where it parses (``depth=2``, ``drop_path_rate=0.1``, ``img_size=(224, 160)``)
+and kept as a string otherwise (``global_pool=avg``).
+"""
 from __future__ import annotations
 
+import argparse
+import ast
+import contextlib
 import json
 from pathlib import Path
+from typing import Any, Iterator, Mapping
 
 import timm
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-__all__ = ["CHECKPOINT_FORMAT", "TRAINER_STATE_PREFIX", "create_model", "load_weights"]
+__all__ = ["CHECKPOINT_FORMAT", "TRAINER_STATE_PREFIX", "add_model_arguments", "create_model",
+           "create_model_from_spec", "load_weights", "merge_model_kwargs", "model_spec", "open_safetensors",
+           "parse_model_kwarg"]
 
 # The header of a training checkpoint (relevance_finetune.train): model tensors under their own
 # keys, optimiser/RNG tensors under TRAINER_STATE_PREFIX, JSON "info" with the architecture.
 CHECKPOINT_FORMAT = "relevance_finetune.checkpoint"
 TRAINER_STATE_PREFIX = "trainer_state/"
+
+
+# pretrained_cfg entries that point at the source of the weights, not at the model
+_SOURCE_KEYS = ("file", "source", "url", "hf_hub_id", "hf_hub_filename", "state_dict")
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | Path) -> Iterator[Any]:
+    """``safe_open(path)``; an unreadable (e.g. truncated) file raises ``ValueError`` naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except SafetensorError as error:
+        raise ValueError(f"cannot read {path}: {error} (truncated, or not a safetensors file)") from error
+
+
+def model_spec(model: nn.Module) -> dict[str, Any]:
+    """What :func:`create_model_from_spec` needs to rebuild ``model`` (JSON-serialisable).
+
+    ``architecture`` (timm name), ``model_args`` (constructor arguments as timm records them;
+    timm versions without ``get_model_args`` give ``num_classes`` only; None when an argument is
+    not JSON, e.g. a layer class) and ``pretrained_cfg`` (without the weights' source).
+    """
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    get_args = getattr(timm.models, "get_model_args", None)
+    args = get_args(model) if get_args is not None else {"num_classes": model.num_classes}
+    try:
+        args = json.loads(json.dumps(args))
+    except (TypeError, ValueError):
+        args = None
+    return {"architecture": cfg.get("architecture") or type(model).__name__,
+            "model_args": args,
+            "pretrained_cfg": json.loads(json.dumps({k: v for k, v in cfg.items() if k not in _SOURCE_KEYS},
+                                                    default=str))}
+
+
+def create_model_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """A randomly initialised model as :func:`model_spec` describes it (no file or network access)."""
+    return timm.create_model(spec["architecture"], pretrained=False, pretrained_cfg=spec["pretrained_cfg"],
+                             **spec["model_args"])
+
+
+def _describe(architecture: str | None, args: dict[str, Any], other: dict[str, Any]) -> str:
+    """``arch (num_classes=3, ...)``: the arguments in which ``args`` differs from ``other`` (if known)."""
+    differing = ", ".join(f"{k}={v!r}" for k, v in sorted(args.items()) if other and other.get(k) != v)
+    return f"{architecture or 'a model it does not name'}" + (f" ({differing})" if differing else "")
 
 
 def load_weights(model: nn.Module, checkpoint: str | Path) -> nn.Module:
@@ -29,35 +89,45 @@ def load_weights(model: nn.Module, checkpoint: str | Path) -> nn.Module:
         path = path / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    source = None
+    source: dict[str, Any] = {}
     if path.suffix == ".safetensors":
         state, source = _read_safetensors(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError) as error:
+            raise ValueError(f"cannot read {path}: {error} (truncated, or not a torch state dict)") from error
         if isinstance(state, dict):
             state = state.get("state_dict", state.get("model", state))
     _check_compatible(model, state, path, source)
     model.load_state_dict(state)
+    label_names = source.get("label_names")
+    if label_names and len(label_names) == getattr(model, "num_classes", None):
+        model.pretrained_cfg = {**model.pretrained_cfg, "label_names": list(label_names)}
     return model
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
-    """The model tensors of ``path`` and their architecture, where the file or a config.json beside it says."""
-    with safe_open(str(path), framework="pt") as f:
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The model tensors of ``path`` and what the file (or a config.json beside it) says of their model:
+    ``architecture``, ``model_args`` and ``label_names`` where recorded."""
+    with open_safetensors(path) as f:
         metadata = f.metadata() or {}
         checkpoint = metadata.get("format") == CHECKPOINT_FORMAT
         state = {k: f.get_tensor(k) for k in f.keys() if not (checkpoint and k.startswith(TRAINER_STATE_PREFIX))}
     if checkpoint:
-        return state, json.loads(metadata["info"]).get("architecture")
+        info = json.loads(metadata["info"])
+        spec = info.get("model") or {}
+        return state, {"architecture": info.get("architecture"), "model_args": spec.get("model_args"),
+                       "label_names": spec.get("pretrained_cfg", {}).get("label_names")}
     config = path.with_name("config.json")
-    return state, json.loads(config.read_text()).get("architecture") if config.is_file() else None
+    return state, json.loads(config.read_text()) if config.is_file() else {}
 
 
 def _check_compatible(
         model: nn.Module,
         state: dict[str, torch.Tensor],
         path: Path,
-        source: str | None = None,
+        source: dict[str, Any],
 ) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in state.items()}
@@ -73,9 +143,12 @@ def _check_compatible(
         if mismatched:
             k = mismatched[0]
             details.append(f"{len(mismatched)} shape mismatches (e.g. {k}: model {expected[k]}, file {given[k]})")
+        spec = model_spec(model)
+        given_args, model_args = source.get("model_args") or {}, spec["model_args"] or {}
         raise ValueError(
-            f"{path} ({source or 'architecture not recorded'}) does not fit this {type(model).__name__} "
-            f"({getattr(model, 'default_cfg', {}).get('architecture', '?')}): " + "; ".join(details))
+            f"{path} holds weights of {_describe(source.get('architecture'), given_args, model_args)}, "
+            f"which do not fit the model {_describe(spec['architecture'], model_args, given_args)} "
+            f"({type(model).__name__}): " + "; ".join(details))
 
 
 def create_model(
@@ -91,6 +164,10 @@ def create_model(
     """
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as error:
+        if not kwargs:
+            raise
+        raise ValueError(f"timm model {name!r} does not take the arguments {kwargs}: {error}") from error
     except RuntimeError as error:
         if "Unknown model" in str(error):
             raise ValueError(f"timm has no model named {name!r}") from error
@@ -102,3 +179,61 @@ def create_model(
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return model
+
+
+def parse_model_kwarg(item: str) -> tuple[str, Any]:
+    """``'KEY=VALUE'`` -> ``(KEY, value)``: a Python literal where ``VALUE`` parses, else the string.
+
+    The rule of timm's ``train.py --model-kwargs``. Raises ``argparse.ArgumentTypeError`` (the
+    command's one-line error) when there is no ``=`` or ``KEY`` is not a Python name.
+    """
+    key, sep, text = item.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a keyword of timm.create_model, got {item!r}")
+    try:
+        return key, ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return key, text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+class _KeyValues(argparse.Action):
+    """Collect the ``(key, value)`` pairs of :func:`parse_model_kwarg` into one dict."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, dict(values))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> None:
+    """Add ``--model-kwargs KEY=VALUE ...`` and ``--img-size N`` (``defaults``: e.g. ``default=SUPPRESS``)."""
+    parser.add_argument("--model-kwargs", nargs="*", type=parse_model_kwarg, action=_KeyValues, metavar="KEY=VALUE",
+                        **{"default": {}, **defaults},
+                        help="more timm.create_model arguments, as timm's train.py takes them "
+                             "(e.g. drop_path_rate=0.1 global_pool=avg)")
+    parser.add_argument("--img-size", type=_positive_int, metavar="N", **{"default": None, **defaults},
+                        help="build the model for N x N images (timm resamples pretrained position "
+                             "embeddings); the data follow the model")
+
+
+def merge_model_kwargs(model_kwargs: Mapping[str, Any] | None = None, **named: Any) -> dict[str, Any]:
+    """``model_kwargs`` with each of ``named`` (``img_size=``, ``num_classes=``) that is not None.
+
+    Raises ``ValueError`` when a name is given both ways with different values.
+    """
+    merged = dict(model_kwargs or {})
+    for key, value in named.items():
+        if value is None:
+            continue
+        if key in merged and merged[key] != value:
+            raise ValueError(f"{key} is given twice: {value!r}, and {merged[key]!r} in the model kwargs")
+        merged[key] = value
+    return merged

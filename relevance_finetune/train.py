@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -42,10 +41,15 @@ from timm.utils import unwrap_model
 from tqdm import tqdm
 
 from . import __version__
+from . import recipes
+from ._files import atomic_path
+from .augment import BackgroundSwap
 from .data import ImageNetSDataset, MaskedCsvDataset, MaskedDataset, MaskedImageFolder, paired_transforms
 from .gae import UnsupportedModelError, attach_gae, explicit_attention
 from .losses import InputGradientRegularizer, RegularizerOutput, RelevanceRegularizer
-from .models import CHECKPOINT_FORMAT, TRAINER_STATE_PREFIX, create_model
+from .models import (CHECKPOINT_FORMAT, TRAINER_STATE_PREFIX, add_model_arguments, create_model,
+                     merge_model_kwargs, model_spec, open_safetensors)
+from .probes import replace_region
 
 __all__ = [
     "PRESETS",
@@ -70,7 +74,7 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
 _RESUMABLE_CHANGES = frozenset({"epochs", "resume", "progress", "workers", "device", "out", "data", "masks",
                                 "val_data", "val_masks", "pretrained", "checkpoint", "preset", "skip_bad",
-                                "skip_unmasked", "deterministic"})
+                                "skip_unmasked", "deterministic", "recipe"})
 
 # Per-model learning rates and temperatures of the paper's reference code (README).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -101,6 +105,8 @@ class TrainConfig:
     pretrained: bool = _option(False, "load the model's pretrained weights")
     checkpoint: str | None = _option(None, "weights to start from (.safetensors, checkpoint, export dir)")
     num_classes: int | None = _option(None, "replace the classifier (default: keep the model's)")
+    model_kwargs: dict = field(default_factory=dict, metadata={"help": "more timm.create_model arguments"})
+    img_size: int | None = _option(None, "build the model for this image size; the data follow the model")
     data: str | None = _option(
         None, "training data: a folder with images/ and masks/ (or the images folder, with --masks), "
               "a CSV manifest image,mask,label, or the ImageNet root (with --data-format imagenet-s)")
@@ -135,6 +141,14 @@ class TrainConfig:
         "confidence", "classification term of ours: own prediction, labels, or none")
     temperature: float = _option(1.0, "divides the logits of the classification term")
     second_order: bool = _option(False, "differentiate through the attention gradients")
+    background_swap: float = _option(
+        0.0, "probability of pasting each training object onto another image's background (labels stay)")
+    select: Literal["paper", "reliance"] = _option(
+        "paper", "best checkpoint: lowest validation loss (paper), or lowest validation background-only "
+                 "accuracy among epochs within --max-val-drop points of the starting accuracy (reliance)")
+    max_val_drop: float = _option(2.5, "reliance selection: validation accuracy may fall by this many points")
+    recipe: str | None = _option(None, f"a named recipe ({', '.join(recipes.names())}): its loss weights, "
+                                       "--background-swap and --select; flags and the config file win")
     # optimisation
     epochs: int = _option(50, "number of epochs")
     batch_size: int = _option(8, "global batch size (over all processes and accumulation steps)")
@@ -161,14 +175,24 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "lr_decay_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.background_swap <= 1:
+            raise ValueError(f"background_swap must lie in [0, 1], got {self.background_swap}")
         if self.workers < 0 or self.lr <= 0 or self.temperature <= 0 or not 0 <= self.val_fraction < 1:
             raise ValueError(f"need workers >= 0, lr > 0, temperature > 0 and 0 <= val_fraction < 1, got "
                              f"workers={self.workers}, lr={self.lr}, temperature={self.temperature}, "
                              f"val_fraction={self.val_fraction}")
+        if self.img_size is not None and self.img_size < 1:
+            raise ValueError(f"img_size must be positive, got {self.img_size}")
+        try:  # as the checkpoint will hold them: tuples become lists, so a resumed run compares equal
+            self.model_kwargs = json.loads(json.dumps(self.model_kwargs))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"model_kwargs must be JSON-serialisable: {error}") from None
         if self.pretrained and self.checkpoint is not None:
             raise ValueError("pass either pretrained or checkpoint, not both")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.recipe is not None:
+            recipes.get(self.recipe)  # an unknown name fails here
 
 
 def _field_kind(hint: Any) -> tuple[type, tuple | None, bool]:
@@ -230,27 +254,26 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def _recipe_settings(name: str | None) -> dict[str, Any]:
+    """The ``TrainConfig`` values of recipe ``name`` (none for ``None`` or an unknown name)."""
+    if name not in recipes.RECIPES:
+        return {}
+    recipe = recipes.get(name)
+    if recipe.object_only:
+        raise ValueError(f"recipe {name!r} uses object-only images, which the train command does not offer")
+    return {**recipe.loss, "background_swap": recipe.background_swap, "select": recipe.selection}
+
+
 def resolve_config(flags: dict[str, Any] | None = None, config_file: str | Path | None = None) -> TrainConfig:
-    """Defaults, then the preset, then the config file, then the given flags (last wins)."""
+    """Defaults, then the preset, then the recipe, then the config file, then the given flags (last wins)."""
     flags = dict(flags or {})
     file_values = read_config_file(config_file) if config_file is not None else {}
     preset = flags.get("preset", file_values.get("preset"))  # an unknown one fails in TrainConfig
-    return TrainConfig(**{**PRESETS.get(preset, {}), **file_values, **flags})
+    recipe = _recipe_settings(flags.get("recipe", file_values.get("recipe")))
+    return TrainConfig(**{**PRESETS.get(preset, {}), **recipe, **file_values, **flags})
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _encode(value: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
     """JSON skeleton of nested dicts/lists/tuples; tensors move to ``tensors`` under ``key``."""
     if isinstance(value, torch.Tensor):
@@ -294,7 +317,7 @@ def save_checkpoint(
     metadata = {"format": CHECKPOINT_FORMAT, "info": json.dumps(info)}
     if trainer_state is not None:
         metadata["trainer_state"] = json.dumps(_encode(trainer_state, tensors, TRAINER_STATE_PREFIX.rstrip("/")))
-    with _atomic_file(Path(path)) as tmp:
+    with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
 
@@ -303,7 +326,7 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any] | None:
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return None
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         metadata = f.metadata() or {}
     return json.loads(metadata["info"]) if metadata.get("format") == CHECKPOINT_FORMAT else None
 
@@ -311,7 +334,7 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any] | None:
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
     """Read a checkpoint of :func:`save_checkpoint`: ``(model_state, info, trainer_state or None)``."""
     path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         metadata = f.metadata() or {}
         if metadata.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a relevance-finetune checkpoint (no {CHECKPOINT_FORMAT!r} header)")
@@ -479,17 +502,26 @@ def _train_epoch(
         procs: _Processes,
         epoch: int,
 ) -> dict[str, float]:
-    """One pass over ``loader``: an optimiser step every ``grad_accum`` micro-batches."""
+    """One pass over ``loader``: an optimiser step every ``grad_accum`` micro-batches.
+
+    Each micro-batch's mean loss is weighted by its share of the step's images, so a short last
+    step (fewer or smaller micro-batches) is the mean over its images, as a full one is.
+    """
     model.train()
     meter = _Meter()
     bar = _progress(loader, procs, f"train {epoch + 1}/{config.epochs}", config.progress)
+    step_images = loader.batch_size * config.grad_accum
+    samples = len(loader.sampler)  # this process's images, equal on every process (the sampler pads)
     for step, batch in enumerate(bar):
         images, masks, labels = _to_device(batch, procs.device)
+        if run.swap is not None:
+            images, masks = run.swap(images, masks)
         last_micro_batch = (step + 1) % config.grad_accum == 0 or step + 1 == len(loader)
+        images_in_step = min(step_images, samples - step // config.grad_accum * step_images)
         sync = contextlib.nullcontext() if last_micro_batch or procs.world_size == 1 else model.no_sync()
         with sync:
             out, logits = _forward_loss(model, criterion, images, masks, labels, config.amp)
-            run.scaler.scale(out.loss / config.grad_accum).backward()
+            run.scaler.scale(out.loss * (labels.shape[0] / images_in_step)).backward()
         if last_micro_batch:
             run.scaler.step(run.optimizer)
             run.scaler.update()
@@ -510,11 +542,31 @@ def _validate(model: nn.Module, criterion: nn.Module, val_set: Dataset, config: 
     loader = DataLoader(shard, batch_size=micro_batch, shuffle=False, num_workers=config.workers,
                         pin_memory=procs.device.type == "cuda")
     meter = _Meter()
+    background_correct = torch.zeros(1, dtype=torch.float64)
     for batch in _progress(loader, procs, "validate", config.progress):
         images, masks, labels = _to_device(batch, procs.device)
         out, logits = _forward_loss(model, criterion, images, masks, labels, config.amp)
         meter.update(out, logits, labels)
-    return meter.result("val_", procs)
+        if config.select == "reliance":
+            background_correct += _background_only_correct(model, images, masks, labels, config.amp)
+    metrics = meter.result("val_", procs)
+    if config.select == "reliance":
+        count = procs.sum(torch.tensor([float(len(shard))], dtype=torch.float64))
+        metrics["val_background_only"] = float(procs.sum(background_correct) / count.clamp(min=1))
+    return metrics
+
+
+@torch.no_grad()
+def _background_only_correct(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
+                             amp: str | None) -> float:
+    """Correct predictions on the images with their objects replaced, averaged over two fills that
+    commute with per-channel normalisation (the batch's mean colour and a blurred copy)."""
+    correct = 0.0
+    for fill in ("mean", "blur"):
+        probed = replace_region(images, masks, "object", fill)
+        with torch.autocast(images.device.type, dtype=_AMP_DTYPES.get(amp), enabled=amp is not None):
+            correct += float((model(probed).argmax(dim=1) == labels).sum()) / 2
+    return correct
 
 
 def _micro_batch(config: TrainConfig, world_size: int) -> int:
@@ -542,6 +594,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     loader_generator: torch.Generator
     history: list[dict[str, Any]]
+    swap: BackgroundSwap | None = None  # mask-guided counterfactual images (global torch RNG: resumable)
 
     def trainer_state(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
         """Optimiser, schedule and grad-scaler state, with the RNG states of every process."""
@@ -562,8 +615,8 @@ class _Run:
 
 
 def _checkpoint_info(model: nn.Module, config: TrainConfig, history: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"epoch": len(history), "architecture": _architecture(model), "config": dataclasses.asdict(config),
-            "history": history, "library_version": __version__}
+    return {"epoch": len(history), "architecture": _architecture(model), "model": model_spec(model),
+            "config": dataclasses.asdict(config), "history": history, "library_version": __version__}
 
 
 def _architecture(model: nn.Module) -> str:
@@ -592,20 +645,35 @@ def _write_epoch(out: Path, model: nn.Module, config: TrainConfig, run: _Run, pr
     if not procs.is_main:
         return
     info = _checkpoint_info(model, config, run.history)
-    losses = [record["val_loss"] for record in run.history if "val_loss" in record]
-    if losses and losses[-1] < min(losses[:-1], default=float("inf")):
+    if _newest_is_best(run.history, config):
         save_checkpoint(out / BEST, model, info)  # before last: a resumed epoch rewrites it
     save_checkpoint(out / LAST, model, info, run.trainer_state(rng))
     with (out / METRICS).open("a") as f:
         f.write(json.dumps(run.history[-1]) + "\n")
 
 
+def _newest_is_best(history: list[dict[str, Any]], config: TrainConfig) -> bool:
+    """Whether the newest epoch beats every earlier one by ``config.select``.
+
+    ``"paper"``: lower validation loss. ``"reliance"``: among epochs whose validation accuracy is
+    within ``max_val_drop`` points of the starting accuracy, lower background-only accuracy (ties:
+    higher accuracy, then the earlier epoch)."""
+    if "val_loss" not in history[-1]:
+        return False
+    if config.select == "paper":
+        return history[-1]["val_loss"] < min((r["val_loss"] for r in history[:-1]), default=float("inf"))
+    floor = history[0]["val_start_accuracy"] - config.max_val_drop / 100
+    earlier = [(r["val_background_only"], -r["val_accuracy"]) for r in history[:-1] if r["val_accuracy"] >= floor]
+    newest = (history[-1]["val_background_only"], -history[-1]["val_accuracy"])
+    return history[-1]["val_accuracy"] >= floor and newest < min(earlier, default=(float("inf"),))
+
+
 def _start_outputs(out: Path, config: TrainConfig, history: list[dict[str, Any]]) -> None:
     """Write the resolved config, and a metrics file holding exactly the checkpoint's history."""
     out.mkdir(parents=True, exist_ok=True)
-    with _atomic_file(out / RESOLVED_CONFIG) as tmp:
+    with atomic_path(out / RESOLVED_CONFIG) as tmp:
         tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    with _atomic_file(out / METRICS) as tmp:
+    with atomic_path(out / METRICS) as tmp:
         tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
 
 
@@ -647,9 +715,11 @@ def finetune(
     out = Path(config.out) if config.out is not None else None
     if config.resume and out is None:
         raise ValueError("resume needs the run directory: set out")
+    if config.select == "reliance" and val_set is None:
+        raise ValueError("select='reliance' needs masked validation images: pass --val-data or --val-fraction")
     if out is not None and not config.resume and (out / LAST).exists():
-        raise FileExistsError(f"{out} already holds a run ({LAST}): pass resume to continue it, "
-                              "or choose another output directory")
+        raise FileExistsError(f"{out} already holds a run ({LAST}): pass --resume (TrainConfig.resume) to "
+                              "continue it, or choose another output directory")
     _seed_everything(config.seed + procs.rank)
     if config.deterministic:
         _use_deterministic_kernels()
@@ -664,7 +734,7 @@ def finetune(
                    scheduler=torch.optim.lr_scheduler.StepLR(optimizer, config.lr_decay_epochs, config.lr_decay),
                    scaler=torch.amp.GradScaler(procs.device.type, enabled=config.amp == "fp16"),
                    loader_generator=torch.Generator().manual_seed(config.seed + procs.rank),
-                   history=[])
+                   history=[], swap=BackgroundSwap(config.background_swap) if config.background_swap else None)
         if config.resume:
             _resume(out, model, run, config, procs)
         if out is not None and procs.is_main:
@@ -673,10 +743,15 @@ def finetune(
                                      shuffle=True, seed=config.seed)
         loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, num_workers=config.workers,
                             generator=run.loader_generator, pin_memory=procs.device.type == "cuda")
+        start_accuracy = {}
+        if config.select == "reliance":  # the reference the accuracy limit is measured from
+            start_accuracy = {k: v for k, v in run.history[0].items() if k.startswith("val_start_")} if run.history \
+                else {f"val_start_{k[4:]}": v for k, v in _validate(model, criterion, val_set, config, procs,
+                                                                    micro_batch).items()}
         for epoch in range(len(run.history), config.epochs):
             start = time.perf_counter()
             sampler.set_epoch(epoch)
-            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **start_accuracy}
             record.update(_train_epoch(train_model, criterion, loader, run, config, procs, epoch))
             if val_set is not None:
                 record.update(_validate(model, criterion, val_set, config, procs, micro_batch))
@@ -696,7 +771,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``train`` flags: one per ``TrainConfig`` field, plus ``--config FILE``."""
     parser.add_argument("--config", metavar="FILE", help="TOML/YAML file of settings (keys as the flags); flags win")
     hints = typing.get_type_hints(TrainConfig)
+    add_model_arguments(parser, default=argparse.SUPPRESS)
     for f in dataclasses.fields(TrainConfig):
+        if f.name in ("model_kwargs", "img_size"):
+            continue
         kind, choices, _ = _field_kind(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         shown = "" if f.default in (None, False) else f" (default: {f.default})"
@@ -710,7 +788,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``relevance-finetune train``; under torchrun, one process per device."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug")}
     config = resolve_config(flags, getattr(args, "config", None))
     if config.model is None or config.data is None or config.out is None:
         raise SystemExit("relevance-finetune train: --model (or a --preset naming one), --data and --out "
@@ -720,7 +798,8 @@ def run(args: argparse.Namespace) -> int:
         resuming = config.resume and (Path(config.out) / LAST).is_file()
         model = create_model(config.model, pretrained=config.pretrained and not resuming,
                              checkpoint=None if resuming else config.checkpoint,
-                             **({} if config.num_classes is None else {"num_classes": config.num_classes}))
+                             **merge_model_kwargs(config.model_kwargs, img_size=config.img_size,
+                                                  num_classes=config.num_classes))
         try:
             with build_criterion(model, config):
                 pass
@@ -728,6 +807,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"relevance-finetune train: cannot finetune {config.model}: {error}", file=sys.stderr)
             return 2
         train_set, val_set = _build_datasets(model, config)
+        _fit_classes(model, train_set, val_set)
         finetune(model, train_set, val_set, config)
     finally:
         if started:
@@ -769,6 +849,23 @@ def _build_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset, Dat
     if held_out >= len(order):
         raise ValueError(f"val_fraction {config.val_fraction} leaves no training images of {len(order)}")
     return Subset(train_set, order[held_out:]), Subset(val_view, order[:held_out])
+
+
+def _fit_classes(model: nn.Module, train_set: Dataset, val_set: Dataset | None) -> None:
+    """Refuse labels beyond the classifier's outputs; record the training set's class names
+    (folder datasets) as timm's ``label_names``."""
+    for dataset in (train_set, val_set):
+        base = dataset.dataset if isinstance(dataset, Subset) else dataset
+        if not isinstance(base, MaskedDataset):
+            continue
+        top = max(sample.label for sample in base.samples)
+        if top >= model.num_classes:
+            raise ValueError(
+                f"the data ({type(base).__name__}) has class index {top} but the model has {model.num_classes} "
+                f"classes: pass --num-classes {top + 1} or more (or check --class-index)")
+        names = base.label_names
+        if dataset is train_set and names is not None and len(names) == model.num_classes:
+            model.pretrained_cfg = {**model.pretrained_cfg, "label_names": names}
 
 
 def _masked_dataset(data: str, masks: str | None, transform, config: TrainConfig) -> MaskedDataset:

@@ -2,12 +2,12 @@
 
 Figures are drawn on matplotlib's Agg canvas without ``pyplot``, so nothing here needs a display
 or touches the global backend. Images are (3, H, W) tensors in [0, 1] or H x W x 3 uint8 arrays;
-relevance maps are (H, W) in [0, 1], as returned by ``GAEHandle.explain``.
+relevance maps are (H, W) in [0, 1], as returned by ``GAEHandle.explain``. The heat map is
+blended pixel by pixel, its opacity growing with the relevance, so the image stays visible under
+it, and a colour bar gives the scale.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -16,7 +16,11 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+
+from ._files import atomic_path
 
 __all__ = [
     "before_after_grid",
@@ -47,9 +51,11 @@ def denormalize(images: torch.Tensor, data_config: Mapping[str, Sequence[float]]
     return (images * std + mean).clamp(0, 1)
 
 
-def prediction_title(label: str, probability: float, prefix: str = "Pred") -> str:
-    """``"Pred: tabby cat (87%)"``: the caption of an overlay (``<1%`` below one percent)."""
-    return f"{prefix}: {label} ({probability:.0%})" if probability >= 0.01 else f"{prefix}: {label} (<1%)"
+def prediction_title(label: str, probability: float, prefix: str = "Pred", true_label: str | None = None) -> str:
+    """``"Pred: tabby cat (87%)"``: the caption of an overlay (``<1%`` below one percent), with
+    ``", true: tiger cat"`` when the true class is known."""
+    title = f"{prefix}: {label} ({probability:.0%})" if probability >= 0.01 else f"{prefix}: {label} (<1%)"
+    return title if true_label is None else f"{title}, true: {true_label}"
 
 
 def _as_numpy(array: ArrayLike) -> np.ndarray:
@@ -105,18 +111,27 @@ def _show(ax: Axes, rgb: np.ndarray, title: str | None) -> None:
         ax.set_title(textwrap.fill(title, _TITLE_WIDTH), fontsize=9)
 
 
+def _colorbar(figure: Figure, axes: Axes | list[Axes], cmap: str) -> None:
+    bar = figure.colorbar(ScalarMappable(Normalize(0, 1), cmap), ax=axes, fraction=0.046, pad=0.02, shrink=0.9)
+    bar.set_label("relevance", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+
+
 def overlay(
         image: ArrayLike,
         relevance: ArrayLike,
         title: str | None = None,
         cmap: str = "jet",
-        alpha: float = 0.5,
+        alpha: float = 0.6,
         ax: Axes | None = None,
+        colorbar: bool = True,
 ) -> Axes:
-    """Draw ``relevance`` (H, W) in [0, 1] as a heat map over ``image`` on ``ax``.
+    """Draw ``relevance`` (H, W) in [0, 1] as a heat map blended over ``image`` on ``ax``.
 
-    ``image`` is a (3, H, W) tensor/array in [0, 1] or an H x W x 3 uint8 array. Without ``ax`` a
-    new Agg figure is made (``ax.figure``). Returns the axes.
+    Each pixel's colour has opacity ``alpha * relevance``: irrelevant regions show the image
+    unchanged, the most relevant ones keep ``1 - alpha`` of it. ``image`` is a (3, H, W)
+    tensor/array in [0, 1] or an H x W x 3 uint8 array. Without ``ax`` a new Agg figure is made
+    (``ax.figure``). ``colorbar`` adds the relevance scale beside ``ax``. Returns the axes.
     """
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
@@ -125,22 +140,20 @@ def overlay(
     if ax is None:
         ax = _new_axes(1, 1)[1][0, 0]
     _show(ax, rgb, title)
-    ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=0, vmax=1, interpolation="bilinear")
+    ax.imshow(heat, cmap=cmap, alpha=alpha * heat, vmin=0, vmax=1, interpolation="bilinear")
+    if colorbar:
+        _colorbar(ax.figure, ax, cmap)
     return ax
 
 
 def save_figure(figure: Figure, path: str | Path, dpi: int = 100) -> Path:
-    """Write ``figure`` as PNG atomically (temporary file in the same folder, then ``os.replace``)."""
+    """Write ``figure`` as PNG atomically (temporary file in the same folder, then ``os.replace``).
+
+    The file gets the permissions of any file the user creates (the umask applies).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            figure.savefig(stream, format="png", dpi=dpi)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    with atomic_path(path) as temporary, temporary.open("wb") as stream:
+        figure.savefig(stream, format="png", dpi=dpi)
     return path
 
 
@@ -150,9 +163,9 @@ def save_overlay(
         relevance: ArrayLike,
         title: str | None = None,
         cmap: str = "jet",
-        alpha: float = 0.5,
+        alpha: float = 0.6,
 ) -> Path:
-    """Save one :func:`overlay` as a PNG at ``path``; returns the path."""
+    """Save one :func:`overlay` (with its colour bar) as a PNG at ``path``; returns the path."""
     ax = overlay(image, relevance, title=title, cmap=cmap, alpha=alpha)
     return save_figure(ax.figure, path)
 
@@ -166,13 +179,14 @@ def before_after_grid(
         path: str | Path,
         row_labels: Sequence[str] = ("original", "finetuned"),
         cmap: str = "jet",
-        alpha: float = 0.5,
+        alpha: float = 0.6,
 ) -> Path:
     """The paper's Fig. 3 layout, saved as a PNG at ``path``; returns the path.
 
     One column per image; rows: the input, the original model's relevance overlay titled with
-    its prediction (e.g. :func:`prediction_title`), the finetuned model's overlay and title.
-    ``images`` as in :func:`overlay` (or a (B, 3, H, W) tensor), maps (B, H, W) in [0, 1].
+    its prediction (e.g. :func:`prediction_title`), the finetuned model's overlay and title; one
+    colour bar for both overlay rows. ``images`` as in :func:`overlay` (or a (B, 3, H, W)
+    tensor), maps (B, H, W) in [0, 1].
     """
     columns = len(images)
     lengths = {len(relevance_before), len(relevance_after), len(titles_before), len(titles_after)}
@@ -186,8 +200,9 @@ def before_after_grid(
     figure, axes = _new_axes(3, columns)
     for column in range(columns):
         _show(axes[0, column], _as_rgb(images[column]), None)
-        overlay(images[column], relevance_before[column], titles_before[column], cmap, alpha, axes[1, column])
-        overlay(images[column], relevance_after[column], titles_after[column], cmap, alpha, axes[2, column])
+        overlay(images[column], relevance_before[column], titles_before[column], cmap, alpha, axes[1, column], False)
+        overlay(images[column], relevance_after[column], titles_after[column], cmap, alpha, axes[2, column], False)
     for row, label in enumerate(("input", *row_labels)):
         axes[row, 0].set_ylabel(label, fontsize=11)
+    _colorbar(figure, list(axes[1:].ravel()), cmap)
     return save_figure(figure, path)

@@ -35,6 +35,16 @@ def tiny_images(model: torch.nn.Module, batch: int = 2, seed: int = 1) -> torch.
     return torch.randn(batch, 3, *size, generator=generator)
 
 
+def cli_error(capsys, argv: list[str]) -> str:
+    """Run the command on bad input; assert it fails with one line and no traceback; return the line."""
+    from relevance_finetune import cli
+    capsys.readouterr()
+    assert cli.main(argv) != 0
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "Traceback" not in error, error
+    return error
+
+
 @pytest.fixture(params=sorted(TINY_MODELS))
 def model_key(request) -> str:
     return request.param

@@ -1,13 +1,16 @@
 """The built-in benchmark: the generator's distributions, the probes, and the demo's files."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from relevance_finetune.bench.synthetic import SpuriousConfig, make_split
+from conftest import cli_error
+from relevance_finetune.bench.synthetic import SpuriousConfig, make_split, render_image
 from relevance_finetune.probes import reliance_probes, replace_region
 
 
@@ -79,25 +82,55 @@ def test_probes_see_background_reliance():
     assert probes["background_reliance"] > 50.0
 
 
-def test_demo_quick_writes_results_figure_and_weights(tmp_path):
+def test_demo_quick_writes_results_figure_and_weights(tmp_path, capsys):
     from relevance_finetune.cli import main
-    from relevance_finetune.bench.demo import METRICS, QUICK
+    from relevance_finetune.bench.demo import METRICS
 
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--seeds", "2", "--out", str(out)]) == 0
+    args = ["demo", "--quick", "--family", "hue", "mark", "--seeds", "2", "--methods", "ours", "recommended",
+            "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Smoke test" in printed and "background-only: top-1 with" in printed
     results = json.loads((out / "results.json").read_text())
-    assert results["seeds"] == [0, 1]
-    assert set(results["methods"]) == {"original", *QUICK["methods"]}
-    for name, entry in results["methods"].items():
-        for metric in ("id_acc", "ood_acc", "adv_acc", "ood_acc_set_a", "ood_acc_set_b", "pixel_acc", "miou", "map"):
-            assert set(entry[metric]) == {"mean", "std"}
-            assert 0.0 <= entry[metric]["mean"] <= 100.0 and entry[metric]["std"] >= 0.0
-        assert {"object_only", "background_only", "background_reliance"} <= set(entry["probes"])
-    assert set(METRICS) <= set(results["methods"]["ours"])
+    assert set(results["families"]) == {"hue", "mark"}
+    for family, report in results["families"].items():
+        assert report["seeds"] == [0, 1] and report["config"]["family"] == family
+        assert set(report["methods"]) == {"original", "ours", "recommended"}
+        for name, entry in report["methods"].items():
+            for metric in METRICS:
+                assert set(entry[metric]) == {"mean", "std"}
+                assert entry[metric]["std"] >= 0.0
+            assert {"object_only", "background_only", "background_reliance"} <= set(entry["probes"])
+            if name != "original":
+                assert set(METRICS) <= set(entry["change"])
+        assert (out / f"relevance_before_after_{family}.png").stat().st_size > 10_000
     table = (out / "results.md").read_text()
-    assert all(f"| {name} |" in table for name in results["methods"])
-    assert (out / "relevance_before_after.png").stat().st_size > 10_000
-    assert (out / "ours" / "model.safetensors").is_file() and (out / "ours" / "config.json").is_file()
+    assert "## Shortcut family: mark" in table and "Smoke test" in table
+    assert all(f"| {name} |" in table for name in results["families"]["hue"]["methods"])
+    assert (out / "recommended" / "model.safetensors").is_file()
+    cached = sorted(path.name for path in (out / "cache").iterdir())
+    assert main(args) == 0  # a rerun reuses every finished seed
+    assert sorted(path.name for path in (out / "cache").iterdir()) == cached
+    assert json.loads((out / "results.json").read_text())["families"]["mark"]["methods"] == \
+        results["families"]["mark"]["methods"]
+
+
+def test_demo_one_family_keeps_the_flat_schema(tmp_path):
+    from relevance_finetune.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--family", "texture", "--methods", "ours", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"original", "ours"} and results["config"]["family"] == "texture"
+    assert (out / "relevance_before_after.png").is_file() and (out / "ours" / "config.json").is_file()
+
+
+def test_demo_checks_that_out_is_writable_before_training(tmp_path, capsys, monkeypatch):
+    from relevance_finetune.bench import demo
+    monkeypatch.setattr(demo, "run_benchmark", lambda *args: pytest.fail("trained before checking --out"))
+    (tmp_path / "file").write_text("not a folder")
+    assert "cannot write to --out" in cli_error(capsys, ["demo", "--quick", "--out", str(tmp_path / "file" / "out")])
 
 
 def test_extension_adds_a_term_and_stays_out_of_the_default_methods():
@@ -127,8 +160,9 @@ def test_choose_lr_follows_the_rule_and_trains_each_lr_once(monkeypatch, max_val
     torch.manual_seed(0)
     original = runner.create_original(config)
     trained = []
+    real_epochs = runner._finetune_epochs
+    monkeypatch.setattr(runner, "_finetune_epochs", lambda *a, **k: trained.append(a[3]) or real_epochs(*a, **k))
     real_finetune = runner.finetune
-    monkeypatch.setattr(runner, "finetune", lambda *a, **k: trained.append(a[3]) or real_finetune(*a, **k))
     lr, model, trials = runner.choose_lr(original, runner.METHODS["ours"], train, val, config, seed=0)
     assert trained == [1e-3, 1e-4] and [t["lr"] for t in trials] == [0.0, 1e-3, 1e-4]
     reference, *scores = trials
@@ -137,3 +171,50 @@ def test_choose_lr_follows_the_rule_and_trains_each_lr_once(monkeypatch, max_val
     assert lr == (expected_lr if expected_lr is not None else max(passing, default=1e-4))
     expected = real_finetune(original, runner.METHODS["ours"], train, lr, config, 0)
     assert torch.equal(model.head.weight, expected.head.weight)
+
+
+def test_reliance_rule_picks_the_lowest_background_only_within_the_accuracy_limit(monkeypatch):
+    """Checkpoints every ``select_every`` epochs of every lr compete; the kept model is the chosen one."""
+    from relevance_finetune.bench import runner
+
+    config = runner.BenchConfig(image_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2,
+                                finetune_epochs=2, select_every=1, finetune_batch=4, lr_grid=(1e-3, 1e-2),
+                                max_val_drop=1e9)
+    train = make_split(8, "biased", config=config.spurious(), classes=(0, 1))
+    val = make_split(8, "biased", config=config.spurious(), classes=(0, 1), seed=1)
+    torch.manual_seed(0)
+    original = runner.create_original(config)
+    method = runner.METHODS["recommended"]
+    assert method.selection == "reliance" and method.background_swap > 0
+    seen = []
+    real_score = runner.validation_score
+    monkeypatch.setattr(runner, "validation_score",
+                        lambda model, data, reliance=False: seen.append(model.head.weight.detach().clone())
+                        or real_score(model, data, reliance))
+    lr, model, trials = runner.choose_lr(original, method, train, val, config, seed=0)
+    assert [(t["lr"], t["epoch"]) for t in trials] == [(0.0, 0), (1e-3, 1), (1e-3, 2), (1e-2, 1), (1e-2, 2)]
+    best = min(range(1, len(trials)), key=lambda i: (trials[i]["background_only"], -trials[i]["acc"]))
+    assert lr == trials[best]["lr"]
+    assert torch.equal(model.head.weight, seen[best])
+    strict = runner.choose_lr(original, method, train, val, dataclasses.replace(config, max_val_drop=-1e9), seed=0)
+    assert strict[0] == 1e-3  # nothing passes: the smallest lr
+
+
+def test_families_are_deterministic_and_keep_the_shortcut_out_of_the_mask():
+    from relevance_finetune.bench.synthetic import FAMILIES
+
+    for family in FAMILIES:
+        config = SpuriousConfig(image_size=24, family=family)
+        a = make_split(6, "biased", config=config, seed=3).tensors
+        b = make_split(6, "biased", config=config, seed=3).tensors
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # the mark family: moving the shortcut moves only background pixels
+    config = SpuriousConfig(image_size=24, family="mark", noise=0.0)
+    rng_a, rng_b = np.random.default_rng(0), np.random.default_rng(0)
+    image_a, mask = render_image(1, 2, config, rng_a)
+    image_b, mask_b = render_image(1, 5, config, rng_b)
+    assert np.array_equal(mask, mask_b)
+    changed = np.abs(image_a - image_b).max(axis=0) > 0
+    assert changed.any() and not (changed & mask).any()
+    with pytest.raises(ValueError, match="family must be one of"):
+        SpuriousConfig(family="colour")

@@ -15,7 +15,7 @@ from typing import Iterator, NamedTuple
 import pytest
 
 import relevance_finetune
-from relevance_finetune import gae, losses, viz
+from relevance_finetune import augment, gae, losses, recipes, viz
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRES_DATA = "# requires: data"
@@ -104,7 +104,7 @@ def test_readme_and_docs_have_runnable_examples():
     assert {"README.md", "index.md", "api.md"} <= runnable
 
 
-@pytest.mark.parametrize("module", [relevance_finetune, gae, losses, viz], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [relevance_finetune, augment, gae, losses, recipes, viz], ids=lambda m: m.__name__)
 def test_api_md_names_every_public_name(module):
     text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
     missing = [name for name in module.__all__ if f"`{name}" not in text]

@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from torch import nn
 from timm.models import save_for_hf
 
-from conftest import TINY_MODELS, tiny_model
+from conftest import TINY_MODELS, cli_error, tiny_model
 from relevance_finetune import evaluate as ev
 from relevance_finetune.cli import main
 
@@ -52,6 +53,30 @@ def write_gtsegs(path: Path, images: list[np.ndarray], masks: list[np.ndarray]) 
                                                      dtype=h5py.ref_dtype))
     with open(path, "r+b") as f:
         f.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024 HDF5 schema 1.00 .")
+
+
+def write_imagenet9(root: Path, variants: dict[str, int]) -> None:
+    """The Backgrounds Challenge release layout: <variant>/val/<NN_class>/*.JPEG, plus fg_mask/ (.npy)."""
+    for variant, grey in variants.items():
+        for name in ev.IN9_CLASSES:
+            folder = root / variant / "val" / name
+            folder.mkdir(parents=True)
+            Image.fromarray(np.full((24, 24, 3), grey, dtype=np.uint8)).save(folder / "n0_1.JPEG")
+    (root / "fg_mask/val/00_dog").mkdir(parents=True)
+    np.save(root / "fg_mask/val/00_dog/n0_1.npy", np.ones((24, 24), dtype=bool))
+
+
+class RuleModel(nn.Module):
+    """A 1000-class stand-in that predicts ``rule(images)``: exact, hand-checkable scores."""
+    num_classes = 1000
+
+    def __init__(self, rule) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(()))
+        self.rule = rule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(self.rule(x), 1000).float() * 5 + self.weight
 
 
 def _segmentation_samples(count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -95,6 +120,7 @@ def data_root(tmp_path_factory) -> Path:
             _write_images(root / "si-score" / split / label, 1)
     (root / "si-score/area/metadata.csv").write_text("id,label\n")
     write_gtsegs(root / "gtsegs_ijcv.mat", *_segmentation_samples(3))
+    write_imagenet9(root / "bg_challenge", {"original": 200, "mixed_same": 200, "mixed_rand": 20})
     (root / "set_a.txt").write_text(f"{VAL_WNIDS[0]}\n6\n")
     return root
 
@@ -209,7 +235,14 @@ def test_evaluate_segmentation_and_perturbation_commands(data_root, weights, tmp
                  *_common(data_root, tmp_path)]) == 0
     result = json.loads((tmp_path / "segmentation.json").read_text())["runs"]["before"]["segmentation"]
     assert result["images"] == 3 and 0 <= result["miou"] <= 100 and 0 <= result["map"] <= 100
+    assert result["protocol"] == "standard"
     assert "| Pixel acc. |" in (tmp_path / "segmentation.md").read_text()
+    assert main(["evaluate", "--model", weights["model"], "--suite", "segmentation", "--protocol", "paper",
+                 *_common(data_root, tmp_path)]) == 0
+    result = json.loads((tmp_path / "segmentation.json").read_text())["runs"]["before"]["segmentation"]
+    assert (result["protocol"], result["mean"], result["std"]) == ("paper", [0.5] * 3, [0.5] * 3)
+    markdown = (tmp_path / "segmentation.md").read_text()
+    assert "Preprocessing: `paper`" in markdown and "| Pointing game |" in markdown
     assert main(["evaluate", "--model", weights["model"], "--checkpoint", weights["biased"],
                  "--suite", "perturbation", "--fractions", "0.2", "0.6", *_common(data_root, tmp_path)]) == 0
     result = json.loads((tmp_path / "perturbation.json").read_text())["runs"]["before"]["imagenet"]
@@ -218,9 +251,85 @@ def test_evaluate_segmentation_and_perturbation_commands(data_root, weights, tmp
     assert "positive AUC" in (tmp_path / "perturbation.md").read_text()
 
 
-def test_evaluate_command_rejects_bad_dataset_dir(weights, tmp_path):
-    with pytest.raises(ValueError, match="NAME=PATH"):
-        main(["evaluate", "--model", weights["model"], "--dataset-dir", "nowhere", "--out", str(tmp_path)])
+@pytest.mark.parametrize("protocol, peak", [("standard", (1 - 0.485) / 0.229), ("paper", 1.0)])
+def test_segmentation_protocol_sets_the_normalisation(protocol, peak, data_root):
+    model = tiny_model("vit_cls", num_classes=1000)
+    inputs = []
+    model.register_forward_pre_hook(lambda module, args: inputs.append(float(args[0][:, 0].max())))
+    config = {"input_size": (3, 32, 32), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    result = ev.evaluate_segmentation(model, data_root / "gtsegs_ijcv.mat", batch_size=4, num_workers=0,
+                                      data_config=config, progress=False, protocol=protocol)
+    assert inputs and all(v == pytest.approx(peak, rel=1e-5) for v in inputs)  # the red channel at 255
+    assert result["protocol"] == protocol and result["mean"][1] == (0.5 if protocol == "paper" else 0.456)
+    assert {"mass_accuracy", "rank_accuracy", "pointing_game"} <= set(result)
+
+
+# -- shortcut evaluations ------------------------------------------------------------------------------
+def test_in9_superclasses_match_the_authors_table():
+    table = ev.in9_superclasses()
+    counts = torch.bincount(table[table >= 0], minlength=9).tolist()
+    assert counts == [116, 52, 42, 36, 35, 27, 26, 20, 16] and int((table < 0).sum()) == 630
+    assert (table[0], table[151], table[171], table[407], table[401], table[999]) == (8, 0, -1, 2, 6, -1)
+
+
+def test_load_imagenet9_reads_the_release_layout(data_root, tmp_path):
+    sets = ev.load_imagenet9(data_root / "bg_challenge")
+    assert list(sets) == ["original", "mixed_same", "mixed_rand"]  # fg_mask/ is not a variant
+    assert sets["original"].targets == [(i,) for i in range(9)] and sets["original"].classes[2] == "02_wheeled vehicle"
+    with pytest.raises(FileNotFoundError, match="no variant folder"):
+        ev.load_imagenet9(tmp_path)
+    (tmp_path / "original/val/dog").mkdir(parents=True)
+    with pytest.raises(ValueError, match="9 class folders"):
+        ev.load_imagenet9(tmp_path)
+
+
+def test_imagenet9_maps_predictions_to_superclasses(data_root):
+    # bright images -> 'Chihuahua' (151, superclass dog); dark ones -> 'toilet tissue' (999, no superclass)
+    model = RuleModel(lambda x: torch.where(x.mean(dim=(1, 2, 3)) > 0, 151, 999))
+    config = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    result = ev.evaluate_imagenet9(model, data_root / "bg_challenge", num_workers=0, data_config=config,
+                                   progress=False)
+    assert result["mixed_same"] == {"top1": pytest.approx(100 / 9), "n": 9}   # only the dog folder
+    assert result["mixed_rand"]["top1"] == 0.0                                # 999 maps to no class
+    assert result["bg_gap"] == pytest.approx(100 / 9)                         # mixed_same - mixed_rand
+
+
+def test_imagenet_w_gap_and_carton_gap_hand_computed(tmp_path):
+    pytest.importorskip("imagenet_w")
+    carton, tench = ev.imagenet_synsets()[ev.CARTON_CLASS], ev.imagenet_synsets()[0]
+    for wnid in (carton, tench):
+        folder = tmp_path / "val" / wnid
+        folder.mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.JPEG")
+    # black images are -1 after normalisation; the white 50% watermark lifts some pixels to ~0
+    model = RuleModel(lambda x: torch.where(x.amax(dim=(1, 2, 3)) > -0.5, ev.CARTON_CLASS, 0))
+    config = {"input_size": (3, 64, 64), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+              "crop_pct": 1.0, "crop_mode": "center"}
+    result = ev.evaluate_imagenet_w(model, ev.load_wnid_folders(tmp_path / "val", "imagenet-w"), num_workers=0,
+                                    data_config=config, progress=False)
+    # clean: every image -> tench (2 of 4 right, no carton); watermarked: every image -> carton
+    assert (result["clean_top1"], result["watermarked_top1"], result["in_w_gap"]) == (50.0, 50.0, 0.0)
+    assert (result["clean_carton_top1"], result["watermarked_carton_top1"], result["carton_gap"]) == (0.0, 100.0, 100.0)
+    assert result["delta_p_carton"] > 0 and (result["images"], result["carton_images"]) == (4, 2)
+
+
+def test_evaluate_shortcuts_command(data_root, weights, tmp_path):
+    pytest.importorskip("imagenet_w")
+    assert main(["evaluate", "--model", weights["model"], "--compare", weights["biased"], "--suite", "shortcuts",
+                 *_common(data_root, tmp_path)]) == 0
+    after = json.loads((tmp_path / "shortcuts.json").read_text())["runs"]["after"]
+    # the biased model always predicts class 0 (tench, superclass fish): one IN-9 folder in nine
+    assert after["imagenet-9"]["original"]["top1"] == pytest.approx(100 / 9) and after["imagenet-9"]["bg_gap"] == 0
+    assert (after["imagenet-w"]["clean_top1"], after["imagenet-w"]["in_w_gap"]) == (50.0, 0.0)
+    assert after["imagenet-w"]["carton_gap"] is None  # no carton images in the fixture
+    markdown = (tmp_path / "shortcuts.md").read_text()
+    assert "| IN-W gap |" in markdown and "| BG-gap | " in markdown and "| Carton gap |" in markdown
+
+
+def test_evaluate_command_rejects_bad_dataset_dir(weights, tmp_path, capsys):
+    assert "NAME=PATH" in cli_error(
+        capsys, ["evaluate", "--model", weights["model"], "--dataset-dir", "nowhere", "--out", str(tmp_path)])
 
 
 def test_probes_reexport_is_lazy():
@@ -245,6 +354,9 @@ def _run_example(name: str, argv: list[str]) -> None:
     ("table2_si_score", "ViT-B", "(+"),
     ("table3_segmentation", "ViT-B", "| Model | ViT-B Orig | ViT-B Ours |"),
     ("table4_ablations", "DeiT-B", "| DeiT-B | w/ ground-truth | - |"),
+    pytest.param("shortcut_table", "ViT-B", "| ViT-B Orig | ViT-B Ours | ViT-B Ours (TokenCut) |",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("imagenet_w") is None,
+                                          reason="needs the imagenet-w package (the eval extra)")),
 ])
 def test_table_scripts(script, only, expected, data_root, weights, tmp_path):
     out = tmp_path / f"{script}.md"

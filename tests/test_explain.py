@@ -101,6 +101,24 @@ def test_compare_writes_before_after_grids(workspace, tmp_path, monkeypatch):
     assert all(r["top5"] != r["top5_compare"] for r in records)
 
 
+def test_folder_class_names_and_true_classes_title_the_panels(tmp_path, monkeypatch):
+    """A run on cat/dog folders records the names; explain shows them, and the true class of an
+    image in a cat/ or dog/ folder."""
+    from test_train import tiny_hub, write_masked_folder
+    write_masked_folder(tmp_path / "data", per_class=1)
+    hub = tiny_hub(tmp_path / "hub", num_classes=2)
+    assert main(["train", "--model", hub, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                 "--epochs", "1", "--batch-size", "2", "--workers", "0", "--no-progress"]) == 0
+    titles = []
+    monkeypatch.setattr(explain, "save_overlay", lambda path, image, heat, title: titles.append(title))
+    assert main(["explain", "--model", hub, "--checkpoint", str(tmp_path / "run" / "last.safetensors"),
+                 str(tmp_path / "data" / "images"), "--out", str(tmp_path / "out")]) == 0
+    records = json.loads((tmp_path / "out" / "predictions.json").read_text())["images"]
+    assert [r["true"] for r in records] == [{"index": 0, "label": "cat"}, {"index": 1, "label": "dog"}]
+    assert all(p["label"] in ("cat", "dog") for r in records for p in r["top5"])
+    assert [t.split(", true: ")[1] for t in titles] == ["cat", "dog"]
+
+
 def test_explain_images_feeds_the_models_input_size(workspace, tmp_path):
     model = tiny_model()  # built for 32 x 32 while its pretrained config still says 224 x 224
     records = explain.explain_images(model, [workspace / "images" / "a.png"], tmp_path, batch_size=1)
@@ -120,7 +138,7 @@ def test_compare_grid_is_a_png(workspace, tmp_path):
     ("empty_dir", "no images"),
     ("missing", "no such file or directory"),
     ("target", r"--target must be a class index in \[0, 1000\)"),
-    ("compare_mismatch", "does not fit"),
+    ("compare_mismatch", "do not fit"),
 ])
 def test_bad_input_is_one_clear_error(workspace, tmp_path, capsys, case, message):
     (tmp_path / "empty").mkdir()

@@ -1,14 +1,17 @@
 """Export: timm's hub layout with metadata, loading with timm, wrong architectures, the command."""
 from __future__ import annotations
 
+import errno
 import json
+import os
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
-from conftest import tiny_images, tiny_model
+from conftest import cli_error, tiny_images, tiny_model
 from relevance_finetune import __version__, cli
 from relevance_finetune import export as export_module
 from relevance_finetune.export import finetune_metadata, load_finetuned, save_finetuned
@@ -29,7 +32,7 @@ def perturbed(model: torch.nn.Module) -> torch.nn.Module:
 def test_timm_loads_the_export_with_identical_logits(tmp_path, key):
     model = perturbed(tiny_model(key))
     out = save_finetuned(model, tmp_path / "export", base_model="tiny", finetune_config=TrainConfig(lr=1e-5))
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json"}
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "README.md"}
     images = tiny_images(model)
     with torch.no_grad():
         expected = model(images)
@@ -43,7 +46,7 @@ def test_config_json_carries_the_finetune_metadata(tmp_path):
                    data_config={"mean": (0.5,) * 3, "std": (0.5,) * 3})
     metadata = finetune_metadata(tmp_path)
     assert metadata["library_version"] == __version__
-    assert metadata["base_model"] == "deit_tiny_distilled_patch16_224.fb_in1k"
+    assert metadata["base_model"] == "deit_tiny_distilled_patch16_224"  # random weights: no pretrained tag
     assert metadata["finetune_config"]["lr"] == 1e-5
     assert metadata["lambdas"] == {"lambda_bg": 1.5, "lambda_fg": 0.3, "lambda_relevance": 0.8,
                                    "lambda_classification": 0.2, "lambda_mask": 1.0}
@@ -56,8 +59,11 @@ def test_config_json_carries_the_finetune_metadata(tmp_path):
 
 def test_wrong_architecture_names_both(tmp_path):
     save_finetuned(tiny_model("vit_cls"), tmp_path / "vit")
-    with pytest.raises(ValueError, match=r"\(vit_tiny_patch16_224\) does not fit this .*deit_tiny_distilled"):
+    with pytest.raises(ValueError, match=r"weights of vit_tiny_patch16_224, which do not fit the model deit_tiny_distilled"):
         load_weights(tiny_model("deit_distilled"), tmp_path / "vit")
+    with pytest.raises(ValueError, match=r"weights of vit_tiny_patch16_224 \(num_classes=5\), which do not fit the "
+                                         r"model vit_tiny_patch16_224 \(num_classes=3\)"):
+        load_weights(tiny_model("vit_cls", num_classes=3), tmp_path / "vit")
 
 
 def test_export_replaces_files_atomically(tmp_path, monkeypatch):
@@ -87,7 +93,7 @@ def test_export_command_turns_a_training_checkpoint_into_a_timm_model(tmp_path, 
     hub = tiny_hub(tmp_path / "hub", key="deit_distilled", num_classes=4)
     model = timm.create_model(hub, pretrained=True)
     run = tmp_path / "run"
-    finetune(model, SyntheticMasked(4), None, config(out=str(run), model=hub, normalization="half"))
+    finetune(model, SyntheticMasked(4), None, config(out=str(run), model=hub, pretrained=True, normalization="half"))
 
     assert cli.main(["export", str(run / "last.safetensors"), "--out", str(tmp_path / "export")]) == 0
     assert "local-dir:" in capsys.readouterr().out
@@ -100,12 +106,71 @@ def test_export_command_turns_a_training_checkpoint_into_a_timm_model(tmp_path, 
     assert model.pretrained_cfg["mean"] != (0.5, 0.5, 0.5) and exported.pretrained_cfg["mean"] == [0.5] * 3
 
 
-def test_export_command_needs_a_model_name_for_bare_weights(tmp_path):
+def test_export_command_needs_a_model_name_for_bare_weights(tmp_path, capsys):
     weights = tmp_path / "weights.safetensors"
     save_file(tiny_model().state_dict(), str(weights))
-    with pytest.raises(ValueError, match="pass the timm model name"):
-        cli.main(["export", str(weights), "--out", str(tmp_path / "export")])
+    assert "pass the timm model name" in cli_error(capsys, ["export", str(weights), "--out", str(tmp_path / "export")])
     hub = tiny_hub(tmp_path / "hub")
     assert cli.main(["export", str(weights), "--out", str(tmp_path / "export"), "--model", hub]) == 0
-    with pytest.raises(ValueError, match="does not fit"):
-        cli.main(["export", str(weights), "--out", str(tmp_path / "x"), "--model", "deit_tiny_distilled_patch16_224"])
+    assert "do not fit" in cli_error(
+        capsys, ["export", str(weights), "--out", str(tmp_path / "x"), "--model", "deit_tiny_distilled_patch16_224"])
+
+
+def test_export_into_a_mount_point_moves_within_it(tmp_path, monkeypatch):
+    """On a mount point a rename from outside fails (EXDEV): the temporary folder must be inside."""
+    out = tmp_path / "mount"
+    out.mkdir()
+    real_replace = os.replace
+
+    def replace_within_one_file_system(src, dst):
+        if Path(dst).parent not in Path(src).parents:
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(export_module.os, "replace", replace_within_one_file_system)
+    model = tiny_model()
+    save_finetuned(model, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def trained_checkpoint(tmp_path, **settings) -> tuple[str, torch.nn.Module, Path]:
+    """A one-epoch run started from a local-dir hub model; returns (hub name, model, run dir)."""
+    hub = tiny_hub(tmp_path / "hub", num_classes=4)
+    model = timm.create_model(hub, pretrained=True)
+    run = tmp_path / "run"
+    finetune(model, SyntheticMasked(4), None, config(out=str(run), model=hub, **settings))
+    return hub, model, run
+
+
+def test_export_needs_overwrite_to_replace_an_export(tmp_path, capsys):
+    _, _, run = trained_checkpoint(tmp_path, pretrained=True)
+    args = ["export", str(run / "last.safetensors"), "--out", str(tmp_path / "export")]
+    assert cli.main(args) == 0
+    assert "already holds an export: pass --overwrite" in cli_error(capsys, args)
+    assert cli.main([*args, "--overwrite"]) == 0
+
+
+def test_checkpoints_are_self_contained(tmp_path):
+    """The run started from local-dir:hub; the export still works after hub moved, and a
+    random-init run names no pretrained tag."""
+    hub, model, run = trained_checkpoint(tmp_path)
+    (tmp_path / "hub").rename(tmp_path / "moved")
+    out = export_module.export_checkpoint(run / "last.safetensors", tmp_path / "export")
+    images = tiny_images(model)
+    with torch.no_grad():
+        assert torch.equal(load_finetuned(out).eval()(images), model.eval()(images))
+    assert finetune_metadata(out)["base_model"] == "vit_tiny_patch16_224"
+
+
+@pytest.mark.parametrize("command", ["export", "resume"])
+def test_truncated_checkpoints_are_named(tmp_path, capsys, command):
+    hub, _, run = trained_checkpoint(tmp_path, pretrained=True)
+    last = run / "last.safetensors"
+    last.write_bytes(last.read_bytes()[:-100])
+    if command == "export":
+        error = cli_error(capsys, ["export", str(last), "--out", str(tmp_path / "export")])
+        assert f"cannot read {last}" in error and "truncated" in error
+    else:
+        with pytest.raises(ValueError, match=f"cannot read {last}.*truncated"):
+            finetune(tiny_model(num_classes=4), SyntheticMasked(4), None,
+                     config(out=str(run), model=hub, pretrained=True, resume=True, epochs=2))

@@ -143,6 +143,56 @@ def test_attach_twice_raises_until_removed():
     attach_gae(model).remove()
 
 
+def test_wrappers_are_unwrapped_and_record_the_wrapped_forward(tmp_path):
+    """DataParallel (no GPU: it calls the model), DDP and torch.compile: the handle instruments the
+    inner model, and the wrapper's forward gives the bare model's relevance."""
+    import torch.distributed as dist
+    model = tiny_model()
+    images = tiny_images(model)
+    with attach_gae(model) as gae:
+        expected = gae.relevance(model(images)).detach()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrappers = [torch.nn.DataParallel(model), torch.nn.parallel.DistributedDataParallel(model),
+                    torch.compile(model, backend="eager")]
+        for wrapper in wrappers:
+            with attach_gae(wrapper) as gae:
+                assert gae.model is model
+                torch.testing.assert_close(gae.relevance(wrapper(images)).detach(), expected)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_attach_through_another_wrapper_is_refused_and_remove_restores_fused():
+    model = tiny_model()
+    attn = model.blocks[0].attn
+    fused_before = attn.fused_attn
+    gae = attach_gae(model)
+    for wrapper in (torch.compile(model, backend="eager"), torch.nn.Sequential(model)):
+        with pytest.raises(RuntimeError, match="already attached to this .*'s attention"):
+            attach_gae(wrapper)
+    gae.remove()
+    assert attn.fused_attn == fused_before
+    attach_gae(torch.compile(model, backend="eager")).remove()
+    assert attn.fused_attn == fused_before
+
+
+def test_a_removed_handle_says_so():
+    model = tiny_model()
+    gae = attach_gae(model)
+    gae.remove()
+    logits = model(tiny_images(model))
+    with pytest.raises(RuntimeError, match="handle was removed"):
+        gae.relevance(logits)
+
+
+def test_explain_needs_a_batch():
+    model = tiny_model()
+    with attach_gae(model) as gae:
+        with pytest.raises(ValueError, match=r"\(B, C, H, W\), got shape \(3, 32, 32\): add the batch dimension"):
+            gae.explain(tiny_images(model)[0])
+
+
 def test_no_grad_forward_is_refused():
     model = tiny_model()
     images = tiny_images(model)

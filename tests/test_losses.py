@@ -140,6 +140,32 @@ def test_masks_before_any_forward():
             RelevanceRegularizer(gae)(torch.zeros(2, 5), torch.ones(2, 32, 32))
 
 
+def test_masks_of_another_aspect_ratio_are_refused():
+    model, images, gae, _ = _setup()
+    with pytest.raises(ValueError, match="masks of 24x32 .* do not have the images' aspect ratio"):
+        RelevanceRegularizer(gae)(model(images), torch.ones(2, 24, 32))
+
+
+def test_distilled_training_tuple_says_what_to_pass():
+    model = tiny_model("deit_distilled").train()
+    model.set_distilled_training(True)
+    with attach_gae(model) as gae:
+        logits = model(tiny_images(model))
+        assert isinstance(logits, tuple)
+        with pytest.raises(TypeError, match=r"\(a \+ b\) / 2"):
+            RelevanceRegularizer(gae)(logits, torch.ones(2, 32, 32))
+        out = RelevanceRegularizer(gae)((logits[0] + logits[1]) / 2, torch.ones(2, 32, 32))
+        assert torch.isfinite(out.loss)
+
+
+def test_criterion_after_remove_says_the_handle_was_removed():
+    model, images, gae, masks = _setup()
+    criterion = RelevanceRegularizer(gae)
+    gae.remove()
+    with pytest.raises(RuntimeError, match="handle was removed"):
+        criterion(model(images), masks)
+
+
 def test_bad_settings():
     model = tiny_model()
     with attach_gae(model) as gae:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.ndimage
 import torch
 from PIL import Image
 from timm.models import save_for_hf
@@ -12,8 +13,9 @@ from conftest import TINY_MODELS, tiny_images, tiny_model
 from relevance_finetune.cli import main
 from relevance_finetune.data import ImageNetSDataset, MaskedImageFolder, imagenet_class_index
 from relevance_finetune.masks import (
-    MERGED_WNIDS, decode_imagenet_s_mask, imagenet_s_foreground, imagenet_s_split, last_block_keys,
-    tokencut_masks, tokencut_partition)
+    MERGED_WNIDS, bilateral_refine, bilateral_solve, decode_imagenet_s_mask, imagenet_s_foreground,
+    imagenet_s_split, last_block_keys, tokencut_masks, tokencut_partition, upsample_mask)
+from relevance_finetune.masks.command import patch_multiple_size
 
 WNIDS = sorted(imagenet_class_index())
 CATEGORIES = sorted(set(WNIDS) - set(MERGED_WNIDS))  # category file: sorted wnids, ids are 1-based rows
@@ -194,6 +196,31 @@ def test_partition_ignores_the_eigenvector_sign(monkeypatch):
         np.testing.assert_array_equal(tokencut_partition(features, (5, 5)), foreground)
     with pytest.raises(ValueError, match=r"expected features of shape \(25, C\)"):
         tokencut_partition(features[:-1], (5, 5))
+    with pytest.raises(ValueError, match="at least 3 patches"):
+        tokencut_partition(features[:2], (1, 2))
+
+
+def reference_partition(features, grid, tau=0.2, eps=1e-5):
+    """TokenCut's published Ncut step, written independently in float64 NumPy."""
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    affinity = np.where(unit @ unit.T > tau, 1.0, eps)
+    degree = np.diag(affinity.sum(axis=1))
+    _, vectors = scipy.linalg.eigh(degree - affinity, degree, subset_by_index=[1, 2])
+    second = vectors[:, 0]
+    foreground = second > second.sum() / len(second)
+    seed = np.argmax(np.abs(second))
+    foreground = foreground if foreground[seed] else ~foreground
+    labels, _ = scipy.ndimage.label(foreground.reshape(grid))
+    return labels == labels[np.unravel_index(seed, grid)]
+
+
+@pytest.mark.parametrize("seed, grid", [(4, (3, 3)), (0, (4, 5)), (1, (6, 6)), (2, (2, 7))])
+def test_partition_matches_the_float64_reference(seed, grid):
+    # seed 4: the eigenvector's largest |x| is nearly tied, so single precision picks another seed
+    features = np.random.default_rng(seed).normal(size=(grid[0] * grid[1], 8))
+    np.testing.assert_array_equal(tokencut_partition(features, grid), reference_partition(features, grid))
+    np.testing.assert_array_equal(tokencut_partition(torch.from_numpy(features), grid),
+                                  reference_partition(features, grid))
 
 
 def test_last_block_keys_match_the_attention_keys(model_key):
@@ -232,6 +259,103 @@ def test_tokencut_rejects_non_transformers():
         tokencut_masks(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)), torch.zeros(1, 3, 8, 8))
 
 
+# -- bilateral solver --------------------------------------------------------------------------
+def dense_bilateral_solve(image, target, spatial, luma, chroma, lam=256.0, confidence=0.999):
+    """Barron & Poole's solver as published, with dense matrices and an exact solve (tiny images)."""
+    r, g, b = np.moveaxis(image.astype(np.float64), -1, 0)
+    y, u, v = (0.299 * r + 0.587 * g + 0.114 * b, -0.168736 * r - 0.331264 * g + 0.5 * b + 128,
+               0.5 * r - 0.418688 * g - 0.081312 * b + 128)
+    rows, cols = np.indices(target.shape)
+    scaled = np.stack([cols / spatial, rows / spatial, y / luma, u / chroma, v / chroma], -1).reshape(-1, 5)
+    pixels = [tuple(p) for p in np.floor(scaled).astype(int)]
+    vertex = {p: i for i, p in enumerate(sorted(set(pixels)))}
+    splat = np.zeros((len(vertex), len(pixels)))
+    splat[[vertex[p] for p in pixels], np.arange(len(pixels))] = 1
+    blur = 10 * np.eye(len(vertex))  # [1 2 1] along each of the 5 axes
+    for p, i in vertex.items():
+        for axis in range(5):
+            for step in (-1, 1):
+                neighbour = p[:axis] + (p[axis] + step,) + p[axis + 1:]
+                if neighbour in vertex:
+                    blur[i, vertex[neighbour]] += 1
+    counts, n = splat.sum(1), np.ones(len(vertex))
+    for _ in range(10):
+        n = np.sqrt(n * counts / (blur @ n))
+    weights = np.full(len(pixels), confidence)
+    system = lam * (np.diag(n * (blur @ n)) - np.diag(n) @ blur @ np.diag(n)) + np.diag(splat @ weights)
+    return (splat.T @ np.linalg.solve(system, splat @ (weights * target.ravel()))).reshape(target.shape)
+
+
+def object_image(size=64, noise=6.0, seed=0):
+    """A red rectangle (not on the 8-pixel grid) on green, with noise; returns the image and the object."""
+    obj = np.zeros((size, size), dtype=bool)
+    obj[13:45, 10:50] = True
+    image = np.where(obj[..., None], [200.0, 60.0, 50.0], [40.0, 100.0, 40.0])
+    image += noise * np.random.default_rng(seed).standard_normal(image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), obj
+
+
+def test_bilateral_solve_matches_a_dense_exact_solve():
+    rng = np.random.default_rng(0)
+    image = np.repeat(np.repeat(rng.integers(0, 256, (3, 4, 3)), 4, axis=0), 3, axis=1).astype(np.uint8)
+    image = np.clip(image + rng.integers(-20, 20, image.shape), 0, 255).astype(np.uint8)
+    target = rng.uniform(size=image.shape[:2])
+    expected = dense_bilateral_solve(image, target, 3, 48, 40)
+    np.testing.assert_allclose(bilateral_solve(image, target, sigma_spatial=3, sigma_luma=48, sigma_chroma=40),
+                               expected, atol=1e-4)
+
+
+def test_bilateral_solve_keeps_constants():
+    image, _ = object_image()
+    np.testing.assert_allclose(bilateral_solve(image, np.full(image.shape[:2], 0.3)), 0.3, atol=1e-9)
+    flat = np.full((8, 9, 3), 77, dtype=np.uint8)
+    np.testing.assert_allclose(bilateral_solve(flat, np.full((8, 9), 0.7), confidence=np.ones((8, 9))), 0.7)
+
+
+def test_bilateral_refine_snaps_a_blocky_mask_to_the_object_edge():
+    image, obj = object_image()
+    coarse = upsample_mask(obj.reshape(8, 8, 8, 8).mean((1, 3)) > 0.5, obj.shape)  # the 8x8 patch grid
+    assert (coarse != obj).sum() > 300
+    refined = bilateral_refine(image, coarse)
+    assert refined.dtype == bool and refined.shape == obj.shape
+    np.testing.assert_array_equal(refined, obj)
+    np.testing.assert_array_equal(bilateral_refine(image, coarse), refined)  # deterministic
+    np.testing.assert_array_equal(bilateral_refine(image, coarse, component="largest"), obj)
+
+
+def test_bilateral_refine_reference_rules():
+    image, obj = object_image()
+    # an object larger than the background: the reference's rule takes the background, whose IoU
+    # with the coarse mask is under 0.5, so the mask is dropped; 'largest' keeps the object
+    big = ~np.pad(np.ones((52, 52), dtype=bool), 6)
+    big_image = np.where(big[..., None], image[0, 0], image[30, 30]).astype(np.uint8)
+    assert big.mean() < 0.5 and bilateral_refine(big_image, ~big) is None
+    np.testing.assert_array_equal(bilateral_refine(big_image, ~big, component="largest"), ~big)
+    # a constant image with a full mask: one component, again larger than the background: dropped
+    flat = np.full((16, 16, 3), 90, dtype=np.uint8)
+    assert bilateral_refine(flat, np.ones((16, 16), dtype=bool)) is None
+    # nothing above 0.5: the reference falls back to the whole image, here of IoU 1/16 with the mask
+    corner = np.zeros((64, 64), dtype=bool)
+    corner[:16, :16] = True
+    flat = np.full((64, 64, 3), 90, dtype=np.uint8)
+    assert bilateral_solve(flat, corner).max() < 0.5
+    assert bilateral_refine(flat, corner) is None and bilateral_refine(flat, corner, min_iou=0.0625).all()
+    assert bilateral_refine(flat, corner, component="largest", min_iou=0) is not None
+    assert not bilateral_refine(flat, corner, component="largest", min_iou=0).any()
+
+
+def test_bilateral_bad_input():
+    image, obj = object_image()
+    with pytest.raises(ValueError, match=r"expected an RGB image \(H, W, 3\) and a target \(H, W\)"):
+        bilateral_refine(image, obj[:-1])
+    with pytest.raises(ValueError, match="must be positive"):
+        bilateral_solve(image, obj, sigma_spatial=0)
+    with pytest.raises(ValueError, match="non-negative"):
+        bilateral_solve(image, obj, confidence=-1)
+    with pytest.raises(ValueError, match="component must be"):
+        bilateral_refine(image, obj, component="biggest")
+
+
 # -- the masks command -------------------------------------------------------------------------
 @pytest.fixture
 def dino_dir(tmp_path):
@@ -253,7 +377,7 @@ def make_images(root, sizes=((40, 30), (33, 50), (32, 32), (45, 41), (60, 20))):
 
 
 def masks_command(dino_dir, images, out, *extra):
-    return main(["masks", "--method", "tokencut", "--model", f"local-dir:{dino_dir}", "--pretrained",
+    return main(["masks", "--debug", "--method", "tokencut", "--model", f"local-dir:{dino_dir}", "--pretrained",
                  "--images", str(images), "--out", str(out), "--workers", "0", "--batch-size", "2",
                  "--min-pixels", "0", *extra])
 
@@ -304,3 +428,60 @@ def test_masks_command_bad_images(tmp_path, dino_dir, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty holds no class folders"):
         masks_command(dino_dir, tmp_path / "empty", tmp_path / "out")
+
+
+def test_patch_multiple_size():
+    assert patch_multiple_size(333, 500, (16, 16)) == (336, 496)
+    assert patch_multiple_size(24, 40, (16, 16)) == (32, 32)  # round half to even, as TokenCut's int(round())
+    assert patch_multiple_size(5, 70, (16, 8)) == (16, 72)  # at least one patch
+    assert patch_multiple_size(300, 500, (16, 16), short_side=224) == (224, 368)
+
+
+def test_masks_command_refines_then_filters(tmp_path, dino_dir, capsys, monkeypatch):
+    import relevance_finetune.masks.command as command
+    images = make_images(tmp_path / "images")
+    seen = []
+
+    def refine(image, mask, component):  # 10 foreground pixels, or dropped for the 40x30 image
+        seen.append((image, mask, component))
+        if image.shape[:2] == (30, 40):
+            return None
+        refined = np.zeros(mask.shape, dtype=bool)
+        refined.flat[:10] = True
+        return refined
+
+    monkeypatch.setattr(command, "bilateral_refine", refine)
+    assert masks_command(dino_dir, images, tmp_path / "a", "--min-pixels", "11") == 0
+    assert "0 masks written" in capsys.readouterr().out
+    assert masks_command(dino_dir, images, tmp_path / "b", "--min-pixels", "10", "--component", "largest") == 0
+    out = capsys.readouterr().out
+    assert "4 masks written" in out and "1 dropped by the refinement" in out and "0 under" in out
+    assert all(m.sum() == 10 for m in (np.array(Image.open(p)) > 0 for p in (tmp_path / "b").rglob("*.png")))
+    image, mask, component = seen[-1]
+    np.testing.assert_array_equal(image, np.array(Image.open(images / "n01443537" / "img_4.JPEG")))
+    assert mask.shape == (20, 60) and mask.dtype == bool and component == "largest"
+
+
+def test_masks_command_refine_none_and_aspect_resize(tmp_path, dino_dir, capsys, monkeypatch):
+    images = make_images(tmp_path / "images")
+    shapes = []
+    monkeypatch.setattr("relevance_finetune.masks.command.last_block_keys",
+                        lambda model, batch: shapes.append(tuple(batch.shape)) or last_block_keys(model, batch))
+    assert masks_command(dino_dir, images, tmp_path / "a", "--refine", "none") == 0
+    assert "5 masks written" in capsys.readouterr().out and set(shapes) == {(2, 3, 32, 32), (1, 3, 32, 32)}
+    shapes.clear()
+    assert masks_command(dino_dir, images, tmp_path / "b", "--resize", "aspect", "--refine", "none") == 0
+    # (H, W) 30x40 -> 32x40, 50x33 -> 48x32, 32x32, 41x45 -> 40x48, 20x60 -> 16x64, one forward per size
+    assert sorted(s[2:] for s in shapes) == [(16, 64), (32, 32), (32, 40), (40, 48), (48, 32)]
+    for path in (tmp_path / "b").rglob("*.png"):
+        image = Image.open(images / path.parent.name / f"{path.stem}.JPEG")
+        assert Image.open(path).size == image.size
+    shapes.clear()
+    assert masks_command(dino_dir, images, tmp_path / "c", "--resize", "aspect", "--short-side", "16",
+                         "--refine", "none") == 0
+    assert (1, 3, 16, 24) in shapes  # 30x40 -> 16x21.3 -> 16x24
+    with pytest.raises(ValueError, match="--short-side takes a positive size and needs --resize aspect"):
+        masks_command(dino_dir, images, tmp_path / "d", "--short-side", "16")
+    with pytest.raises(ValueError, match="--resize aspect needs a model that takes dynamic_img_size"):
+        main(["masks", "--model", "beit_base_patch16_224", "--images", str(images), "--out", str(tmp_path / "e"),
+              "--resize", "aspect"])

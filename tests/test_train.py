@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
-from conftest import tiny_model
+from conftest import cli_error, tiny_model
 from relevance_finetune import UnsupportedModelError, cli
 from relevance_finetune import train as train_module
 from relevance_finetune.models import load_weights
@@ -112,7 +112,7 @@ def test_checkpoints_are_safetensors_that_timm_and_load_weights_read(tmp_path):
     assert info["epoch"] == 3 and info["architecture"] == "vit_tiny_patch16_224"
     assert set(trainer_state) == {"optimizer", "scheduler", "scaler", "rng"}
     assert_states_close(load_weights(tiny_model(num_classes=4, seed=5), last).state_dict(), state_of(model))
-    with pytest.raises(ValueError, match=r"\(vit_tiny_patch16_224\) does not fit .*deit_tiny_distilled"):
+    with pytest.raises(ValueError, match=r"weights of vit_tiny_patch16_224, which do not fit the model deit_tiny_distilled"):
         load_weights(tiny_model("deit_distilled", num_classes=4), last)
 
     best_state, best_info, best_trainer_state = load_checkpoint(best)
@@ -166,7 +166,7 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_used_directories(tm
     finetune(tiny_model(num_classes=4), data, None, config(out=str(tmp_path)))
     with pytest.raises(ValueError, match=r"lr: 0.001 -> 0.01"):
         finetune(tiny_model(num_classes=4), data, None, config(out=str(tmp_path), resume=True, epochs=2, lr=1e-2))
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(FileExistsError, match="already holds a run .*: pass --resume"):
         finetune(tiny_model(num_classes=4), data, None, config(out=str(tmp_path)))
 
 
@@ -184,6 +184,15 @@ def test_gradient_accumulation_matches_the_full_batch():
     finetune(accumulated, data, None, config(grad_accum=2))
     assert_states_close(state_of(accumulated), state_of(full), atol=1e-6)
     assert not torch.equal(full.head.weight, exact_step_model().head.weight)
+
+
+def test_a_short_last_step_weights_its_images_as_a_full_batch():
+    """5 images, batch 4: the last step holds one image; accumulated, it is one short micro-batch."""
+    data = SyntheticMasked(5)
+    full, accumulated = exact_step_model(), exact_step_model()
+    finetune(full, data, None, config())
+    finetune(accumulated, data, None, config(grad_accum=2))
+    assert_states_close(state_of(accumulated), state_of(full), atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["gradmask", "rrr"])
@@ -277,15 +286,33 @@ def test_train_command_runs_resumes_and_records_its_config(tmp_path, capsys):
     assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "last.safetensors", "best.safetensors"}
 
 
-def test_train_command_skips_unmasked_images_only_when_asked(tmp_path):
+def test_train_command_skips_unmasked_images_only_when_asked(tmp_path, capsys):
     write_masked_folder(tmp_path / "data")
     (tmp_path / "data" / "masks" / "cat" / "0.png").unlink()  # e.g. TokenCut's mask was too small
     hub = tiny_hub(tmp_path / "hub", num_classes=2)
     args = ["train", "--model", hub, "--pretrained", "--data", str(tmp_path / "data"), "--epochs", "1",
             "--batch-size", "2", "--workers", "0", "--no-progress", "--val-fraction", "0.34"]
-    with pytest.raises(FileNotFoundError, match="0.png"):
-        cli.main([*args, "--out", str(tmp_path / "strict")])
+    assert "0.png" in cli_error(capsys, [*args, "--out", str(tmp_path / "strict")])
     assert cli.main([*args, "--out", str(tmp_path / "run"), "--skip-unmasked"]) == 0
+
+
+def test_train_command_checks_num_classes_and_records_folder_class_names(tmp_path, capsys):
+    write_masked_folder(tmp_path / "data", per_class=2)
+    hub = tiny_hub(tmp_path / "hub", num_classes=2)
+    args = ["train", "--model", hub, "--data", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "2",
+            "--workers", "0", "--no-progress"]
+    error = cli_error(capsys, [*args, "--num-classes", "1", "--out", str(tmp_path / "small")])
+    assert "class index 1 but the model has 1 classes: pass --num-classes 2" in error
+    assert not (tmp_path / "small").exists()  # refused before any output or training
+    assert cli.main([*args, "--out", str(tmp_path / "run")]) == 0
+    _, info, _ = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert info["model"]["pretrained_cfg"]["label_names"] == ["cat", "dog"]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        cli.main(["train", "--debug", "--model", tiny_hub(tmp_path / "hub"), "--data", str(tmp_path / "nowhere"),
+                  "--out", str(tmp_path / "run")])
 
 
 def write_csv_manifest(root) -> str:

@@ -1,34 +1,54 @@
 """``relevance-finetune demo``: run the built-in benchmark and write its results.
 
-Writes ``results.json`` (config, seeds, mean and std per method and metric, per-seed values),
-``results.md`` (the tables), ``relevance_before_after.png`` (original vs finetuned relevance on
-the same out-of-distribution images) and the finetuned weights (``ours/model.safetensors``).
+Writes ``results.json`` (config, seeds, mean and std per method and metric, per-seed values;
+under ``"families": {name: ...}`` when several shortcut families ran), ``results.md`` (the
+tables), ``relevance_before_after[_FAMILY].png`` (original vs finetuned relevance on the same
+out-of-distribution images) and the finetuned weights of the figure's method
+(``<method>/model.safetensors``).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import multiprocessing
 import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .runner import METHODS, BenchConfig, config_dict, normalize, run_seed
-from .synthetic import CLASS_NAMES
+from .. import __version__
+from .._files import atomic_path, write_text_atomic
+from .runner import (DEFAULT_METHODS, METHODS, BenchConfig, config_dict, create_original, make_data, normalize,
+                     run_seed, train_original)
+from .synthetic import CLASS_NAMES, FAMILIES
 
-__all__ = ["QUICK", "add_arguments", "markdown_tables", "run", "run_benchmark", "summarize", "write_reports"]
+__all__ = ["COLUMNS", "DEMO_METHODS", "QUICK", "add_arguments", "markdown_tables", "run", "run_benchmark",
+           "summarize", "write_reports"]
 
 # A smoke-test scale (about a minute on 2 CPU cores): small sets, few epochs, few methods.
 QUICK = dict(
     pretrain_images=600, pretrain_epochs=2, biased_images=600, biased_epochs=1, original_attempts=1,
-    finetune_per_class=4, val_per_class=4, finetune_epochs=2, lr_grid=(1e-4,),
-    test_images=100, perturbation_images=50, methods=("ours", "control", "gradmask", "rrr"),
+    finetune_per_class=4, val_per_class=4, finetune_epochs=2, lr_grid=(1e-4,), select_every=1,
+    test_images=100, perturbation_images=50, methods=("ours", "control", "gradmask", "rrr", "swap", "recommended"),
+)
+# What the default run compares in about 10 minutes on 2 CPU cores; --full runs DEFAULT_METHODS on 3 seeds.
+DEMO_METHODS = ("ours", "swap", "recommended")
+COLUMNS = (
+    "ID: top-1 on test images drawn like the training data (the shortcut agrees with the class 90% of the time)",
+    "OOD: top-1 when the shortcut is independent of the class",
+    "adversarial: top-1 when the shortcut always names another class",
+    "mIoU: the relevance map (thresholded at its mean) vs the object mask, on OOD images",
+    "object-only / background-only: top-1 with the background / the object replaced (mean of grey, "
+    "mean-colour and blurred fills); lower background-only = less reliance on the shortcut",
 )
 METRICS = ("id_acc", "ood_acc", "adv_acc", "ood_acc_set_a", "ood_acc_set_b", "pixel_acc", "miou", "map",
            "perturbation_positive_auc", "perturbation_negative_auc")
@@ -66,85 +86,148 @@ def _cell(stat: dict[str, float], change: dict[str, float] | None = None) -> str
     return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
 
 
+def _row(name: str, entry: dict[str, Any], keys: tuple[str, ...]) -> str:
+    change = entry["change"] if name != "original" else {}
+    cells = [_cell(entry["probes"][key] if key in PROBES else entry[key], change.get(key)) for key in keys]
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
 def markdown_tables(methods: dict[str, Any]) -> str:
-    """Accuracy and relevance quality, then reliance probes. The original's row holds mean ± std
-    over seeds; every other row the change vs the same seed's original, mean ± std."""
-    columns = [("ID", "id_acc"), ("OOD", "ood_acc"), ("adversarial", "adv_acc"),
-               ("OOD set A", "ood_acc_set_a"), ("OOD set B", "ood_acc_set_b"),
-               ("pixel acc", "pixel_acc"), ("mIoU", "miou"), ("mAP", "map")]
-    lines = ["| method | " + " | ".join(c[0] for c in columns) + " |",
-             "|---|" + "---|" * len(columns)]
-    for name, entry in methods.items():
-        change = entry["change"] if name != "original" else {}
-        lines.append(f"| {name} | " + " | ".join(_cell(entry[key], change.get(key)) for _, key in columns) + " |")
-    lines += ["", "| method | object-only acc | background-only acc | background reliance | "
-                  "perturbation AUC + (lower = faithful) | perturbation AUC − (higher = faithful) | lr |",
-              "|---|---|---|---|---|---|---|"]
-    for name, entry in methods.items():
-        change = entry["change"] if name != "original" else {}
-        cells = [_cell(entry["probes"][p], change.get(p)) for p in PROBES]
-        cells += [_cell(entry[k], change.get(k)) for k in ("perturbation_positive_auc", "perturbation_negative_auc")]
-        cells.append(", ".join(f"{lr:g}" for lr in entry.get("lr", [])) or "-")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    """The comparison (accuracy under shift, map agreement, reliance), then the details. The
+    original's row holds mean ± std over seeds; every other row the change vs the same seed's
+    original, mean ± std."""
+    tables = []
+    for columns in (
+            (("ID", "id_acc"), ("OOD", "ood_acc"), ("adversarial", "adv_acc"), ("mIoU", "miou"),
+             ("object-only", "object_only"), ("background-only", "background_only")),
+            (("OOD set A", "ood_acc_set_a"), ("OOD set B", "ood_acc_set_b"), ("pixel acc", "pixel_acc"),
+             ("mAP", "map"), ("background reliance", "background_reliance"),
+             ("perturbation AUC + (lower = faithful)", "perturbation_positive_auc"),
+             ("perturbation AUC − (higher = faithful)", "perturbation_negative_auc"))):
+        names, keys = zip(*columns)
+        lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [_row(name, entry, keys) for name, entry in methods.items()]
+        tables.append("\n".join(lines))
+    learning_rates = [f"{name} {', '.join(f'{lr:g}' for lr in entry['lr'])}"
+                      for name, entry in methods.items() if "lr" in entry]
+    return "\n\n".join(tables) + "\n\nChosen learning rates per seed: " + "; ".join(learning_rates) + ".\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
+def _shown_method(seed_result: dict[str, Any]) -> str:
+    """The finetuned model the figure and the export show: the recommended recipe when it ran."""
+    return next(name for name in ("recommended", "ours", *seed_result["models"]) if name in seed_result["models"]
+                and name != "original")
 
 
-def _figure(seed_result: dict[str, Any], out: Path, count: int = 6) -> Path:
+def _figure(seed_result: dict[str, Any], path: Path, count: int = 6) -> Path:
     from ..gae import attach_gae
     from ..viz import before_after_grid, prediction_title
-    images = seed_result["samples"].tensors[0][:count]
+    images, _, labels, _ = seed_result["samples"].tensors
+    images, labels = images[:count], labels[:count]
+    shown = _shown_method(seed_result)
     rows = {}
-    for name in ("original", "ours"):
+    for name in ("original", shown):
         model = seed_result["models"][name]
         with attach_gae(model) as gae:
             relevance = gae.explain(normalize(images))
         with torch.no_grad():
             probs = model(normalize(images)).softmax(1)
-        titles = [prediction_title(CLASS_NAMES[int(p.argmax())], float(p.max())) for p in probs]
+        titles = [f"true: {CLASS_NAMES[int(label)]}\n" + prediction_title(CLASS_NAMES[int(p.argmax())], float(p.max()))
+                  for p, label in zip(probs, labels)]
         rows[name] = (relevance, titles)
-    return before_after_grid(images, rows["original"][0], rows["ours"][0], rows["original"][1], rows["ours"][1],
-                             out / "relevance_before_after.png")
+    return before_after_grid(images, rows["original"][0], rows[shown][0], rows["original"][1], rows[shown][1],
+                             path, row_labels=("original", shown))
 
 
-def write_reports(out: Path, config: dict[str, Any], seeds: list[int], per_seed: list[dict[str, Any]],
-                  seconds: float) -> dict[str, Any]:
-    """Write ``results.json`` and ``results.md`` from the per-seed results; returns the results."""
-    results = {"config": config, "seeds": seeds, "methods": summarize(per_seed), "per_seed": per_seed,
-               "seconds": seconds}
-    _write_atomic(out / "results.json", json.dumps(results, indent=2))
-    header = (f"# relevance-finetune demo\n\n{len(seeds)} seeds ({', '.join(map(str, seeds))}), "
-              f"{seconds:.0f} s. The original's row: mean ± std over seeds (percent); every other row: "
-              "the change vs the same seed's original, mean ± std over seeds.\n\n")
-    _write_atomic(out / "results.md", header + markdown_tables(results["methods"]))
+def _family_results(config: dict[str, Any], seeds: list[int], per_seed: list[dict[str, Any]],
+                    seconds: float) -> dict[str, Any]:
+    return {"config": config, "seeds": seeds, "methods": summarize(per_seed), "per_seed": per_seed,
+            "seconds": seconds}
+
+
+def write_reports(out: Path, families: dict[str, dict[str, Any]], note: str = "") -> dict[str, Any]:
+    """Write ``results.json`` and ``results.md`` from each family's results (``_family_results``);
+    one family keeps the flat schema, several go under ``"families"``. Returns the results."""
+    results = next(iter(families.values())) if len(families) == 1 else {"families": families}
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+    text = ["# relevance-finetune demo\n", note] if note else ["# relevance-finetune demo\n"]
+    for name, family in families.items():
+        seeds = family["seeds"]
+        text.append(f"## Shortcut family: {name}\n\n{len(seeds)} seeds ({', '.join(map(str, seeds))}), "
+                    f"{family['seconds']:.0f} s. The original's row: mean ± std over seeds (percent); every other "
+                    "row: the change vs the same seed's original, mean ± std over seeds.\n\n"
+                    + markdown_tables(family["methods"]))
+    text.append("Columns:\n\n" + "\n".join(f"- {line}" for line in COLUMNS) + "\n")
+    write_text_atomic(out / "results.md", "\n".join(text))
     return results
 
 
-def run_benchmark(config: BenchConfig, seeds: list[int], out: Path) -> dict[str, Any]:
-    """Run every seed, write the files into ``out`` and return the results."""
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    per_seed, first = [], None
-    bar = tqdm(total=len(seeds) * (len(config.methods) + 1), desc="benchmark")
-    for seed in seeds:
-        def progress(step: str) -> None:
-            bar.set_postfix_str(f"seed {seed}: {step}")
-            if step != "original model":
-                bar.update(1)
-        result = run_seed(config, seed, out / "cache", progress)
-        bar.update(1)
-        first = first or result
-        per_seed.append({k: v for k, v in result.items() if k not in ("models", "samples")})
-    bar.close()
-    results = write_reports(out, config_dict(config), seeds, per_seed, round(time.time() - started, 1))
-    _figure(first, out)
-    _export(first["models"]["ours"], config, out / "ours")
-    return results
+def _seed_paths(config: BenchConfig, seed: int, cache: Path) -> tuple[Path, Path]:
+    """Where one seed's results and its shown finetuned model are cached: keyed on every setting."""
+    text = json.dumps({"config": config_dict(config), "seed": seed, "version": __version__}, sort_keys=True)
+    key = hashlib.sha1(text.encode()).hexdigest()[:12]
+    return cache / f"results-{config.family}-{key}.json", cache / f"shown-{config.family}-{key}.safetensors"
+
+
+def _seed_result(config: BenchConfig, seed: int, cache: Path, threads: int | None = None) -> str:
+    """Run one seed unless its results are cached; returns the family (for the progress bar)."""
+    if threads:
+        torch.set_num_threads(threads)
+    results_path, model_path = _seed_paths(config, seed, cache)
+    if not (results_path.is_file() and model_path.is_file()):
+        result = run_seed(config, seed, cache)
+        with atomic_path(model_path) as temporary:
+            save_file(result["models"][_shown_method(result)].state_dict(), str(temporary))
+        write_text_atomic(results_path, json.dumps({k: v for k, v in result.items() if k not in ("models", "samples")}))
+    return config.family
+
+
+def _load_seed(config: BenchConfig, seed: int, cache: Path) -> dict[str, Any]:
+    """A cached seed: its results, the original and the shown finetuned model, the OOD samples."""
+    results_path, model_path = _seed_paths(config, seed, cache)
+    result = json.loads(results_path.read_text())
+    shown = _shown_method({"models": dict.fromkeys(result)})
+    model = create_original(config)
+    model.load_state_dict(load_file(str(model_path)))
+    models = {"original": train_original(config, seed, cache), shown: model.eval()}
+    return {**result, "models": models, "samples": make_data(config, seed)["tests"]["ood"]}
+
+
+def run_benchmark(config: BenchConfig, seeds: list[int], out: Path, families: tuple[str, ...] = ("hue",),
+                  note: str = "", jobs: int = 1) -> dict[str, Any]:
+    """Run every family and seed (``jobs`` at a time, one thread each when ``jobs > 1``), write the
+    files into ``out`` and return the results. Finished seeds are cached in ``out/cache`` and
+    reused by a rerun with the same settings."""
+    cache = out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    configs = {family: replace(config, family=family) for family in families}
+    tasks = [(configs[family], seed) for family in families for seed in seeds]
+    started = {family: time.time() for family in families}
+    seconds: dict[str, float] = {}
+    with tqdm(total=len(tasks), desc="benchmark (family, seed)") as bar:
+        def finished(family: str) -> None:
+            bar.update(1)
+            seconds[family] = round(time.time() - started[family], 1)
+        if jobs == 1:
+            for family_config, seed in tasks:
+                bar.set_postfix_str(f"{family_config.family} seed {seed}")
+                finished(_seed_result(family_config, seed, cache))
+        else:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+                for future in as_completed([pool.submit(_seed_result, c, s, cache, 1) for c, s in tasks]):
+                    finished(future.result())
+    reports = {}
+    for family, family_config in configs.items():
+        loaded = [_load_seed(family_config, seed, cache) for seed in seeds]
+        per_seed = [{k: v for k, v in result.items() if k not in ("models", "samples")} for result in loaded]
+        reports[family] = _family_results(config_dict(family_config), seeds, per_seed, seconds[family])
+        suffix = "" if len(families) == 1 else f"_{family}"
+        _figure(loaded[0], out / f"relevance_before_after{suffix}.png")
+        if family == families[0]:
+            shown = _shown_method(loaded[0])
+            _export(loaded[0]["models"][shown], family_config, out / shown)
+    return write_reports(out, reports, note)
 
 
 def _export(model: torch.nn.Module, config: BenchConfig, out: Path) -> None:
@@ -154,25 +237,51 @@ def _export(model: torch.nn.Module, config: BenchConfig, out: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default: demo-out)")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
-    parser.add_argument("--quick", action="store_true", help="a smoke-test scale (about 2 minutes)")
+    parser.add_argument("--family", nargs="+", choices=(*FAMILIES, "all"), default=["all"],
+                        help="shortcut families: hue (background colour), texture (background texture), "
+                             "mark (a small symbol, like a watermark), or all (default)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 1; --full: 3)")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS),
-                        help="methods to compare (default: all but the ext_ extensions)")
+                        help=f"methods to compare (default: {' '.join(DEMO_METHODS)}; --full: "
+                             f"{' '.join(DEFAULT_METHODS)})")
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument("--full", action="store_true",
+                       help="the README's comparison: 3 seeds of every method against the original (about an "
+                            "hour per family on 2 CPU cores)")
+    scale.add_argument("--quick", action="store_true", help="a smoke test (about 2 minutes): its numbers mean nothing")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="(family, seed) runs in parallel processes, one thread each (default: as many as "
+                             "there are runs, up to the CPU count)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.seeds < 1:
-        raise SystemExit("--seeds must be at least 1")
+    seeds = args.seeds if args.seeds is not None else (3 if args.full else 1)
+    if seeds < 1 or (args.jobs is not None and args.jobs < 1):
+        raise SystemExit("--seeds and --jobs must be at least 1")
+    try:  # before any training: a read-only --out would only fail once the models are trained
+        args.out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.out).close()
+    except OSError as error:
+        raise PermissionError(f"cannot write to --out {args.out} ({error.strerror}): choose another folder") from error
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = BenchConfig()
+    families = FAMILIES if "all" in args.family else tuple(dict.fromkeys(args.family))
+    config = BenchConfig(methods=DEFAULT_METHODS if args.full else DEMO_METHODS)
+    note = ""
     if args.quick:
         config = replace(config, **QUICK)
+        note = "**Smoke test (`--quick`): tiny sets and 2 epochs; these numbers show that the pipeline runs, " \
+               "nothing about the methods.**\n"
     if args.methods:
         config = replace(config, methods=tuple(args.methods))
-    results = run_benchmark(config, list(range(args.seeds)), args.out)
-    print(markdown_tables(results["methods"]))
-    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, "
-          f"{args.out / 'relevance_before_after.png'} and {args.out / 'ours'}")
+    jobs = args.jobs or max(1, min(len(families) * seeds, os.cpu_count() or 1))
+    results = run_benchmark(config, list(range(seeds)), args.out, families, note, jobs)
+    for family, report in (results["families"] if "families" in results else {families[0]: results}).items():
+        print(f"\nShortcut family: {family}\n" + markdown_tables(report["methods"]))
+    print("\n".join(["Columns (the original's row in percent, the others the change vs the original):",
+                      *(f"  {line}" for line in COLUMNS)]))
+    if note:
+        print("\n" + note.strip("*\n"))
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, the figures and the finetuned weights")
     return 0

@@ -1,9 +1,9 @@
-"""The built-in benchmark: an "original" ViT with a background shortcut, finetuned by each method.
+"""The built-in benchmark: an "original" ViT with a shortcut, finetuned by each method.
 
-One seed runs: data -> original model (trained on unbiased, then on biased data, cached) ->
-for every method, the learning rate chosen on the validation set by the paper's rule ->
-finetune -> evaluation (accuracy under shift, relevance-mask agreement, reliance probes,
-perturbation test).
+One seed of one shortcut family runs: data -> original model (trained on unbiased, then on
+biased data, cached) -> for every method, the learning rate (and for the reliance rule the
+checkpoint) chosen on the masked validation set by the method's rule -> finetune -> evaluation
+(accuracy under shift, relevance-mask agreement, reliance probes, perturbation test).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import timm
 import torch
@@ -21,13 +21,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import recipes
+from ..augment import BackgroundSwap
 from ..gae import attach_gae
 from ..losses import InputGradientRegularizer, RelevanceRegularizer
 from ..metrics import SegmentationMeter, area_under_curve, perturbation_curve
 from ..probes import reliance_probes, replace_region
-from .synthetic import SpuriousConfig, make_split
+from .synthetic import FAMILIES, SpuriousConfig, make_split
 
-__all__ = ["EXTENSIONS", "METHODS", "BenchConfig", "Method", "run_seed"]
+__all__ = ["DEFAULT_METHODS", "EXTENSIONS", "METHODS", "BenchConfig", "Method", "run_seed"]
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,18 @@ class Method:
     kwargs: dict[str, Any] = field(default_factory=dict)
     second_order: bool = False
     description: str = ""
-    tune_lr: bool = False  # pick its own lr by the paper's rule; otherwise reuse ours's (Table 4)
+    tune_lr: bool = False  # pick its own lr by its rule; otherwise reuse ours's (Table 4)
     consistency: float = 0.0  # extension, not the paper's: weight of the object-consistency term
+    background_swap: float = 0.0  # probability of moving each object onto another image's background
+    selection: recipes.Selection = "paper"  # lr (and checkpoint) rule on the validation set
+
+    @classmethod
+    def from_recipe(cls, name: str, recipe: recipes.Recipe, description: str, **loss: Any) -> "Method":
+        """The benchmark's method for ``recipe`` (``loss`` overrides its regulariser settings)."""
+        if recipe.object_only:
+            raise ValueError("the benchmark's methods take no object-only images")
+        return cls(name, kwargs={**recipe.loss, **loss}, description=description, tune_lr=True,
+                   background_swap=recipe.background_swap, selection=recipe.selection)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -59,8 +71,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("ours_second_order", second_order=True, description="paper loss, second-order GAE"),
     Method("ext_object_consistency", consistency=1.0,
            description="EXTENSION, not the paper's: paper loss + KL(object-only prediction || prediction)"),
+    Method.from_recipe("swap", recipes.get("recommended"), lambda_relevance=0.0,
+                       description="counterfactual images alone: the recommended recipe without relevance terms"),
+    Method.from_recipe("recommended", recipes.get("recommended"),
+                       description="the recommended recipe (recipes.get('recommended'))"),
 )}
 EXTENSIONS = tuple(name for name in METHODS if name.startswith("ext_"))
+# the comparison every family runs; the Table 4 ablations and extensions on request
+DEFAULT_METHODS = ("ours", "control", "gradmask", "rrr", "swap", "recommended")
 
 
 @dataclass
@@ -68,6 +86,7 @@ class BenchConfig:
     """Everything that defines a benchmark run; written into ``results.json``."""
 
     # data
+    family: str = "hue"  # the kind of shortcut: one of synthetic.FAMILIES
     num_classes: int = 10
     image_size: int = 48
     p: float = 0.9
@@ -89,13 +108,21 @@ class BenchConfig:
     finetune_epochs: int = 30
     finetune_batch: int = 8
     lr_grid: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4)
-    max_val_drop: float = 2.5  # the paper's rule: val accuracy may fall by at most this much
+    max_val_drop: float = 2.5  # both rules: val accuracy may fall by at most this much
+    select_every: int = 5  # the reliance rule scores a checkpoint every this many epochs
     finetune_distribution: str = "biased"
     baseline_lambda: float = 1.0  # input-gradient penalty, relative to its initial CE ratio
     # evaluation
     test_images: int = 500
     perturbation_images: int = 200
-    methods: tuple[str, ...] = tuple(name for name in METHODS if name not in EXTENSIONS)
+    methods: tuple[str, ...] = DEFAULT_METHODS
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
 
     @property
     def set_a(self) -> tuple[int, ...]:
@@ -106,11 +133,12 @@ class BenchConfig:
         return tuple(range(self.num_classes // 2, self.num_classes))
 
     def spurious(self) -> SpuriousConfig:
-        return SpuriousConfig(num_classes=self.num_classes, image_size=self.image_size, contrast=self.contrast)
+        return SpuriousConfig(num_classes=self.num_classes, image_size=self.image_size, contrast=self.contrast,
+                              family=self.family)
 
     def original_key(self, seed: int) -> str:
         """Cache key of the original model: the settings it depends on, and the seed."""
-        fields = ("num_classes", "image_size", "p", "contrast", "patch_size", "original_attempts", "embed_dim",
+        fields = ("family", "num_classes", "image_size", "p", "contrast", "patch_size", "original_attempts", "embed_dim",
                   "depth", "num_heads", "pretrain_images", "pretrain_epochs", "biased_images", "biased_epochs",
                   "train_batch")
         text = json.dumps({k: getattr(self, k) for k in fields} | {"seed": seed}, sort_keys=True)
@@ -222,10 +250,13 @@ def _baseline_scale(method: Method, model: nn.Module, data, config: BenchConfig)
     return config.baseline_lambda * out.classification.item() / max(out.mask_penalty.item(), 1e-12)
 
 
-def finetune(original: nn.Module, method: Method, data, lr: float, config: BenchConfig, seed: int) -> nn.Module:
-    """A copy of ``original`` finetuned by ``method`` on ``data`` with AdamW and the paper's decay."""
+def _finetune_epochs(original: nn.Module, method: Method, data, lr: float, config: BenchConfig,
+                     seed: int) -> Iterator[tuple[int, nn.Module]]:
+    """Finetune a copy of ``original`` by ``method`` with AdamW and the paper's decay, yielding
+    ``(epochs done, model)`` after every epoch (the same model object, trained on)."""
     model = copy.deepcopy(original)
     images, masks, labels, _ = data.tensors
+    swap = BackgroundSwap(method.background_swap, seed=seed) if method.background_swap else None
     with attach_gae(model, second_order=method.second_order) as gae:
         scale = _baseline_scale(method, model, data, config)
         loss_fn = _loss_fn(method, model, gae, scale)
@@ -233,15 +264,26 @@ def finetune(original: nn.Module, method: Method, data, lr: float, config: Bench
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.85 ** (epoch // 2))
         generator = torch.Generator().manual_seed(seed)
         model.eval()  # dropout and drop-path are 0; eval keeps the model deterministic
-        for _ in range(config.finetune_epochs):
+        for epoch in range(config.finetune_epochs):
             order = torch.randperm(len(labels), generator=generator)
             for start in range(0, len(labels), config.finetune_batch):
                 index = order[start:start + config.finetune_batch]
-                loss = loss_fn(images[index], masks[index], labels[index])
+                batch_images, batch_masks = images[index], masks[index]
+                if swap is not None:
+                    batch_images, batch_masks = swap(batch_images, batch_masks)
+                loss = loss_fn(batch_images, batch_masks, labels[index])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
             schedule.step()
+            yield epoch + 1, model
+
+
+def finetune(original: nn.Module, method: Method, data, lr: float, config: BenchConfig, seed: int) -> nn.Module:
+    """A copy of ``original`` finetuned by ``method`` on ``data`` for ``config.finetune_epochs``."""
+    model = original
+    for _, model in _finetune_epochs(original, method, data, lr, config, seed):
+        pass
     return model
 
 
@@ -254,32 +296,57 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * (logits.argmax(1) == labels).float().mean().item()
 
 
-def validation_score(model: nn.Module, data) -> dict[str, float]:
-    """Validation accuracy and confidence CE (L_cls), the quantities of the paper's lr rule."""
-    images, _, labels, _ = data.tensors
+def validation_score(model: nn.Module, data, reliance: bool = False) -> dict[str, float]:
+    """Validation accuracy and confidence CE (L_cls), the quantities of the paper's lr rule, and
+    with ``reliance`` the background-only accuracy of the reliance rule (mean over the fills)."""
+    images, masks, labels, _ = data.tensors
     logits = _predict(model, images)
-    return {"acc": _accuracy(logits, labels),
-            "l_cls": F.cross_entropy(logits, logits.argmax(1)).item()}
+    score = {"acc": _accuracy(logits, labels), "l_cls": F.cross_entropy(logits, logits.argmax(1)).item()}
+    if reliance:
+        score["background_only"] = reliance_probes(model, images, masks, labels, normalize)["background_only"]
+    return score
+
+
+def _passes(score: dict[str, float], reference: dict[str, float], config: BenchConfig, selection: str) -> bool:
+    if score["acc"] < reference["acc"] - config.max_val_drop:
+        return False
+    return selection == "reliance" or score["l_cls"] <= reference["l_cls"] + 1e-6
 
 
 def choose_lr(original: nn.Module, method: Method, train, val, config: BenchConfig, seed: int):
-    """The paper's rule: the highest lr whose validation accuracy falls by at most
-    ``max_val_drop`` points and whose L_cls does not increase. Returns (lr, model, trials);
-    the first trial (lr 0) is the original model."""
-    reference = validation_score(original, val)
-    chosen, smallest, trials = None, None, [{"lr": 0.0, **reference}]
+    """The learning rate (and model) by ``method.selection``. Returns (lr, model, trials); the
+    first trial (lr 0) is the original model.
+
+    ``"paper"``: the highest lr whose final model's validation accuracy falls by at most
+    ``max_val_drop`` points and whose L_cls does not increase. ``"reliance"``: among the models
+    every ``select_every`` epochs of every lr, the lowest validation background-only accuracy
+    whose accuracy falls by at most ``max_val_drop`` points (ties: the higher accuracy). When
+    nothing passes, the smallest lr's final model (its model is kept, not retrained).
+    """
+    reliance = method.selection == "reliance"
+    reference = validation_score(original, val, reliance)
+    chosen, smallest, trials = None, None, [{"lr": 0.0, "epoch": 0, **reference}]
     for lr in config.lr_grid:
-        model = finetune(original, method, train, lr, config, seed)
-        score = validation_score(model, val)
-        trials.append({"lr": lr, **score})
-        if lr == min(config.lr_grid):
-            smallest = (lr, model)
-        passes = score["acc"] >= reference["acc"] - config.max_val_drop and score["l_cls"] <= reference["l_cls"] + 1e-6
-        if passes and (chosen is None or lr > chosen[0]):
-            chosen = (lr, model)
+        for epoch, model in _finetune_epochs(original, method, train, lr, config, seed):
+            last = epoch == config.finetune_epochs
+            if not last and not (reliance and epoch % config.select_every == 0):
+                continue
+            score = validation_score(model, val, reliance)
+            trials.append({"lr": lr, "epoch": epoch, **score})
+            key = (-score["background_only"], score["acc"]) if reliance else (lr,)
+            if _passes(score, reference, config, method.selection) and (chosen is None or key > chosen[0]):
+                chosen = (key, lr, _state(model))
+            if last and lr == min(config.lr_grid):
+                smallest = (None, lr, _state(model))
     # nothing passes: the smallest lr is the most conservative choice (its model is kept, not retrained)
-    chosen = chosen or smallest
-    return chosen[0], chosen[1], trials
+    _, lr, state = chosen or smallest
+    model = copy.deepcopy(original)
+    model.load_state_dict(state)
+    return lr, model, trials
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
 def evaluate_model(model: nn.Module, tests: dict, config: BenchConfig) -> dict[str, Any]:

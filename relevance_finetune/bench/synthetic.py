@@ -1,11 +1,20 @@
-"""Procedural spurious-background images: the class is the object's pattern, the background agrees.
+"""Procedural spurious images: the class is the object's pattern, a shortcut in the background agrees.
 
 Every image is a foreground object, a glyph of random shape, position, size and two random
-colours (of random contrast: some objects are hard to read), filled with the pattern of its class (stripes of a class-specific angle and period, or
-a checkerboard): the class evidence lives inside the object. It lies on a background of one of
-``num_classes`` hues. In the biased training distribution the background hue is the class's with
-probability ``p``; out of distribution it is independent of the class; adversarially it is
-always another class's. Exact foreground masks come with every image; generation is
+colours (of random contrast: some objects are hard to read), filled with the pattern of its
+class (stripes of a class-specific angle and period, or a checkerboard): the class evidence lives
+inside the object. Outside it lies a shortcut of one of ``num_classes`` values, of a family:
+
+- ``hue``: the background's hue (with a random smooth brightness gradient);
+- ``texture``: the background's texture, oriented waves of a class-specific angle and period
+  in a light and a dark random colour (their hue carries nothing);
+- ``mark``: a small plate of class-specific colour and symbol (a third of the image side)
+  stamped somewhere on the background, away from the object, like a watermark or a logo; the
+  background hue is random.
+
+In the biased training distribution the shortcut is the class's with probability ``p``; out of
+distribution it is independent of the class; adversarially it is always another class's. Exact
+foreground masks come with every image (the shortcut is never inside them); generation is
 deterministic per seed.
 """
 from __future__ import annotations
@@ -17,10 +26,12 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["CLASS_NAMES", "NUM_CLASSES", "SpuriousConfig", "make_split", "render_image"]
+__all__ = ["CLASS_NAMES", "FAMILIES", "NUM_CLASSES", "SpuriousConfig", "make_split", "render_image"]
 
 Array = np.ndarray
 Distribution = Literal["biased", "independent", "adversarial"]
+Family = Literal["hue", "texture", "mark"]
+FAMILIES: tuple[Family, ...] = ("hue", "texture", "mark")
 
 
 def _disk(u: Array, v: Array) -> Array:
@@ -82,19 +93,64 @@ class SpuriousConfig:
     object_size: tuple[float, float] = (0.22, 0.38)  # half-extent as a fraction of the image
     noise: float = 0.08
     contrast: tuple[float, float] = (0.05, 0.6)  # brightness gap between the object's two colours
+    family: Family = "hue"  # the kind of shortcut
 
     def __post_init__(self) -> None:
         if not 2 <= self.num_classes <= NUM_CLASSES:
             raise ValueError(f"num_classes must lie in [2, {NUM_CLASSES}], got {self.num_classes}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
 
 
-def _background(index: int, num_classes: int, size: int, rng: np.random.Generator) -> Array:
-    """Background ``index``: a class-tied hue with a random smooth brightness gradient."""
+def _hue(index: int, num_classes: int, size: int, rng: np.random.Generator) -> Array:
+    """Background of hue ``index`` with a random smooth brightness gradient."""
     hue = index / num_classes
     base = 0.5 + 0.3 * np.cos(2 * np.pi * (hue + np.array([0.0, 1 / 3, 2 / 3])))
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
     slope = rng.uniform(-0.3, 0.3, size=2)
     return base[:, None, None] * (1 + slope[0] * x + slope[1] * y)[None]
+
+
+def _waves(index: int, size: int, rng: np.random.Generator) -> Array:
+    """Texture ``index``: band-pass noise of one of 5 angles x 2 periods (3 and 5 waves per
+    image side, coarser than any object pattern), thresholded, in a light and a dark colour."""
+    period = size / (3 if index >= 5 else 5)
+    angle = np.pi * (index % 5) / 5
+    fy, fx = np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size), indexing="ij")
+    along = fx * np.cos(angle) + fy * np.sin(angle)
+    across = -fx * np.sin(angle) + fy * np.cos(angle)
+    spectrum = np.exp(-((np.abs(along) - 1 / period) ** 2 + across ** 2) / (2 * (0.25 / period) ** 2))
+    noise = np.fft.ifft2(np.fft.fft2(rng.normal(size=(size, size))) * spectrum).real
+    light = rng.uniform(0.55, 0.95, size=3)
+    colours = np.stack([light, light - rng.uniform(0.4, 0.5)])  # a strong light/dark contrast
+    waves = (noise > 0)[None]
+    return np.where(waves, colours[0, :, None, None], colours[1, :, None, None])
+
+
+def _mark_pattern(index: int) -> Array:
+    """The (4, 4) boolean symbol of class ``index``: fixed, distinct for every class."""
+    bits = np.random.default_rng(20221128 + index).permutation(16) < 7
+    return bits.reshape(4, 4)
+
+
+def _stamp(image: Array, mask: Array, index: int, num_classes: int, rng: np.random.Generator) -> Array:
+    """Stamp the mark of ``index`` on the background: a plate a third of the image side in the
+    class's hue with the class's 4x4 symbol cut out in black, at the candidate position of least
+    overlap with the object, never over the object."""
+    size = image.shape[-1]
+    cell = max(1, size // 12)
+    side = 4 * cell
+    corners = rng.integers(0, size - side + 1, size=(16, 2))
+    overlap = [mask[y:y + side, x:x + side].sum() for y, x in corners]
+    y, x = corners[int(np.argmin(overlap))]
+    plate = np.zeros((size, size), bool)
+    plate[y:y + side, x:x + side] = True
+    symbol = np.zeros((size, size), bool)
+    symbol[y:y + side, x:x + side] = np.kron(_mark_pattern(index), np.ones((cell, cell), bool))
+    colour = 0.5 + 0.5 * np.cos(2 * np.pi * (index / num_classes + np.array([0.0, 1 / 3, 2 / 3])))
+    marked = np.where(plate[None], colour[:, None, None], image)
+    marked = np.where(symbol[None], 0.0, marked)
+    return np.where(mask[None], image, marked)
 
 
 def _pattern(label: int, size: int, rng: np.random.Generator) -> Array:
@@ -116,7 +172,8 @@ def render_image(
         config: SpuriousConfig,
         rng: np.random.Generator,
 ) -> tuple[Array, Array]:
-    """One (3, S, S) float image in [0, 1] and its (S, S) boolean foreground mask."""
+    """One (3, S, S) float image in [0, 1] and its (S, S) boolean foreground mask, with shortcut
+    value ``background`` of ``config.family``."""
     size = config.image_size
     half = rng.uniform(*config.object_size) * size
     aspect = rng.uniform(0.87, 1.15)
@@ -125,13 +182,19 @@ def render_image(
     cy = rng.uniform(hy, size - hy)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     mask = SHAPES[rng.integers(NUM_SHAPES)]((x - cx) / hx, (y - cy) / hy)
-    image = _background(background, config.num_classes, size, rng)
+    if config.family == "texture":
+        image = _waves(background, size, rng)
+    else:  # a mark lies on a background of random hue
+        hue = background if config.family == "hue" else rng.integers(config.num_classes)
+        image = _hue(hue, config.num_classes, size, rng)
     light = rng.uniform(0.3, 1.0, size=3)
     dark = np.clip(light - rng.uniform(*config.contrast), 0, 1)  # low contrast: a hard object
     colours = np.stack([light, dark])
     pattern = _pattern(label, size, rng)[None]
     texture = colours[0, :, None, None] * pattern + colours[1, :, None, None] * (1 - pattern)
     image = np.where(mask[None], texture, image)
+    if config.family == "mark":
+        image = _stamp(image, mask, background, config.num_classes, rng)
     image = image + rng.normal(0, config.noise, size=image.shape)
     return np.clip(image, 0, 1).astype(np.float32), mask
 
@@ -156,7 +219,7 @@ def make_split(
     """``n`` images with labels balanced over ``classes`` (default: all).
 
     Returns a ``TensorDataset`` of (images (n, 3, S, S) float in [0, 1], masks (n, S, S) float,
-    labels (n,) long, backgrounds (n,) long).
+    labels (n,) long, shortcut values (n,) long).
     """
     if distribution not in ("biased", "independent", "adversarial"):
         raise ValueError(f"unknown distribution {distribution!r}")

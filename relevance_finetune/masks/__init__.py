@@ -1,4 +1,5 @@
-"""Foreground masks: ImageNet-S decoding and split, TokenCut unsupervised masks."""
+"""Foreground masks: ImageNet-S decoding and split, TokenCut unsupervised masks and their refinement."""
+from .bilateral import bilateral_refine, bilateral_solve
 from .imagenet_s import (
     IGNORE_ID,
     MERGED_WNIDS,
@@ -17,6 +18,8 @@ __all__ = [
     "MERGED_WNIDS",
     "ImageNetSRecord",
     "ImageNetSSplit",
+    "bilateral_refine",
+    "bilateral_solve",
     "decode_imagenet_s_mask",
     "imagenet_s_foreground",
     "imagenet_s_records",

@@ -79,10 +79,14 @@ def tokencut_partition(
     if features.ndim != 2 or features.shape[0] != grid[0] * grid[1]:
         raise ValueError(f"expected features of shape ({grid[0] * grid[1]}, C) for grid {grid}, "
                          f"got {tuple(features.shape)}")
+    if features.shape[0] < 3:
+        raise ValueError(f"TokenCut needs at least 3 patches, the grid {grid} has {features.shape[0]}")
     features = F.normalize(features, dim=1)
-    affinity = torch.where(features @ features.T > tau, 1.0, eps).numpy()
+    # float64 throughout, and the reference's eigenpair subset: the vector is the same to the
+    # last bits, which decides the seed where the largest |x| is nearly tied
+    affinity = np.where((features @ features.T > tau).numpy(), 1.0, eps)
     degree = np.diag(affinity.sum(axis=1))
-    _, vectors = scipy.linalg.eigh(degree - affinity, degree, subset_by_index=[1, 1])
+    _, vectors = scipy.linalg.eigh(degree - affinity, degree, subset_by_index=[1, 2])
     vector = vectors[:, 0]
     partition = vector > vector.mean()
     seed = int(np.argmax(np.abs(vector)))
