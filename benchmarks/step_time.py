@@ -8,6 +8,8 @@ Cases (all on the same model, weights, batch and AdamW optimiser):
                        gradient of the target logits w.r.t. every map, the plain backward
 - ``second_order_floor``  the same with the map gradients in the graph and the loss through them
 - ``relevance``        ``attach_gae`` + ``RelevanceRegularizer``: constant gradients, one forward
+- ``relevance_fused``  the same with ``attach_gae(model, attention="fused")``: SDPA kept, maps
+                       rebuilt in row chunks
 - ``second_order``     the same with ``attach_gae(model, second_order=True)``
 - ``reference``        the paper's reference algorithm, re-implemented here from its description:
                        two forwards, one ``autograd.grad`` per block, full N x N rollout
@@ -24,6 +26,7 @@ Examples::
     python benchmarks/step_time.py --profile --cases relevance      # where the time goes
     python benchmarks/step_time.py --model vit_tiny_patch16_224 vit_base_patch16_224
     python benchmarks/step_time.py --scaling --quick                # vs image size and depth
+    python benchmarks/step_time.py --fused-scaling --plot mem.png   # fused vs explicit, vit_base
     python benchmarks/step_time.py --device cuda --dtype bf16
 """
 from __future__ import annotations
@@ -32,6 +35,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -51,12 +55,23 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from relevance_finetune import RelevanceRegularizer, attach_gae
 
 MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224")
-STEP_CASES = ("plain_fused", "plain_explicit", "relevance_floor", "relevance", "second_order_floor",
+STEP_CASES = ("plain_fused", "plain_explicit", "relevance_floor", "relevance", "relevance_fused", "second_order_floor",
               "second_order", "reference")
 EXPLAIN_CASES = ("explain", "reference_explain")
 SCALING_SIZES = (224, 288, 384)
 SCALING_DEPTHS = (4, 8)  # plus the model's own depth, from the size sweep
 SCALING_CASES = ("plain_fused", "relevance", "reference")
+# attention="fused" vs "explicit" (issue 14): vit_base at growing resolution, two batch sizes
+FUSED_MODEL = "vit_base_patch16_224"
+FUSED_SIZES = (224, 384, 448, 518)
+FUSED_BATCHES = (2, 4)
+FUSED_CASES = ("plain_fused", "relevance", "relevance_fused")
+# (name, case, measure, limit, which runs): fused relevance step / plain fused step
+FUSED_TARGETS = (
+    ("fused relevance peak RSS / plain fused, >= 1024 tokens", "peak_mib", 1.3, lambda tokens, img: tokens >= 1024),
+    ("fused relevance step time / plain fused, 224 px", "median_s", 1.6, lambda tokens, img: img == 224),
+    ("fused relevance step time / plain fused, 518 px", "median_s", 2.0, lambda tokens, img: img == 518),
+)
 # The issue's targets (CPU, vit_small, batch 8): (name, case a, case b, measure, bound, limit),
 # each a ratio a / b of median step times (wall, CPU) or of peak memory (RSS, above the model).
 TARGETS = (
@@ -249,8 +264,8 @@ def plain_case(work: Workload, explicit: bool) -> Iterator[Step]:
 
 
 @contextlib.contextmanager
-def relevance_case(work: Workload, second_order: bool) -> Iterator[Step]:
-    with attach_gae(work.model, second_order=second_order) as gae:
+def relevance_case(work: Workload, second_order: bool, attention: str = "explicit") -> Iterator[Step]:
+    with attach_gae(work.model, second_order=second_order, attention=attention) as gae:
         criterion = RelevanceRegularizer(gae)
 
         def step(phase: Phase) -> None:
@@ -319,6 +334,7 @@ CASES: dict[str, Callable[[Workload], ContextManager[Step]]] = {
     "plain_explicit": lambda work: plain_case(work, explicit=True),
     "relevance_floor": lambda work: relevance_floor_case(work, second_order=False),
     "relevance": lambda work: relevance_case(work, second_order=False),
+    "relevance_fused": lambda work: relevance_case(work, second_order=False, attention="fused"),
     "second_order_floor": lambda work: relevance_floor_case(work, second_order=True),
     "second_order": lambda work: relevance_case(work, second_order=True),
     "reference": reference_case,
@@ -494,9 +510,11 @@ def median_memory(config: Config, case: str, repeats: int) -> dict:
     return dict(**medians, source=samples[0]["source"], peak_mib_samples=[s["peak_mib"] for s in samples])
 
 
-def run_config(config: Config, cases: tuple[str, ...], memory_repeats: int) -> dict:
-    """Time ``cases`` on one workload (one process), then their memory in subprocesses (0: skip)."""
-    times = time_cases(make_workload(config), cases)
+def run_config(config: Config, cases: tuple[str, ...], memory_repeats: int, timed: bool = True) -> dict:
+    """Time ``cases`` on one workload (one process; unless not ``timed``), then their memory in
+    subprocesses (0: skip)."""
+    no_times = dict(wall=[float("nan")], cpu=[float("nan")])
+    times = time_cases(make_workload(config), cases) if timed else {name: no_times for name in cases}
     mem = {name: median_memory(config, name, memory_repeats) for name in cases} if memory_repeats else {}
     return summarize(config, times, mem)
 
@@ -567,6 +585,61 @@ def markdown_scaling(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def tokens_of(config: dict) -> int:
+    """Sequence length of a patch-16 ViT with a class token at ``config``'s image size."""
+    return (config["img_size"] // 16) ** 2 + 1
+
+
+def fused_table(runs: list[dict]) -> str:
+    """Peak RSS (MiB) and step time (s) per case, and the fused and explicit ratios to plain."""
+    lines = ["| batch | img | tokens | plain MiB | explicit MiB | fused MiB | explicit × | fused × "
+             "| plain s | explicit s | fused s | explicit × | fused × |", "|" + "---:|" * 13]
+    for run in runs:
+        c, e = run["config"], run["steps"]
+        plain, explicit, fused = (e[name] for name in FUSED_CASES)
+        memory = [_fmt(x.get("peak_mib"), ".0f") for x in (plain, explicit, fused)]
+        memory += [_fmt(x.get("peak_mib_vs_plain"), ".2f") for x in (explicit, fused)]
+        time = [f"{x['median_s']:.1f}" for x in (plain, explicit, fused)]
+        time += [f"{x['median_s_vs_plain']:.2f}" for x in (explicit, fused)]
+        lines.append(f"| {c['batch']} | {c['img_size']} | {tokens_of(c)} | " + " | ".join(memory + time) + " |")
+    return "\n".join(lines)
+
+
+def fused_targets(runs: list[dict]) -> list[dict]:
+    """Each fused target on every run it applies to: the fused case's ratio to the plain step."""
+    results = []
+    for name, key, limit, applies in FUSED_TARGETS:
+        for run in runs:
+            c, fused = run["config"], run["steps"]["relevance_fused"]
+            value = fused.get(key + "_vs_plain", math.nan)
+            if applies(tokens_of(c), c["img_size"]) and not math.isnan(value):
+                results.append(dict(name=name, batch=c["batch"], img_size=c["img_size"], value=value,
+                                    limit=limit, met=value <= limit))
+    return results
+
+
+def plot_fused(runs: list[dict], path: str) -> None:
+    """Peak RSS vs tokens for each case and batch size, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for batch, style in zip(sorted({r["config"]["batch"] for r in runs}), ("-", "--")):
+        chosen = [r for r in runs if r["config"]["batch"] == batch]
+        tokens = [tokens_of(r["config"]) for r in chosen]
+        for case, color in zip(FUSED_CASES, ("tab:gray", "tab:red", "tab:blue")):
+            label = {"plain_fused": "plain step (fused)", "relevance": "relevance, explicit",
+                     "relevance_fused": "relevance, fused"}[case]
+            axes.plot(tokens, [r["steps"][case]["peak_mib"] / 1024 for r in chosen], style, color=color,
+                      marker="o", label=f"{label}, batch {batch}")
+    axes.set_xlabel("tokens (vit_base_patch16, 224-518 px)")
+    axes.set_ylabel("peak RSS (GiB)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def markdown_phases(phases: dict[str, dict[str, dict]]) -> str:
     """Median wall and CPU milliseconds per phase of each case."""
     lines = ["| case | phase | wall (ms) | CPU (ms) |", "|---|---|---:|---:|"]
@@ -577,6 +650,12 @@ def markdown_phases(phases: dict[str, dict[str, dict]]) -> str:
 
 
 # -- command line -----------------------------------------------------------------------------
+
+def fused_configs(base: Config) -> list[Config]:
+    """``FUSED_MODEL`` at each of ``FUSED_SIZES`` for each of ``FUSED_BATCHES``."""
+    return [replace(base, model=FUSED_MODEL, img_size=size, batch=batch)
+            for batch in FUSED_BATCHES for size in FUSED_SIZES]
+
 
 def scaling_configs(base: Config) -> list[Config]:
     """Image sizes at full depth, then smaller depths at the base image size."""
@@ -602,10 +681,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cases", nargs="+", choices=tuple(CASES), default=None,
                         help="default: all; with --scaling: " + " ".join(SCALING_CASES))
     parser.add_argument("--scaling", action="store_true", help="step time and memory vs image size and depth")
+    parser.add_argument("--fused-scaling", action="store_true",
+                        help=f"{FUSED_MODEL} at {FUSED_SIZES} px, batches {FUSED_BATCHES}: " + " ".join(FUSED_CASES))
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="with --fused-scaling: only these image sizes")
+    parser.add_argument("--batches", type=int, nargs="+", default=None,
+                        help="with --fused-scaling: only these batch sizes")
+    parser.add_argument("--plot", default=None, help="with --fused-scaling: PNG of peak memory vs tokens")
     parser.add_argument("--quick", action="store_true", help="3 steps, 1 warm-up (below the 5-step rule)")
     parser.add_argument("--profile", action="store_true",
                         help="instead: per-phase times and torch.profiler's top operators of each case")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--no-time", action="store_true", help="skip the timed steps (memory only)")
     parser.add_argument("--memory-repeats", type=int, default=1,
                         help="fresh processes per case; the median peak is reported (default 1)")
     parser.add_argument("--json", default="step_time.json", help="where to write the results")
@@ -628,6 +715,33 @@ def profile_cases(config: Config, cases: tuple[str, ...]) -> dict:
     return dict(config=asdict(config), phases=phases, operators=tables)
 
 
+def write_report(report: dict, path: str, started: float) -> None:
+    report["environment"]["load_average_end"] = os.getloadavg()
+    report["wall_s"] = time.perf_counter() - started
+    with open(path, "w") as out:
+        json.dump(report, out, indent=1)
+
+
+def run_fused_scaling(base: Config, args: argparse.Namespace, report: dict, started: float) -> dict:
+    """The fused-vs-explicit sweep, one configuration at a time; the JSON is rewritten after each."""
+    configs = [c for c in fused_configs(base) if (args.sizes is None or c.img_size in args.sizes)
+               and (args.batches is None or c.batch in args.batches)]
+    fused = dict(runs=[], targets=[])
+    report["fused"] = fused
+    for config in configs:
+        repeats = 0 if args.no_memory else args.memory_repeats
+        fused["runs"].append(run_config(config, FUSED_CASES, memory_repeats=repeats, timed=not args.no_time))
+        fused["targets"] = fused_targets(fused["runs"])
+        write_report(report, args.json, started)
+        print(fused_table(fused["runs"][-1:]), flush=True)
+    print(fused_table(fused["runs"]))
+    for t in fused["targets"]:
+        print(f"{t['name']} (batch {t['batch']}): {t['value']:.2f} <= {t['limit']}: {'met' if t['met'] else 'NOT met'}")
+    if args.plot:
+        plot_fused(fused["runs"], args.plot)
+    return fused
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.memory_worker:
@@ -639,7 +753,10 @@ def main(argv: list[str] | None = None) -> dict:
     cases = tuple(args.cases or (SCALING_CASES if args.scaling else STEP_CASES + EXPLAIN_CASES))
     report = dict(environment=environment(), command=" ".join(sys.argv), runs=[], scaling=[])
     started = time.perf_counter()
-    for model in args.model:
+    if args.fused_scaling:
+        base = Config(device=args.device, dtype=args.dtype, steps=steps, warmup=warmup, threads=args.threads)
+        report["fused"] = run_fused_scaling(base, args, report, started)
+    for model in [] if args.fused_scaling else args.model:
         base = Config(model=model, batch=args.batch, img_size=args.img_size, depth=args.depth,
                       device=args.device, dtype=args.dtype, steps=steps, warmup=warmup,
                       threads=args.threads)
@@ -651,10 +768,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs = [run_config(config, cases, memory_repeats=repeats) for config in configs]
         report["scaling" if args.scaling else "runs"].extend(runs)
         print(markdown_scaling(runs) if args.scaling else "\n\n".join(markdown_run(r) for r in runs), flush=True)
-    report["environment"]["load_average_end"] = os.getloadavg()
-    report["wall_s"] = time.perf_counter() - started
-    with open(args.json, "w") as out:
-        json.dump(report, out, indent=1)
+    write_report(report, args.json, started)
     print(f"\nwall {report['wall_s']:.0f} s; load average {report['environment']['load_average']} -> "
           f"{report['environment']['load_average_end']}; JSON: {args.json}")
     return report

@@ -4,6 +4,8 @@
 forward records its post-softmax attention maps. ``handle.relevance(logits)`` then turns the
 maps of that forward into the relevance row the classifier reads, with one
 ``torch.autograd.grad`` call over all maps and a row-vector rollout (O(L N^2)).
+With ``attention="fused"`` the model keeps its fused SDPA attention and the forward records
+SDPA's inputs and output instead; the rollout rebuilds the maps in row chunks (see ``fused.py``).
 """
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .fused import SDPACall, SDPACapture, fused_increment
+
 __all__ = [
+    "AUTO_FUSED_TOKENS",
     "AttentionFamily",
     "ATTENTION_FAMILIES",
     "GAEHandle",
@@ -37,6 +42,10 @@ _UNSUPPORTED_ATTENTION = (
     "AttentionPoolLatent",  # 'map' pooling head
 )
 _SUPPORTED_POOLS = ("token", "avg")
+_ATTENTION_MODES = ("explicit", "fused", "auto")
+# attention="auto" runs fused from this many tokens on (CLS and prefix tokens included); below
+# it the explicit path is as small and faster. Measured in docs/performance.md.
+AUTO_FUSED_TOKENS = 512
 # Models refused whatever their attention, and why (docs/integrations.md#naflexvit).
 _UNSUPPORTED_MODELS = {
     "NaFlexVit": "a NaFlex batch holds images of different sizes and aspect ratios as patch sequences padded "
@@ -86,6 +95,12 @@ class AttentionFamily:
         """Switch the instance to the explicit softmax path; returns the previous flag."""
         previous = bool(module.fused_attn)
         module.fused_attn = False
+        return previous
+
+    def use_fused(self, module: nn.Module) -> bool:
+        """Switch the instance to the fused (SDPA) path; returns the previous flag."""
+        previous = bool(module.fused_attn)
+        module.fused_attn = True
         return previous
 
     def restore(self, module: nn.Module, previous: bool) -> None:
@@ -138,11 +153,16 @@ def explicit_attention(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def normalize_relevance(relevance: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Per-image min-max normalisation of (B, ...) maps to [0, 1]; a constant map gives 0."""
+    """Per-image min-max normalisation of (B, ...) maps to [0, 1]; a constant map gives 0.
+
+    ``eps`` guards the range relative to the map's largest magnitude, so that maps of any
+    scale normalise alike (the raw relevance of a randomly initialised model can be ~1e-12).
+    """
     flat = relevance.flatten(1)
     low = flat.min(dim=1, keepdim=True).values
     high = flat.max(dim=1, keepdim=True).values
-    return ((flat - low) / (high - low + eps)).view_as(relevance)
+    guard = (eps * torch.maximum(low.abs(), high.abs())).clamp(min=torch.finfo(flat.dtype).tiny)
+    return ((flat - low) / (high - low + guard)).view_as(relevance)
 
 
 def upsample_relevance(relevance: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -182,19 +202,31 @@ class GAEHandle:
     Made by :func:`attach_gae`. Use as a context manager or call :meth:`remove`.
     """
 
-    def __init__(self, model: nn.Module, second_order: bool = False) -> None:
+    # fused mode: elements of one (B, heads, rows, N) chunk of the rebuilt maps (16 MiB in fp32)
+    chunk_elements = 2 ** 22
+
+    def __init__(self, model: nn.Module, second_order: bool = False, attention: str = "explicit") -> None:
+        if attention not in _ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {_ATTENTION_MODES}, got {attention!r}")
+        if second_order and attention == "fused":
+            raise ValueError(_SECOND_ORDER_FUSED)
         self.model = model
         self.second_order = second_order
+        self.attention = attention
         self.pool = _readout_pool(model)
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
         self._modules = _find_attention(model)
-        self._maps: list[torch.Tensor | None] = [None] * len(self._modules)
+        # per block, of the latest forward: the map (explicit path) or the SDPA call (fused path)
+        self._maps: list[torch.Tensor | SDPACall | None] = [None] * len(self._modules)
         self._input_size: tuple[int, int] | None = None
         self._removed = False
-        self._fused_flags = [family.use_explicit(module) for module, family in self._modules]
+        self._fused_flags = [family.use_fused(module) if attention == "fused" else family.use_explicit(module)
+                             for module, family in self._modules]
         self._hooks = [model.patch_embed.register_forward_pre_hook(self._on_forward_start)]
         for index, (module, family) in enumerate(self._modules):
             hook = family.map_source(module).register_forward_hook(self._recorder(index))
+            if attention != "explicit":
+                self._hooks += self._sdpa_hooks(module, index)
             self._hooks.append(hook)
         for module, _ in self._modules:
             _ATTACHED[module] = self
@@ -205,17 +237,47 @@ class GAEHandle:
             return
         self._maps = [None] * len(self._modules)
         self._input_size = tuple(args[0].shape[-2:])
+        if self.attention == "auto":
+            fused = self._auto_fused()
+            for module, family in self._modules:
+                (family.use_fused if fused else family.use_explicit)(module)
+
+    def _auto_fused(self) -> bool:
+        """Fused for long sequences, unless second order or active attention dropout need maps."""
+        gh, gw = self.grid_size()
+        dropout = self.model.training and any(family.map_source(module).p > 0 for module, family in self._modules)
+        return gh * gw + self.num_prefix_tokens >= AUTO_FUSED_TOKENS and not (self.second_order or dropout)
+
+    def _record(self, index: int, value: torch.Tensor | SDPACall) -> None:
+        # Re-runs in backward (gradient checkpointing) and repeats are ignored.
+        if self._maps[index] is None and not _in_backward():
+            self._maps[index] = value
 
     def _recorder(self, index: int):
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            # Re-runs in backward (gradient checkpointing) and repeats are ignored.
-            if self._maps[index] is None and not _in_backward():
-                self._maps[index] = args[0]
+            self._record(index, args[0])
         return record
 
+    def _sdpa_hooks(self, module: nn.Module, index: int) -> list:
+        """Hooks that record the module's SDPA call while its forward runs."""
+        captures: list[SDPACapture] = []
+
+        def enter(module: nn.Module, args: tuple) -> None:
+            captures.append(SDPACapture(lambda call: self._record(index, call)))
+            captures[-1].__enter__()
+
+        def leave(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            captures.pop().__exit__(None, None, None)
+
+        return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
+
     @property
-    def attention_maps(self) -> list[torch.Tensor]:
-        """Post-softmax maps (B, heads, N, N) of the latest forward, first block first."""
+    def attention_maps(self) -> list[torch.Tensor | SDPACall]:
+        """What the latest forward recorded per block, first block first.
+
+        On the explicit path the post-softmax maps (B, heads, N, N); on the fused path the
+        :class:`~relevance_finetune.fused.SDPACall` of each block (q, k, v, bias, output).
+        """
         if self._removed:
             raise RuntimeError(
                 "this GAE handle was removed (gae.remove() or the end of its `with` block) and records "
@@ -245,54 +307,60 @@ class GAEHandle:
         Differentiable through the attention maps when gradients are enabled (under
         ``torch.no_grad()`` it is detached and computed in place). With ``second_order``
         (default: the handle's setting) the attention gradients are differentiable too.
+        The value is the rollout row minus the readout row it starts from: the relevance gained
+        through the blocks (for ``'avg'`` pooling the readout adds a constant, which would
+        swamp small increments in float32; min-max normalisation removes it either way).
         """
-        maps = self.attention_maps
-        if not all(m.requires_grad for m in maps):
+        records = self.attention_maps
+        fused = isinstance(records[0], SDPACall)
+        sources = [record.out for record in records] if fused else records
+        if not all(source.requires_grad for source in sources):
             raise RuntimeError(
                 "the latest forward ran without gradients (torch.no_grad() or inference_mode, "
                 "or reentrant gradient checkpointing); relevance needs a forward with gradients")
-        if logits.ndim != 2 or logits.shape[0] != maps[0].shape[0]:
+        batch, tokens = sources[0].shape[0], sources[0].shape[-2]
+        if logits.ndim != 2 or logits.shape[0] != batch:
             raise ValueError(
-                f"expected logits of shape (B, classes) with B={maps[0].shape[0]} as in the "
+                f"expected logits of shape (B, classes) with B={batch} as in the "
                 f"latest forward, got {tuple(logits.shape)}")
         target = _resolve_target(logits, target)
+        create_graph = self.second_order if second_order is None else second_order
+        if fused:
+            _check_fused(records, create_graph)
         with torch.enable_grad():  # the score is part of the graph even under no_grad
             score = logits.gather(1, target[:, None]).sum()
-        create_graph = self.second_order if second_order is None else second_order
         grads = list(torch.autograd.grad(
-            score, maps, retain_graph=True, create_graph=create_graph, allow_unused=True))
+            score, sources, retain_graph=True, create_graph=create_graph, allow_unused=True))
         if any(g is None for g in grads):
             raise RuntimeError(
                 "these logits do not come from the latest recorded forward of the attached "
                 "model: pass the logits of the most recent `model(images)` call")
         differentiable = torch.is_grad_enabled()
-        row = self._readout_row(maps[0])
-        for attn in reversed(maps):
-            # GAE's cam is mean_h relu(grad * attn); since attn >= 0 it equals
-            # mean_h relu(grad) * attn, which the backward needs one saved tensor for, not two.
-            # Ops run in place wherever autograd needs neither operand; each gradient is
-            # dropped once used.
-            grad = grads.pop()
-            weight = grad.clamp(min=0) if create_graph else grad.clamp_(min=0)
-            product = weight * attn if differentiable else weight.mul_(attn)
-            cam = product.mean(dim=1)  # (B, N, N)
-            row = row + torch.einsum("bn,bnm->bm", row, cam.to(row.dtype))
+        row = self._readout_row(batch, tokens, logits.device)
+        gained = torch.zeros_like(row)  # the rollout row minus the readout row
+        for record in reversed(records):
+            grad = grads.pop()  # each gradient is dropped once used
+            if fused:
+                increment = fused_increment(row, record, grad, self.chunk_elements)
+            else:
+                increment = _explicit_increment(row, record, grad, create_graph, differentiable)
+            row = row + increment
+            gained = gained + increment
         gh, gw = self.grid_size()
-        patches = row[:, self.num_prefix_tokens:]
+        patches = gained[:, self.num_prefix_tokens:]
         if patches.shape[1] != gh * gw:
             raise RuntimeError(
                 f"{patches.shape[1]} patch tokens do not fill the {gh}x{gw} grid expected for "
                 f"input size {self._input_size}")
         return rearrange(patches, "b (h w) -> b h w", h=gh, w=gw)
 
-    def _readout_row(self, attn: torch.Tensor) -> torch.Tensor:
+    def _readout_row(self, batch: int, tokens: int, device: torch.device) -> torch.Tensor:
         """The rollout's starting row: the token(s) the classifier reads, as (B, N).
 
         The class token (and the distillation token of distilled DeiTs) for ``'token'``
         pooling; the mean of the patch tokens for ``'avg'``.
         """
-        batch, tokens = attn.shape[0], attn.shape[-1]
-        row = attn.new_zeros(batch, tokens, dtype=torch.float32)
+        row = torch.zeros(batch, tokens, dtype=torch.float32, device=device)
         if self.pool == "token":
             # distilled DeiT: the logits average the class and distillation heads
             readout = 2 if getattr(self.model, "dist_token", None) is not None else 1
@@ -359,7 +427,40 @@ class GAEHandle:
 
     def __repr__(self) -> str:
         return (f"GAEHandle({type(self.model).__name__}, blocks={len(self._modules)}, "
-                f"pool={self.pool!r}, second_order={self.second_order})")
+                f"pool={self.pool!r}, second_order={self.second_order}, attention={self.attention!r})")
+
+
+_SECOND_ORDER_FUSED = (
+    "second-order relevance differentiates through the attention's backward, which fused SDPA "
+    "does not support: use attach_gae(model, second_order=True, attention='explicit') (or 'auto')")
+
+
+def _check_fused(calls: list[SDPACall], create_graph: bool) -> None:
+    if create_graph:
+        raise ValueError(_SECOND_ORDER_FUSED)
+    dropout = max(call.dropout_p for call in calls)
+    if dropout > 0:
+        raise RuntimeError(
+            f"attention dropout (p={dropout:g}) was active in the recorded forward, and the fused "
+            "path cannot rebuild the dropped maps: use attach_gae(model, attention='explicit') "
+            "(or 'auto', which falls back to it), or run the model in eval mode")
+
+
+def _explicit_increment(
+        row: torch.Tensor,
+        attn: torch.Tensor,
+        grad: torch.Tensor,
+        create_graph: bool,
+        differentiable: bool,
+) -> torch.Tensor:
+    """One block's rollout increment ``row @ cam`` (B, N) from its recorded map and gradient."""
+    # GAE's cam is mean_h relu(grad * attn); since attn >= 0 it equals
+    # mean_h relu(grad) * attn, which the backward needs one saved tensor for, not two.
+    # Ops run in place wherever autograd needs neither operand.
+    weight = grad.clamp(min=0) if create_graph else grad.clamp_(min=0)
+    product = weight * attn if differentiable else weight.mul_(attn)
+    cam = product.mean(dim=1)  # (B, N, N)
+    return torch.einsum("bn,bnm->bm", row, cam.to(row.dtype))
 
 
 def _readout_pool(model: nn.Module) -> str:
@@ -394,7 +495,7 @@ def _resolve_target(logits: torch.Tensor, target: int | torch.Tensor | None) -> 
     return target
 
 
-def attach_gae(model: nn.Module, second_order: bool = False) -> GAEHandle:
+def attach_gae(model: nn.Module, second_order: bool = False, attention: str = "explicit") -> GAEHandle:
     """Instrument ``model``'s attention so that its forwards yield GAE relevance.
 
     Parameters
@@ -407,6 +508,13 @@ def attach_gae(model: nn.Module, second_order: bool = False) -> GAEHandle:
     second_order:
         Take the attention gradients with ``create_graph=True`` so the loss also reaches the
         weights through them. Default False: constant gradients, as the paper's code.
+    attention:
+        ``"explicit"`` (default): attention runs on its explicit softmax path and each forward
+        keeps the (B, heads, N, N) maps. ``"fused"``: attention keeps timm's fused SDPA; each
+        forward records SDPA's q, k, v, bias and output, and the relevance rebuilds the maps in
+        row chunks (memory near the plain step's; no second order, no attention dropout).
+        ``"auto"``: fused from ``AUTO_FUSED_TOKENS`` tokens on, explicit below, for second
+        order and under active attention dropout. Equal relevance and gradients either way.
 
     Returns
     -------
@@ -416,6 +524,8 @@ def attach_gae(model: nn.Module, second_order: bool = False) -> GAEHandle:
 
     Raises
     ------
+    ValueError
+        For an unknown ``attention``, or ``second_order=True`` with ``attention="fused"``.
     UnsupportedModelError
         For models without supported attention (Swin, XCiT, CaiT, CNNs) or readout.
     RuntimeError
@@ -431,4 +541,4 @@ def attach_gae(model: nn.Module, second_order: bool = False) -> GAEHandle:
         raise RuntimeError(
             f"a GAE handle is already attached to this {type(inner).__name__}'s attention{via}: "
             f"{attached!r}. Use that handle, or call its remove() before attaching again")
-    return GAEHandle(inner, second_order=second_order)
+    return GAEHandle(inner, second_order=second_order, attention=attention)

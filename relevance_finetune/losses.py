@@ -114,7 +114,8 @@ class RelevanceRegularizer(nn.Module):
         ``"label"``: relevance for the labels when given, else the prediction (the reference
         code); ``"prediction"``: always the predicted class.
     eps:
-        Added to the min-max range so that a constant map normalises to 0, never NaN.
+        Guards the min-max range (relative to the map's largest magnitude) so that a constant
+        map normalises to 0, never NaN.
 
     The relevance map is upsampled bilinearly to the mask size and min-max normalised per image;
     both MSE terms average over all B x H x W elements; L_fg's target is the mask itself.

@@ -6,8 +6,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_images, tiny_model
-from relevance_finetune import UnsupportedModelError, attach_gae, explicit_attention
+from conftest import TINY_MODELS, tiny_images, tiny_model
+from relevance_finetune import RelevanceRegularizer, UnsupportedModelError, attach_gae, explicit_attention
+from relevance_finetune import gae as gae_module
+from relevance_finetune.fused import SDPACall, SDPACapture, fused_increment
 
 
 def naive_gae(model, images, target=None, second_order=None):
@@ -30,6 +32,7 @@ def naive_gae(model, images, target=None, second_order=None):
         (grad,) = torch.autograd.grad(score, attn, retain_graph=True, create_graph=bool(second_order))
         cam = (grad * attn).clamp(min=0).mean(1)
         rollout = rollout + cam @ rollout
+    rollout = rollout - torch.eye(tokens)  # relevance is what the blocks add to the identity
     prefix = model.num_prefix_tokens
     if model.global_pool == "token":
         row = rollout[:, :2].mean(1) if getattr(model, "dist_token", None) is not None else rollout[:, 0]
@@ -218,14 +221,15 @@ def test_relevance_before_any_forward_is_refused():
             gae.relevance(torch.zeros(2, 5))
 
 
-def test_gradient_checkpointing_keeps_the_first_forward_maps():
+@pytest.mark.parametrize("attention", ["explicit", "fused"])
+def test_gradient_checkpointing_keeps_the_first_forward_maps(attention):
     model = tiny_model()
     images = tiny_images(model)
     with attach_gae(model) as gae:
         expected = gae.relevance(model(images)).detach()
     model.set_grad_checkpointing(True)
     model.train()  # timm checkpoints only in training mode; dropout rates are 0
-    with attach_gae(model) as gae:
+    with attach_gae(model, attention=attention) as gae:
         logits = model(images)
         maps = gae.attention_maps
         relevance = gae.relevance(logits)
@@ -315,3 +319,126 @@ def test_attention_arguments_pass_through_while_attached():
             unmasked = attn(x)
     torch.testing.assert_close(explicit, fused, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(explicit, unmasked)
+
+
+# -- attention="fused" and "auto" ------------------------------------------------------------
+
+def relevance_and_grads(model, images, attention, chunk_elements=None):
+    """Raw relevance and the paper loss's parameter gradients (flattened) in one attention mode."""
+    masks = torch.zeros(len(images), *images.shape[-2:])
+    masks[:, 4:-4, 4:-4] = 1
+    model.zero_grad()
+    with attach_gae(model, attention=attention) as gae:
+        if chunk_elements:
+            gae.chunk_elements = chunk_elements
+        out = RelevanceRegularizer(gae)(model(images), masks, labels=torch.tensor([1, 2]))
+        out.loss.backward()
+        recorded = gae.attention_maps
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return out.relevance.detach(), grads, recorded
+
+
+def assert_relative(got, expected, tol=1e-5):
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= tol * expected.abs().max()
+
+
+@pytest.mark.parametrize("model_key, dynamic", [(key, False) for key in sorted(TINY_MODELS)]
+                         + [("vit_cls", True), ("eva", True)])
+def test_fused_equals_explicit(model_key, dynamic):
+    """Relevance and the loss's gradients agree to 1e-5, with the maps rebuilt in several chunks."""
+    model = tiny_model(model_key, **(dict(dynamic_img_size=True) if dynamic else {}))
+    patch = model.patch_embed.patch_size[0]
+    images = torch.randn(2, 3, 5 * patch, 3 * patch) if dynamic else tiny_images(model)
+    explicit, explicit_grads, maps = relevance_and_grads(model, images, "explicit")
+    fused, fused_grads, calls = relevance_and_grads(model, images, "fused", chunk_elements=100)
+    assert all(isinstance(m, torch.Tensor) for m in maps)
+    assert all(isinstance(c, SDPACall) for c in calls)
+    assert_relative(fused, explicit)
+    assert_relative(fused_grads, explicit_grads)
+
+
+def test_fused_keeps_the_model_as_it_runs():
+    """The fused forward is the model's own: same logits, fused flags kept, restored on remove."""
+    model = tiny_model()
+    images = tiny_images(model)
+    attn = model.blocks[0].attn
+    attn.fused_attn = False  # as with TIMM_FUSED_ATTN=0
+    with torch.no_grad():
+        before = model(images)
+    with attach_gae(model, attention="fused") as gae:
+        assert attn.fused_attn is True
+        logits = model(images)
+        explained = gae.explain(images, normalize=False, upsample=False)
+        torch.testing.assert_close(gae.relevance(logits).detach(), explained)
+    torch.testing.assert_close(logits.detach(), before, rtol=1e-5, atol=1e-6)
+    assert attn.fused_attn is False
+    assert not attn._forward_hooks and not attn._forward_pre_hooks
+
+
+def test_fused_refuses_second_order_and_dropout():
+    model = tiny_model()
+    images = tiny_images(model)
+    with pytest.raises(ValueError, match="attention='explicit'"):
+        attach_gae(model, second_order=True, attention="fused")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        attach_gae(model, attention="flash")
+    with attach_gae(model, attention="fused") as gae:
+        with pytest.raises(ValueError, match="attention='explicit'"):
+            gae.relevance(model(images), second_order=True)
+    dropout = tiny_model(attn_drop_rate=0.1).train()
+    with attach_gae(dropout, attention="fused") as gae:
+        with pytest.raises(RuntimeError, match="attention dropout .*attention='explicit'"):
+            gae.relevance(dropout(images))
+    with attach_gae(dropout, attention="auto") as gae:  # falls back to the explicit path
+        gae.relevance(dropout(images)).sum().backward()
+        assert isinstance(gae.attention_maps[0], torch.Tensor)
+
+
+def test_auto_switches_by_token_count(monkeypatch):
+    monkeypatch.setattr(gae_module, "AUTO_FUSED_TOKENS", 20)
+    model = tiny_model(dynamic_img_size=True)
+    with attach_gae(model, attention="auto") as gae:
+        model(torch.randn(1, 3, 32, 32))  # 16 patches + CLS
+        assert isinstance(gae.attention_maps[0], torch.Tensor)
+        model(torch.randn(1, 3, 40, 40))  # 25 patches + CLS
+        assert isinstance(gae.attention_maps[0], SDPACall)
+        assert model.blocks[0].attn.fused_attn
+    with attach_gae(model, second_order=True, attention="auto") as gae:
+        model(torch.randn(1, 3, 40, 40))
+        assert isinstance(gae.attention_maps[0], torch.Tensor)
+
+
+@pytest.mark.parametrize("mask", ["bool", "causal"])
+def test_fused_increment_reads_masks(mask):
+    """SDPA's boolean and causal masks become the bias of the rebuilt maps."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 4, generator=generator) for _ in range(3))
+    allowed = torch.rand(7, 7, generator=generator) > 0.3
+    allowed.fill_diagonal_(True)
+    if mask == "causal":
+        allowed = torch.ones(7, 7, dtype=torch.bool).tril()
+    kwargs = dict(is_causal=True) if mask == "causal" else dict(attn_mask=allowed)
+    calls = []
+    with SDPACapture(calls.append):
+        F.scaled_dot_product_attention(q, k, v, **kwargs)
+    grad_out, row = torch.rand(2, 3, 7, 4, generator=generator), torch.rand(2, 7, generator=generator)
+    attn = (q @ k.transpose(-2, -1) / 2).masked_fill(~allowed, float("-inf")).softmax(-1)
+    cam = ((grad_out @ v.transpose(-2, -1)).clamp(min=0) * attn).mean(1)
+    expected = torch.einsum("bn,bnm->bm", row, cam)
+    torch.testing.assert_close(fused_increment(row, calls[0], grad_out, chunk_elements=20), expected)
+
+
+@pytest.mark.parametrize("attention", ["explicit", "fused"])
+def test_avg_pool_small_increments_survive(attention):
+    """An avg-pool model whose rollout gains ~1e-10 beside the 1/N readout: the map survives."""
+    model = tiny_model("vit_reg_avg", depth=1)
+    images = tiny_images(model)
+    with attach_gae(model) as gae:
+        expected = gae.explain(images, upsample=False)
+    with torch.no_grad():  # depth 1: the relevance scales with the head, its normalised map does not
+        model.head.weight.mul_(1e-8)
+        model.head.bias.mul_(1e-8)
+    with attach_gae(model, attention=attention) as gae:
+        got = gae.explain(images, upsample=False)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

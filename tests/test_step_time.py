@@ -85,3 +85,20 @@ def test_reference_relevance_equals_ours(step_time):
         heat = gae.explain(images)
     torch.testing.assert_close(relevance, expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(heat, reference_heat, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_sweep_table_targets_and_plot(step_time, tmp_path):
+    configs = step_time.fused_configs(step_time.Config())
+    assert [(c.batch, c.img_size) for c in configs[:4]] == [(2, 224), (2, 384), (2, 448), (2, 518)]
+    assert {c.model for c in configs} == {"vit_base_patch16_224"} and len(configs) == 8
+    run = step_time.run_config(step_time.Config(**TINY), step_time.FUSED_CASES, memory_repeats=0)
+    run["config"]["img_size"] = 518  # the tiny run stands in for a 518 px one: 1025 tokens
+    for entry in run["steps"].values():
+        entry["peak_mib"] = 100.0
+    run["steps"]["relevance_fused"]["peak_mib_vs_plain"] = 1.0
+    assert "| 2 | 518 | 1025 |" in step_time.fused_table([run])
+    targets = step_time.fused_targets([run])
+    assert [t["name"] for t in targets] == [step_time.FUSED_TARGETS[0][0], step_time.FUSED_TARGETS[2][0]]
+    assert targets[0]["met"]
+    step_time.plot_fused([run], str(tmp_path / "memory.png"))
+    assert (tmp_path / "memory.png").stat().st_size > 0
