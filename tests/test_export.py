@@ -130,7 +130,7 @@ def test_export_into_a_mount_point_moves_within_it(tmp_path, monkeypatch):
     monkeypatch.setattr(export_module.os, "replace", replace_within_one_file_system)
     model = tiny_model()
     save_finetuned(model, out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def trained_checkpoint(tmp_path, **settings) -> tuple[str, torch.nn.Module, Path]:

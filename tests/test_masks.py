@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from timm.models import save_for_hf
 
-from conftest import TINY_MODELS, tiny_images, tiny_model
+from conftest import TINY_MODELS, cli_error, tiny_images, tiny_model
 from relevance_finetune.cli import main
 from relevance_finetune.data import ImageNetSDataset, MaskedImageFolder, imagenet_class_index
 from relevance_finetune.masks import (
@@ -482,6 +482,6 @@ def test_masks_command_refine_none_and_aspect_resize(tmp_path, dino_dir, capsys,
     assert (1, 3, 16, 24) in shapes  # 30x40 -> 16x21.3 -> 16x24
     with pytest.raises(ValueError, match="--short-side takes a positive size and needs --resize aspect"):
         masks_command(dino_dir, images, tmp_path / "d", "--short-side", "16")
-    with pytest.raises(ValueError, match="--resize aspect needs a model that takes dynamic_img_size"):
-        main(["masks", "--model", "beit_base_patch16_224", "--images", str(images), "--out", str(tmp_path / "e"),
-              "--resize", "aspect"])
+    assert "--resize aspect needs a model that takes dynamic_img_size" in cli_error(
+        capsys, ["masks", "--model", "beit_base_patch16_224", "--images", str(images), "--out", str(tmp_path / "e"),
+                 "--resize", "aspect"])

@@ -134,7 +134,7 @@ def _create_model(args: argparse.Namespace) -> torch.nn.Module:
         kwargs["dynamic_img_size"] = True
     try:
         return create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:  # the model's constructor, or create_model's message about it
         if "dynamic_img_size" not in str(error):
             raise
         raise ValueError(f"--resize aspect needs a model that takes dynamic_img_size=True; {args.model} "
