@@ -75,6 +75,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                        description="counterfactual images alone: the recommended recipe without relevance terms"),
     Method.from_recipe("recommended", recipes.get("recommended"),
                        description="the recommended recipe (recipes.get('recommended'))"),
+    Method.from_recipe("swap_p50", recipes.get("recommended").replace(background_swap=0.5), lambda_relevance=0.0,
+                       description="counterfactual images alone, each object swapped with probability 0.5"),
+    Method.from_recipe("recommended_p50", recipes.get("recommended").replace(background_swap=0.5),
+                       description="the recommended recipe with swap probability 0.5"),
 )}
 EXTENSIONS = tuple(name for name in METHODS if name.startswith("ext_"))
 # the comparison every family runs; the Table 4 ablations and extensions on request
