@@ -140,7 +140,8 @@ def _figure(seed_result: dict[str, Any], path: Path, count: int = 6) -> Path:
 
 
 def _family_results(config: dict[str, Any], seeds: list[int], per_seed: list[dict[str, Any]],
-                    seconds: float) -> dict[str, Any]:
+                    seconds: float | None) -> dict[str, Any]:
+    """One family's report; ``seconds``: the seeds' run times summed (None when a cache predates them)."""
     return {"config": config, "seeds": seeds, "methods": summarize(per_seed), "per_seed": per_seed,
             "seconds": seconds}
 
@@ -154,7 +155,9 @@ def write_reports(out: Path, families: dict[str, dict[str, Any]], note: str = ""
     for name, family in families.items():
         seeds = family["seeds"]
         text.append(f"## Shortcut family: {name}\n\n{len(seeds)} seeds ({', '.join(map(str, seeds))}), "
-                    f"{family['seconds']:.0f} s. The original's row: mean ± std over seeds (percent); every other "
+                    + ("run time not recorded" if family["seconds"] is None else
+                       f"{family['seconds']:.0f} s of runs (each seed's wall time, summed)")
+                    + ". The original's row: mean ± std over seeds (percent); every other "
                     "row: the change vs the same seed's original, mean ± std over seeds.\n\n"
                     + markdown_tables(family["methods"]))
     text.append("Columns:\n\n" + "\n".join(f"- {line}" for line in COLUMNS) + "\n")
@@ -175,7 +178,9 @@ def _seed_result(config: BenchConfig, seed: int, cache: Path, threads: int | Non
         torch.set_num_threads(threads)
     results_path, model_path = _seed_paths(config, seed, cache)
     if not (results_path.is_file() and model_path.is_file()):
+        started = time.time()
         result = run_seed(config, seed, cache)
+        result["seconds"] = round(time.time() - started, 1)
         with atomic_path(model_path) as temporary:
             save_file(result["models"][_shown_method(result)].state_dict(), str(temporary))
         write_text_atomic(results_path, json.dumps({k: v for k, v in result.items() if k not in ("models", "samples")}))
@@ -186,7 +191,7 @@ def _load_seed(config: BenchConfig, seed: int, cache: Path) -> dict[str, Any]:
     """A cached seed: its results, the original and the shown finetuned model, the OOD samples."""
     results_path, model_path = _seed_paths(config, seed, cache)
     result = json.loads(results_path.read_text())
-    shown = _shown_method({"models": dict.fromkeys(result)})
+    shown = _shown_method({"models": {k: v for k, v in result.items() if k != "seconds"}})
     model = create_original(config)
     model.load_state_dict(load_file(str(model_path)))
     models = {"original": train_original(config, seed, cache), shown: model.eval()}
@@ -202,12 +207,9 @@ def run_benchmark(config: BenchConfig, seeds: list[int], out: Path, families: tu
     cache.mkdir(parents=True, exist_ok=True)
     configs = {family: replace(config, family=family) for family in families}
     tasks = [(configs[family], seed) for family in families for seed in seeds]
-    started = {family: time.time() for family in families}
-    seconds: dict[str, float] = {}
     with tqdm(total=len(tasks), desc="benchmark (family, seed)") as bar:
         def finished(family: str) -> None:
             bar.update(1)
-            seconds[family] = round(time.time() - started[family], 1)
         if jobs == 1:
             for family_config, seed in tasks:
                 bar.set_postfix_str(f"{family_config.family} seed {seed}")
@@ -220,8 +222,10 @@ def run_benchmark(config: BenchConfig, seeds: list[int], out: Path, families: tu
     reports = {}
     for family, family_config in configs.items():
         loaded = [_load_seed(family_config, seed, cache) for seed in seeds]
-        per_seed = [{k: v for k, v in result.items() if k not in ("models", "samples")} for result in loaded]
-        reports[family] = _family_results(config_dict(family_config), seeds, per_seed, seconds[family])
+        per_seed = [{k: v for k, v in result.items() if k not in ("models", "samples", "seconds")} for result in loaded]
+        seconds = [result.get("seconds") for result in loaded]
+        total = None if None in seconds else round(sum(seconds), 1)
+        reports[family] = _family_results(config_dict(family_config), seeds, per_seed, total)
         suffix = "" if len(families) == 1 else f"_{family}"
         _figure(loaded[0], out / f"relevance_before_after{suffix}.png")
         if family == families[0]:
