@@ -194,7 +194,7 @@ def test_reliance_rule_picks_the_lowest_background_only_within_the_accuracy_limi
     lr, model, trials = runner.choose_lr(original, method, train, val, config, seed=0)
     assert [(t["lr"], t["epoch"]) for t in trials] == [(0.0, 0), (1e-3, 1), (1e-3, 2), (1e-2, 1), (1e-2, 2)]
     best = min(range(1, len(trials)), key=lambda i: (trials[i]["background_only"], -trials[i]["acc"]))
-    assert lr == trials[best]["lr"]
+    assert lr == trials[best]["lr"] and [i for i, t in enumerate(trials) if t.get("chosen")] == [best]
     assert torch.equal(model.head.weight, seen[best])
     strict = runner.choose_lr(original, method, train, val, dataclasses.replace(config, max_val_drop=-1e9), seed=0)
     assert strict[0] == 1e-3  # nothing passes: the smallest lr

@@ -325,7 +325,8 @@ def choose_lr(original: nn.Module, method: Method, train, val, config: BenchConf
     ``max_val_drop`` points and whose L_cls does not increase. ``"reliance"``: among the models
     every ``select_every`` epochs of every lr, the lowest validation background-only accuracy
     whose accuracy falls by at most ``max_val_drop`` points (ties: the higher accuracy). When
-    nothing passes, the smallest lr's final model (its model is kept, not retrained).
+    nothing passes, the smallest lr's final model (its model is kept, not retrained). The chosen
+    trial is marked ``"chosen": True``.
     """
     reliance = method.selection == "reliance"
     reference = validation_score(original, val, reliance)
@@ -339,11 +340,12 @@ def choose_lr(original: nn.Module, method: Method, train, val, config: BenchConf
             trials.append({"lr": lr, "epoch": epoch, **score})
             key = (-score["background_only"], score["acc"]) if reliance else (lr,)
             if _passes(score, reference, config, method.selection) and (chosen is None or key > chosen[0]):
-                chosen = (key, lr, _state(model))
+                chosen = (key, lr, _state(model), trials[-1])
             if last and lr == min(config.lr_grid):
-                smallest = (None, lr, _state(model))
+                smallest = (None, lr, _state(model), trials[-1])
     # nothing passes: the smallest lr is the most conservative choice (its model is kept, not retrained)
-    _, lr, state = chosen or smallest
+    _, lr, state, trial = chosen or smallest
+    trial["chosen"] = True
     model = copy.deepcopy(original)
     model.load_state_dict(state)
     return lr, model, trials
