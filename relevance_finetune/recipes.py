@@ -87,14 +87,18 @@ class Recipe:
 RECIPES: Mapping[str, Recipe] = MappingProxyType({recipe.name: recipe for recipe in (
     Recipe(
         "paper",
-        evidence="Chefer et al. 2022, Eq. 5 and Sec. 4: bg 2.0, fg 0.3, relevance 0.8, confidence CE 0.2; "
-                 "on the built-in benchmark it moves the map, not the model (docs/benchmark.md)"),
+        evidence="Chefer et al. 2022, Eq. 5 and Sec. 4 (bg 2.0, fg 0.3, relevance 0.8, confidence CE 0.2); "
+                 "`relevance-finetune demo --full --family hue`, 3 seeds vs the original: OOD -0.3, "
+                 "background-only -4.0, ID -0.5 (its rule keeps lr at 1e-5)"),
     Recipe(
         "recommended",
         loss=dict(classification="ground_truth"),
         background_swap=1.0,
         selection="reliance",
-        evidence="to be measured"),
+        evidence="`relevance-finetune demo --full --family hue`, 3 seeds vs the original: background-only "
+                 "-20.7 ± 10.0, adversarial +4.6, OOD +1.4 (finetuned classes +6.8, others -4.0), ID -2.1; the "
+                 "swap alone gives the same (-24.2, +4.7, +1.9, -2.1): the counterfactual images carry the gain, "
+                 "the relevance terms add nothing measurable (docs/faithfulness.md)"),
 )})
 
 
