@@ -110,21 +110,19 @@ class BackgroundSwap:
         draw = self._uniform(len(area))
         moving = usable & (draw < self.p)
         stripped = usable & ~moving & (self._uniform(len(area)) < self.object_only)
-        out = images
+        out = images.clone()
         if int(moving.sum()) and int(usable.sum()) >= 2:
-            donors = self._donors(moving, usable)
-            index = torch.nonzero(moving).squeeze(1)
-            backgrounds = fill_object(images[donors.to(images.device)], masks_4d[donors.to(images.device)], self.fill)
-            keep = masks_4d[index.to(images.device)]
-            out = out.clone()
-            out[index.to(images.device)] = images[index.to(images.device)] * keep + backgrounds * (1 - keep)
+            donors = self._donors(moving, usable).to(images.device)
+            index = torch.nonzero(moving).squeeze(1).to(images.device)
+            backgrounds = fill_object(images[donors], masks_4d[donors], self.fill)
+            keep = masks_4d[index]
+            out[index] = images[index] * keep + backgrounds * (1 - keep)
             self.swapped += len(index)
         if int(stripped.sum()):
             index = torch.nonzero(stripped).squeeze(1).to(images.device)
             background = 1 - masks_4d
             colour = (images * background).sum(dim=(0, 2, 3)) / background.sum(dim=(0, 2, 3)).clamp(min=1e-6)
             keep = masks_4d[index]
-            out = out.clone() if out is images else out
             out[index] = images[index] * keep + colour.view(1, -1, 1, 1) * (1 - keep)
             self.object_only_count += len(index)
         return out, masks

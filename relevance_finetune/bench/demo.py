@@ -172,8 +172,8 @@ def _seed_paths(config: BenchConfig, seed: int, cache: Path) -> tuple[Path, Path
     return cache / f"results-{config.family}-{key}.json", cache / f"shown-{config.family}-{key}.safetensors"
 
 
-def _seed_result(config: BenchConfig, seed: int, cache: Path, threads: int | None = None) -> str:
-    """Run one seed unless its results are cached; returns the family (for the progress bar)."""
+def _seed_result(config: BenchConfig, seed: int, cache: Path, threads: int | None = None) -> None:
+    """Run one seed unless its results are cached (in ``cache``, with its shown finetuned model)."""
     if threads:
         torch.set_num_threads(threads)
     results_path, model_path = _seed_paths(config, seed, cache)
@@ -184,7 +184,6 @@ def _seed_result(config: BenchConfig, seed: int, cache: Path, threads: int | Non
         with atomic_path(model_path) as temporary:
             save_file(result["models"][_shown_method(result)].state_dict(), str(temporary))
         write_text_atomic(results_path, json.dumps({k: v for k, v in result.items() if k not in ("models", "samples")}))
-    return config.family
 
 
 def _load_seed(config: BenchConfig, seed: int, cache: Path) -> dict[str, Any]:
@@ -208,17 +207,17 @@ def run_benchmark(config: BenchConfig, seeds: list[int], out: Path, families: tu
     configs = {family: replace(config, family=family) for family in families}
     tasks = [(configs[family], seed) for family in families for seed in seeds]
     with tqdm(total=len(tasks), desc="benchmark (family, seed)") as bar:
-        def finished(family: str) -> None:
-            bar.update(1)
         if jobs == 1:
             for family_config, seed in tasks:
                 bar.set_postfix_str(f"{family_config.family} seed {seed}")
-                finished(_seed_result(family_config, seed, cache))
+                _seed_result(family_config, seed, cache)
+                bar.update(1)
         else:
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(jobs, mp_context=context) as pool:
                 for future in as_completed([pool.submit(_seed_result, c, s, cache, 1) for c, s in tasks]):
-                    finished(future.result())
+                    future.result()
+                    bar.update(1)
     reports = {}
     for family, family_config in configs.items():
         loaded = [_load_seed(family_config, seed, cache) for seed in seeds]
