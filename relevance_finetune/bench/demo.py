@@ -204,7 +204,7 @@ def run_benchmark(config: BenchConfig, seeds: list[int], out: Path, families: tu
     reused by a rerun with the same settings."""
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    configs = {family: replace(config, family=family) for family in families}
+    configs = {family: config.for_family(family) for family in families}
     tasks = [(configs[family], seed) for family in families for seed in seeds]
     with tqdm(total=len(tasks), desc="benchmark (family, seed)") as bar:
         if jobs == 1:

@@ -7,7 +7,7 @@ inside the object. Outside it lies a shortcut of one of ``num_classes`` values, 
 
 - ``hue``: the background's hue (with a random smooth brightness gradient);
 - ``texture``: the background's texture, oriented waves of a class-specific angle and period
-  in a light and a dark random colour (their hue carries nothing);
+  in two random colours (their hue carries nothing);
 - ``mark``: a small plate of class-specific colour and symbol (a third of the image side)
   stamped somewhere on the background, away from the object, like a watermark or a logo; the
   background hue is random.
@@ -113,7 +113,7 @@ def _hue(index: int, num_classes: int, size: int, rng: np.random.Generator) -> A
 
 def _waves(index: int, size: int, rng: np.random.Generator) -> Array:
     """Texture ``index``: band-pass noise of one of 5 angles x 2 periods (3 and 5 waves per
-    image side, coarser than any object pattern), thresholded, in a light and a dark colour."""
+    image side, coarser than any object pattern), thresholded, in two random colours."""
     period = size / (3 if index >= 5 else 5)
     angle = np.pi * (index % 5) / 5
     fy, fx = np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size), indexing="ij")
@@ -121,8 +121,7 @@ def _waves(index: int, size: int, rng: np.random.Generator) -> Array:
     across = -fx * np.sin(angle) + fy * np.cos(angle)
     spectrum = np.exp(-((np.abs(along) - 1 / period) ** 2 + across ** 2) / (2 * (0.25 / period) ** 2))
     noise = np.fft.ifft2(np.fft.fft2(rng.normal(size=(size, size))) * spectrum).real
-    light = rng.uniform(0.55, 0.95, size=3)
-    colours = np.stack([light, light - rng.uniform(0.4, 0.5)])  # a strong light/dark contrast
+    colours = rng.uniform(0.15, 0.85, size=(2, 3))
     waves = (noise > 0)[None]
     return np.where(waves, colours[0, :, None, None], colours[1, :, None, None])
 
