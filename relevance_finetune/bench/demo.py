@@ -242,8 +242,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default: demo-out)")
     parser.add_argument("--family", nargs="+", choices=(*FAMILIES, "all"), default=["hue"],
                         help="shortcut families: hue (background colour, the default), texture (background "
-                             "texture), mark (a small plate, like a watermark), or all; under the shared training "
-                             "schedule only hue's original learns its shortcut (docs/benchmark.md)")
+                             "texture), mark (a small plate, like a watermark), or all; mark's original does not "
+                             "learn its shortcut (docs/benchmark.md)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 1; --full: 3)")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS),
                         help=f"methods to compare (default: {' '.join(DEMO_METHODS)}; --full: "
