@@ -218,3 +218,12 @@ def test_families_are_deterministic_and_keep_the_shortcut_out_of_the_mask():
     assert changed.any() and not (changed & mask).any()
     with pytest.raises(ValueError, match="family must be one of"):
         SpuriousConfig(family="colour")
+
+
+def test_family_settings_apply_where_the_config_holds_the_default():
+    from relevance_finetune.bench.runner import FAMILY_SETTINGS, BenchConfig
+
+    assert BenchConfig().for_family("texture").biased_epochs == FAMILY_SETTINGS["texture"]["biased_epochs"] != 3
+    assert BenchConfig(biased_epochs=1).for_family("texture").biased_epochs == 1  # the user's value wins
+    assert BenchConfig().for_family("hue") == BenchConfig(family="hue")
+    assert BenchConfig().for_family("texture").original_key(0) != BenchConfig(family="texture").original_key(0)
