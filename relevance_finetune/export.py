@@ -28,6 +28,7 @@ from timm.utils import unwrap_model
 from torch import nn
 
 from . import __version__
+from ._files import give_umask_mode
 from .checkpoint import read_checkpoint_info
 from .models import create_model, create_model_from_spec, load_weights, merge_model_kwargs
 
@@ -73,6 +74,7 @@ def _atomic_directory(path: Path, overwrite: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         for file in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+            give_umask_mode(file)
             os.replace(file, path / file.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

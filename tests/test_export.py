@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,18 @@ def test_truncated_checkpoints_are_named(tmp_path, capsys, command):
         with pytest.raises(ValueError, match=f"cannot read {last}.*truncated"):
             finetune(tiny_model(num_classes=4), SyntheticMasked(4), None,
                      config(out=str(run), model=hub, pretrained=True, resume=True, epochs=2))
+
+
+def test_exports_and_checkpoints_respect_the_umask(tmp_path):
+    """safetensors writes its files readable by the owner only; outputs follow the umask instead."""
+    from relevance_finetune.checkpoint import save_checkpoint
+
+    previous = os.umask(0o022)
+    try:
+        model = tiny_model()
+        save_finetuned(model, tmp_path / "export")
+        save_checkpoint(tmp_path / "run" / "last.safetensors", model, {"epoch": 1})
+    finally:
+        os.umask(previous)
+    written = [*(tmp_path / "export").iterdir(), tmp_path / "run" / "last.safetensors"]
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in written} == {p.name: 0o644 for p in written}

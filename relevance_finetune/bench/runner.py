@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import recipes
+from .._files import atomic_path
 from ..augment import BackgroundSwap
 from ..gae import attach_gae
 from ..losses import InputGradientRegularizer, RelevanceRegularizer
@@ -226,10 +227,8 @@ def train_original(config: BenchConfig, seed: int, cache_dir: Path | None = None
     biased = make_split(config.biased_images, "biased", config.p, config.spurious(), seed=1000 * seed + 2)
     _train_classifier(model, biased, config.biased_epochs, 1e-3, config.train_batch, seed, "original: shortcut")
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(model.state_dict(), str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as temporary:
+            save_file(model.state_dict(), str(temporary))
     return model
 
 
