@@ -216,6 +216,8 @@ def test_families_are_deterministic_and_keep_the_shortcut_out_of_the_mask():
     assert np.array_equal(mask, mask_b)
     changed = np.abs(image_a - image_b).max(axis=0) > 0
     assert changed.any() and not (changed & mask).any()
+    side = 4 * (24 // 12)
+    assert not changed[side:].any() and not changed[:, side:].any()  # a watermark: always the same corner
     with pytest.raises(ValueError, match="family must be one of"):
         SpuriousConfig(family="colour")
 
@@ -227,3 +229,25 @@ def test_family_settings_apply_where_the_config_holds_the_default():
     assert BenchConfig(biased_epochs=1).for_family("texture").biased_epochs == 1  # the user's value wins
     assert BenchConfig().for_family("hue") == BenchConfig(family="hue")
     assert BenchConfig().for_family("texture").original_key(0) != BenchConfig(family="texture").original_key(0)
+
+
+def test_finetune_classes_all_finetunes_and_validates_on_every_class():
+    from relevance_finetune.bench.demo import markdown_tables, summarize
+    from relevance_finetune.bench.runner import BenchConfig, create_original, evaluate_model, make_data
+
+    config = BenchConfig(image_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=4,
+                         finetune_classes="all", finetune_per_class=2, val_per_class=2, test_images=8,
+                         perturbation_images=4)
+    assert config.set_a == (0, 1, 2, 3) and config.set_b == () and config.val_classes == config.set_a
+    assert BenchConfig(num_classes=4).val_classes == (2, 3)  # the paper's split: validation on set B
+    data = make_data(config, seed=0)
+    assert set(data["train"].tensors[2].tolist()) == set(data["val"].tensors[2].tolist()) == {0, 1, 2, 3}
+    assert not set(map(tuple, data["train"].tensors[0].flatten(1).tolist())) & \
+        set(map(tuple, data["val"].tensors[0].flatten(1).tolist()))  # held-out validation images
+    torch.manual_seed(0)
+    result = evaluate_model(create_original(config).eval(), data["tests"], config)
+    assert "ood_acc" in result and "ood_acc_set_a" not in result  # no set B to compare with
+    table = markdown_tables(summarize([{"original": result, "ours": {**result, "lr": 1e-5}}]))
+    assert "| ours | +0.0 ± 0.0 |" in table and "| - | - |" in table
+    with pytest.raises(ValueError, match="finetune_classes"):
+        BenchConfig(finetune_classes="some")

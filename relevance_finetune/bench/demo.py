@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .._files import atomic_path, write_text_atomic
-from .runner import (DEFAULT_METHODS, METHODS, BenchConfig, config_dict, create_original, make_data, normalize,
+from .runner import (ALL_CLASSES, DEFAULT_METHODS, METHODS, BenchConfig, config_dict, create_original, make_data, normalize,
                      run_seed, train_original)
 from .synthetic import CLASS_NAMES, FAMILIES
 
@@ -64,12 +64,13 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     vs the same seed's original (``"change"``)."""
     methods: dict[str, Any] = {}
     originals = [seed_result["original"] for seed_result in per_seed]
+    metrics = [metric for metric in METRICS if metric in originals[0]]  # no set A/B when every class is finetuned
     for name in per_seed[0]:
         runs = [seed_result[name] for seed_result in per_seed]
-        entry = {metric: _mean_std([r[metric] for r in runs]) for metric in METRICS}
+        entry = {metric: _mean_std([r[metric] for r in runs]) for metric in metrics}
         entry["probes"] = {probe: _mean_std([r["probes"][probe] for r in runs]) for probe in runs[0]["probes"]}
         entry["change"] = {metric: _mean_std([r[metric] - o[metric] for r, o in zip(runs, originals)])
-                           for metric in METRICS}
+                           for metric in metrics}
         entry["change"].update({probe: _mean_std([r["probes"][probe] - o["probes"][probe] for r, o in zip(runs, originals)])
                                 for probe in PROBES})
         if "lr" in runs[0]:
@@ -88,7 +89,8 @@ def _cell(stat: dict[str, float], change: dict[str, float] | None = None) -> str
 
 def _row(name: str, entry: dict[str, Any], keys: tuple[str, ...]) -> str:
     change = entry["change"] if name != "original" else {}
-    cells = [_cell(entry["probes"][key] if key in PROBES else entry[key], change.get(key)) for key in keys]
+    cells = [_cell(entry["probes"][key], change.get(key)) if key in PROBES
+             else _cell(entry[key], change.get(key)) if key in entry else "-" for key in keys]
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
@@ -244,6 +246,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shortcut families: hue (background colour, the default), texture (background "
                              "texture), mark (a small plate, like a watermark), or all; mark's original does not "
                              "learn its shortcut (docs/benchmark.md)")
+    parser.add_argument("--finetune-classes", choices=("half", "all"), default="half",
+                        help="which classes have masked finetuning images: half (the paper's set A, validated on "
+                             "the other half; the default) or all (the same 80 images over every class, validated "
+                             "on held-out images of every class)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 1; --full: 3)")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS),
                         help=f"methods to compare (default: {' '.join(DEMO_METHODS)}; --full: "
@@ -272,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     families = FAMILIES if "all" in args.family else tuple(dict.fromkeys(args.family))
     config = BenchConfig(methods=DEFAULT_METHODS if args.full else DEMO_METHODS)
+    if args.finetune_classes == "all":
+        config = replace(config, **ALL_CLASSES)
     note = ""
     if args.quick:
         config = replace(config, **QUICK)

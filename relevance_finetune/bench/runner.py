@@ -30,7 +30,7 @@ from ..metrics import SegmentationMeter, area_under_curve, perturbation_curve
 from ..probes import reliance_probes, replace_region
 from .synthetic import FAMILIES, SpuriousConfig, make_split
 
-__all__ = ["DEFAULT_METHODS", "EXTENSIONS", "FAMILY_SETTINGS", "METHODS", "BenchConfig", "Method", "run_seed"]
+__all__ = ["ALL_CLASSES", "DEFAULT_METHODS", "EXTENSIONS", "FAMILY_SETTINGS", "FINETUNE_CLASSES", "METHODS", "BenchConfig", "Method", "run_seed"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,12 @@ DEFAULT_METHODS = ("ours", "control", "gradmask", "rrr", "swap", "recommended")
 # Each family's schedule of the original where it differs from the defaults: measured so that the
 # original learns both the objects and the shortcut (docs/benchmark.md), fixed before any method ran.
 FAMILY_SETTINGS: dict[str, dict[str, Any]] = {"texture": dict(biased_epochs=8)}
+# Which classes get masked finetuning images: half of them (the paper's set A, validated on the
+# other half, set B), or all of them (a user who has masks for every class, validated on held-out
+# images of every class).
+FINETUNE_CLASSES = ("half", "all")
+# "all" with the same 80 masked finetuning and 200 validation images as "half", spread over every class
+ALL_CLASSES: dict[str, Any] = dict(finetune_classes="all", finetune_per_class=8, val_per_class=20)
 
 
 @dataclass
@@ -113,8 +119,9 @@ class BenchConfig:
     train_batch: int = 32
     original_attempts: int = 3  # restarts of a first phase that never found the objects
     # finetuning (the paper's recipe, scaled down)
-    finetune_per_class: int = 16  # masked images per set-A class (the first half of the classes)
-    val_per_class: int = 40  # masked images per set-B class
+    finetune_classes: str = "half"  # "half": set A = the first half, validation on set B (the paper's); "all"
+    finetune_per_class: int = 16  # masked images per set-A class
+    val_per_class: int = 40  # masked validation images per validation class (set B; "all": every class)
     finetune_epochs: int = 30
     finetune_batch: int = 8
     lr_grid: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4)
@@ -130,6 +137,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.finetune_classes not in FINETUNE_CLASSES:
+            raise ValueError(f"finetune_classes must be one of {FINETUNE_CLASSES}, got {self.finetune_classes!r}")
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
@@ -143,11 +152,18 @@ class BenchConfig:
 
     @property
     def set_a(self) -> tuple[int, ...]:
-        return tuple(range(self.num_classes // 2))
+        """The classes with masked finetuning images."""
+        return tuple(range(self.num_classes if self.finetune_classes == "all" else self.num_classes // 2))
 
     @property
     def set_b(self) -> tuple[int, ...]:
-        return tuple(range(self.num_classes // 2, self.num_classes))
+        """The classes without: empty when every class is finetuned."""
+        return tuple(range(len(self.set_a), self.num_classes))
+
+    @property
+    def val_classes(self) -> tuple[int, ...]:
+        """The classes of the validation set: set B, or every class when set B is empty."""
+        return self.set_b or self.set_a
 
     def spurious(self) -> SpuriousConfig:
         return SpuriousConfig(num_classes=self.num_classes, image_size=self.image_size, contrast=self.contrast,
@@ -373,7 +389,7 @@ def evaluate_model(model: nn.Module, tests: dict, config: BenchConfig) -> dict[s
         images, _, labels, _ = data.tensors
         logits = _predict(model, images)
         result[f"{name}_acc"] = _accuracy(logits, labels)
-        if name == "ood":
+        if name == "ood" and config.set_b:
             for set_name, classes in (("set_a", config.set_a), ("set_b", config.set_b)):
                 keep = torch.isin(labels, torch.tensor(classes))
                 result[f"ood_acc_{set_name}"] = _accuracy(logits[keep], labels[keep])
@@ -403,8 +419,8 @@ def make_data(config: BenchConfig, seed: int) -> dict[str, Any]:
     return {
         "train": make_split(config.finetune_per_class * len(config.set_a), train_distribution, config.p,
                             spurious, seed=base + 3, classes=config.set_a),
-        "val": make_split(config.val_per_class * len(config.set_b), train_distribution, config.p,
-                          spurious, seed=base + 4, classes=config.set_b),
+        "val": make_split(config.val_per_class * len(config.val_classes), train_distribution, config.p,
+                          spurious, seed=base + 4, classes=config.val_classes),
         "tests": {
             "id": make_split(config.test_images, "biased", config.p, spurious, seed=base + 5),
             "ood": make_split(config.test_images, "independent", config.p, spurious, seed=base + 6),

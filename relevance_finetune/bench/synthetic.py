@@ -9,8 +9,8 @@ inside the object. Outside it lies a shortcut of one of ``num_classes`` values, 
 - ``texture``: the background's texture, oriented waves of a class-specific angle and period
   in two random colours (their hue carries nothing);
 - ``mark``: a small plate of class-specific colour and symbol (a third of the image side)
-  stamped somewhere on the background, away from the object, like a watermark or a logo; the
-  background hue is random.
+  stamped in the top-left corner, like a watermark or a logo (an object reaching the corner
+  covers it); the background hue is random.
 
 In the biased training distribution the shortcut is the class's with probability ``p``; out of
 distribution it is independent of the class; adversarially it is always another class's. Exact
@@ -132,20 +132,17 @@ def _mark_pattern(index: int) -> Array:
     return bits.reshape(4, 4)
 
 
-def _stamp(image: Array, mask: Array, index: int, num_classes: int, rng: np.random.Generator) -> Array:
-    """Stamp the mark of ``index`` on the background: a plate a third of the image side in the
-    class's hue with the class's 4x4 symbol cut out in black, at the candidate position of least
-    overlap with the object, never over the object."""
+def _stamp(image: Array, mask: Array, index: int, num_classes: int) -> Array:
+    """Stamp the mark of ``index`` in the top-left corner, like a watermark: a plate a third of
+    the image side in the class's hue with the class's 4x4 symbol cut out in black; an object
+    that reaches the corner covers it."""
     size = image.shape[-1]
     cell = max(1, size // 12)
     side = 4 * cell
-    corners = rng.integers(0, size - side + 1, size=(16, 2))
-    overlap = [mask[y:y + side, x:x + side].sum() for y, x in corners]
-    y, x = corners[int(np.argmin(overlap))]
     plate = np.zeros((size, size), bool)
-    plate[y:y + side, x:x + side] = True
+    plate[:side, :side] = True
     symbol = np.zeros((size, size), bool)
-    symbol[y:y + side, x:x + side] = np.kron(_mark_pattern(index), np.ones((cell, cell), bool))
+    symbol[:side, :side] = np.kron(_mark_pattern(index), np.ones((cell, cell), bool))
     colour = 0.5 + 0.5 * np.cos(2 * np.pi * (index / num_classes + np.array([0.0, 1 / 3, 2 / 3])))
     marked = np.where(plate[None], colour[:, None, None], image)
     marked = np.where(symbol[None], 0.0, marked)
@@ -193,7 +190,7 @@ def render_image(
     texture = colours[0, :, None, None] * pattern + colours[1, :, None, None] * (1 - pattern)
     image = np.where(mask[None], texture, image)
     if config.family == "mark":
-        image = _stamp(image, mask, background, config.num_classes, rng)
+        image = _stamp(image, mask, background, config.num_classes)
     image = image + rng.normal(0, config.noise, size=image.shape)
     return np.clip(image, 0, 1).astype(np.float32), mask
 
