@@ -244,8 +244,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default: demo-out)")
     parser.add_argument("--family", nargs="+", choices=(*FAMILIES, "all"), default=["hue"],
                         help="shortcut families: hue (background colour, the default), texture (background "
-                             "texture), mark (a small plate, like a watermark), or all; mark's original does not "
-                             "learn its shortcut (docs/benchmark.md)")
+                             "texture), mark (a small plate in a corner, like a watermark), or all")
     parser.add_argument("--finetune-classes", choices=("half", "all"), default="half",
                         help="which classes have masked finetuning images: half (the paper's set A, validated on "
                              "the other half; the default) or all (the same 80 images over every class, validated "
