@@ -1,8 +1,9 @@
 """The ID-for-reliance trade-off of the benchmark's methods, from a demo's ``results.json``.
 
-Every learning rate and checkpoint that the reliance rule scored is a point: the change of
-validation accuracy (x) and of validation background-only accuracy (y) against the original,
-mean over seeds. Methods under the paper's rule contribute their final models. Writes
+Every learning rate and checkpoint that a rule scored is a point, mean over seeds of its change
+against the original: validation accuracy vs validation background-only accuracy (what the
+reliance rule sees), and test ID vs test OOD accuracy (recorded, never selected on). Methods under
+the paper's rule contribute their final models. Writes
 ``tradeoff[_FAMILY].png`` and ``tradeoff.md`` next to the results::
 
     python benchmarks/tradeoff.py demo-out/results.json
@@ -22,51 +23,62 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def trial_points(per_seed: list[dict[str, Any]], method: str) -> dict[tuple[float, int], tuple[float, float | None]]:
-    """(lr, epoch) -> mean over seeds of (validation accuracy change, background-only change)."""
-    changes: dict[tuple[float, int], list[tuple[float, float | None]]] = defaultdict(list)
+def trial_points(per_seed: list[dict[str, Any]], method: str) -> dict[tuple[float, int], dict[str, float]]:
+    """(lr, epoch) -> mean over seeds of each trial quantity's change vs the original: ``val_acc``,
+    ``val_background_only`` and, where recorded, ``test_id`` and ``test_ood``."""
+    changes: dict[tuple[float, int], list[dict[str, float]]] = defaultdict(list)
     for seed_result in per_seed:
         trials = seed_result[method]["lr_trials"]
         if not trials:
             continue
         start, *rest = trials
         for trial in rest:
-            background = trial.get("background_only")
-            changes[(trial["lr"], trial.get("epoch", 0))].append(
-                (trial["acc"] - start["acc"], None if background is None else background - start["background_only"]))
-    return {key: (statistics.fmean(a for a, _ in values),
-                  None if values[0][1] is None else statistics.fmean(b for _, b in values))
+            change = {"val_acc": trial["acc"] - start["acc"]}
+            if "background_only" in trial:
+                change["val_background_only"] = trial["background_only"] - start["background_only"]
+            for split, value in trial.get("test", {}).items():
+                change[f"test_{split}"] = value - start["test"][split]
+            changes[(trial["lr"], trial.get("epoch", 0))].append(change)
+    return {key: {name: statistics.fmean(change[name] for change in values) for name in values[0]}
             for key, values in changes.items()}
 
 
+def _methods(family: dict[str, Any]) -> list[str]:
+    return [method for method in family["per_seed"][0] if method not in ("original", "seconds")]
+
+
 def family_table(name: str, family: dict[str, Any]) -> str:
-    lines = [f"### {name}", "", "| method | lr | epoch | val accuracy change | val background-only change |",
-             "|---|---|---|---|---|"]
-    for method in family["per_seed"][0]:
-        if method == "original":
-            continue
-        for (lr, epoch), (acc, background) in sorted(trial_points(family["per_seed"], method).items()):
-            shown = "-" if background is None else f"{background:+.1f}"
-            lines.append(f"| {method} | {lr:g} | {epoch} | {acc:+.1f} | {shown} |")
+    columns = ("val_acc", "val_background_only", "test_id", "test_ood")
+    lines = [f"### {name}", "", "| method | lr | epoch | val accuracy | val background-only | test ID | test OOD |",
+             "|---|---|---|---|---|---|---|"]
+    for method in _methods(family):
+        for (lr, epoch), change in sorted(trial_points(family["per_seed"], method).items()):
+            cells = " | ".join(f"{change[c]:+.1f}" if c in change else "-" for c in columns)
+            lines.append(f"| {method} | {lr:g} | {epoch} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
 def family_plot(name: str, family: dict[str, Any], path: Path) -> None:
-    figure, ax = plt.subplots(figsize=(6, 4.5))
-    for method in family["per_seed"][0]:
-        if method == "original":
-            continue
-        points = [(acc, background) for acc, background in trial_points(family["per_seed"], method).values()
-                  if background is not None]
-        if points:
-            ax.scatter(*zip(*points), label=method, s=18)
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.axvline(0, color="grey", lw=0.5)
-    ax.axvline(-family["config"]["max_val_drop"], color="red", lw=0.8, ls="--", label="accuracy limit")
-    ax.set_xlabel("validation accuracy change (points)")
-    ax.set_ylabel("validation background-only change (points)")
-    ax.set_title(f"{name}: every lr x checkpoint the reliance rule scored ({len(family['seeds'])} seeds)")
-    ax.legend(fontsize=8)
+    """Left: what the reliance rule sees (validation); right: the test accuracies it never sees."""
+    figure, (val_ax, test_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for method in _methods(family):
+        points = trial_points(family["per_seed"], method).values()
+        val = [(p["val_acc"], p["val_background_only"]) for p in points if "val_background_only" in p]
+        test = [(p["test_id"], p["test_ood"]) for p in points if "test_ood" in p]
+        if val:
+            val_ax.scatter(*zip(*val), label=method, s=18)
+        if test:
+            test_ax.scatter(*zip(*test), label=method, s=18)
+    for ax in (val_ax, test_ax):
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.legend(fontsize=8)
+    val_ax.axvline(-family["config"]["max_val_drop"], color="red", lw=0.8, ls="--", label="accuracy limit")
+    val_ax.set_xlabel("validation accuracy change (points)")
+    val_ax.set_ylabel("validation background-only change (points)")
+    test_ax.set_xlabel("test ID accuracy change (points)")
+    test_ax.set_ylabel("test OOD accuracy change (points)")
+    figure.suptitle(f"{name}: every lr x checkpoint scored, mean over {len(family['seeds'])} seeds")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -198,6 +198,13 @@ def test_reliance_rule_picks_the_lowest_background_only_within_the_accuracy_limi
     assert torch.equal(model.head.weight, seen[best])
     strict = runner.choose_lr(original, method, train, val, dataclasses.replace(config, max_val_drop=-1e9), seed=0)
     assert strict[0] == 1e-3  # nothing passes: the smallest lr
+    # test accuracies are recorded per trial for the trade-off curve, and change no choice
+    ood = make_split(8, "independent", config=config.spurious(), classes=(0, 1), seed=2)
+    traced_lr, traced, traced_trials = runner.choose_lr(original, method, train, val, config, seed=0, tests={"ood": ood})
+    assert traced_lr == lr and torch.equal(traced.head.weight, model.head.weight)
+    chosen = next(t for t in traced_trials if t.get("chosen"))
+    assert chosen["test"]["ood"] == runner._accuracy(runner._predict(traced, ood.tensors[0]), ood.tensors[2])
+    assert all(set(t["test"]) == {"ood"} for t in traced_trials) and "test" not in trials[0]
 
 
 def test_families_are_deterministic_and_keep_the_shortcut_out_of_the_mask():

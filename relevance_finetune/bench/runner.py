@@ -344,9 +344,15 @@ def _passes(score: dict[str, float], reference: dict[str, float], config: BenchC
     return selection == "reliance" or score["l_cls"] <= reference["l_cls"] + 1e-6
 
 
-def choose_lr(original: nn.Module, method: Method, train, val, config: BenchConfig, seed: int):
+def _test_accuracies(model: nn.Module, tests: dict) -> dict[str, float]:
+    return {name: _accuracy(_predict(model, data.tensors[0]), data.tensors[2]) for name, data in tests.items()}
+
+
+def choose_lr(original: nn.Module, method: Method, train, val, config: BenchConfig, seed: int,
+              tests: dict | None = None):
     """The learning rate (and model) by ``method.selection``. Returns (lr, model, trials); the
-    first trial (lr 0) is the original model.
+    first trial (lr 0) is the original model. With ``tests`` (name -> split) every trial also
+    records its test accuracies under ``"test"``, for the trade-off curve; the rules never read them.
 
     ``"paper"``: the highest lr whose final model's validation accuracy falls by at most
     ``max_val_drop`` points and whose L_cls does not increase. ``"reliance"``: among the models
@@ -358,6 +364,8 @@ def choose_lr(original: nn.Module, method: Method, train, val, config: BenchConf
     reliance = method.selection == "reliance"
     reference = validation_score(original, val, reliance)
     chosen, smallest, trials = None, None, [{"lr": 0.0, "epoch": 0, **reference}]
+    if tests:
+        trials[0]["test"] = _test_accuracies(original, tests)
     for lr in config.lr_grid:
         for epoch, model in _finetune_epochs(original, method, train, lr, config, seed):
             last = epoch == config.finetune_epochs
@@ -365,6 +373,8 @@ def choose_lr(original: nn.Module, method: Method, train, val, config: BenchConf
                 continue
             score = validation_score(model, val, reliance)
             trials.append({"lr": lr, "epoch": epoch, **score})
+            if tests:
+                trials[-1]["test"] = _test_accuracies(model, tests)
             key = (-score["background_only"], score["acc"]) if reliance else (lr,)
             if _passes(score, reference, config, method.selection) and (chosen is None or key > chosen[0]):
                 chosen = (key, lr, _state(model), trials[-1])
@@ -443,11 +453,12 @@ def run_seed(
     results = {"original": evaluate_model(original, data["tests"], config)}
     models = {"original": original}
     ours_lr = None
+    curve_tests = {split: data["tests"][split] for split in ("id", "ood")}  # recorded per trial, never selected on
     for name in sorted(config.methods, key=lambda n: n != "ours"):  # ours first: others reuse its lr
         progress(name)
         method = METHODS[name]
         if method.tune_lr or ours_lr is None:
-            lr, model, trials = choose_lr(original, method, data["train"], data["val"], config, seed)
+            lr, model, trials = choose_lr(original, method, data["train"], data["val"], config, seed, curve_tests)
         else:
             lr, trials = ours_lr, []
             model = finetune(original, method, data["train"], lr, config, seed)
