@@ -1,0 +1,58 @@
+"""The headline table across benchmark runs: each run's original, then each method's change.
+
+Each argument is a demo's ``results.json`` (one family, or several under ``"families"``); each
+cell is the paired change vs the same seed's original, mean ± std over seeds::
+
+    python benchmarks/headline.py benchmarks/results/demo_hue_full.json benchmarks/results/demo_hue_all.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+COLUMNS = (("ID", "id_acc"), ("OOD", "ood_acc"), ("adv", "adv_acc"), ("bg-only", "background_only"))
+
+
+def runs(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """``"family (classes)"`` -> that run's report, in the order given."""
+    out = {}
+    for path in paths:
+        results = json.loads(path.read_text())
+        for family, report in (results.get("families") or {results["config"]["family"]: results}).items():
+            classes = report["config"].get("finetune_classes", "half")
+            out[f"{family} ({classes} classes)"] = report
+    return out
+
+
+def _cell(entry: dict[str, Any], key: str) -> str:
+    change = entry["change"][key]
+    return f"{change['mean']:+.1f} ± {change['std']:.1f}"
+
+
+def headline(reports: dict[str, dict[str, Any]], methods: list[str]) -> str:
+    """Rows grouped by run: the original's accuracies (percent, mean over seeds), then each
+    method's paired change."""
+    lines = ["| run | method | " + " | ".join(label for label, _ in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+    for name, report in reports.items():
+        original = report["methods"]["original"]
+        values = [original[key] if key in original else original["probes"][key] for _, key in COLUMNS]
+        lines.append(f"| {name} | original | " + " | ".join(f"{value['mean']:.1f}" for value in values) + " |")
+        for method in methods:
+            if method in report["methods"]:
+                cells = [_cell(report["methods"][method], key) for _, key in COLUMNS]
+                lines.append(f"| | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, nargs="+", help="demo results.json files")
+    parser.add_argument("--methods", nargs="+", default=["ours", "control", "gradmask", "rrr", "swap", "recommended"])
+    args = parser.parse_args()
+    print(headline(runs(args.results), args.methods))
+
+
+if __name__ == "__main__":
+    main()

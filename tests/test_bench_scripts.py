@@ -1,0 +1,60 @@
+"""benchmarks/tradeoff.py and headline.py: the figures and tables drawn from a demo's results.json."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tradeoff():
+    return _load("tradeoff")
+
+
+def _trials(shift: float) -> list[dict]:
+    start = {"lr": 0.0, "epoch": 0, "acc": 90.0 + shift, "background_only": 60.0, "test": {"id": 94.0, "ood": 70.0 + shift}}
+    later = {"lr": 1e-4, "epoch": 5, "acc": 88.0 + shift, "background_only": 40.0, "test": {"id": 92.0, "ood": 76.0 + 3 * shift}}
+    return [start, later]
+
+
+def test_points_are_paired_changes_averaged_over_seeds_and_drawn(tradeoff, tmp_path, monkeypatch):
+    per_seed = [{"original": {}, "swap": {"lr_trials": _trials(shift)}, "ours": {"lr_trials": []}}
+                for shift in (0.0, 2.0)]
+    points = tradeoff.trial_points(per_seed, "swap")
+    assert points == {(1e-4, 5): {"val_acc": -2.0, "val_background_only": -20.0, "test_id": -2.0, "test_ood": 8.0}}
+    family = {"per_seed": per_seed, "seeds": [0, 1], "config": {"family": "hue", "max_val_drop": 2.5}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(family))
+    monkeypatch.setattr(sys, "argv", ["tradeoff.py", str(path)])
+    tradeoff.main()
+    assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
+    assert "| swap | 0.0001 | 5 | -2.0 | -20.0 | -2.0 | +8.0 |" in (tmp_path / "tradeoff.md").read_text()
+
+
+def test_headline_groups_runs_and_shows_paired_changes(tmp_path):
+    headline = _load("headline")
+    stat = {"mean": 50.0, "std": 1.0}
+    original = {"id_acc": stat, "ood_acc": stat, "adv_acc": stat, "probes": {"background_only": stat}}
+    swap = {**original, "change": {key: {"mean": -2.25, "std": 0.5} for key in ("id_acc", "ood_acc", "adv_acc",
+                                                                                  "background_only")}}
+    for family, classes in (("hue", "all"), ("mark", "half")):
+        report = {"config": {"family": family, "finetune_classes": classes},
+                  "methods": {"original": original, "swap": swap}}
+        (tmp_path / f"{family}.json").write_text(json.dumps(report))
+    reports = headline.runs([tmp_path / "hue.json", tmp_path / "mark.json"])
+    assert list(reports) == ["hue (all classes)", "mark (half classes)"]
+    table = headline.headline(reports, ["ours", "swap"]).splitlines()
+    assert table[2] == "| hue (all classes) | original | 50.0 | 50.0 | 50.0 | 50.0 |"
+    assert table[3] == "| | swap | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 |" and len(table) == 6
