@@ -258,3 +258,24 @@ def test_finetune_classes_all_finetunes_and_validates_on_every_class():
     assert "| ours | +0.0 ± 0.0 |" in table and "| - | - |" in table
     with pytest.raises(ValueError, match="finetune_classes"):
         BenchConfig(finetune_classes="some")
+
+
+def test_patch_masks_cover_every_patch_the_object_touches():
+    from relevance_finetune.bench.runner import BenchConfig, make_data, patch_masks
+
+    data = make_split(6, "biased", config=SpuriousConfig(image_size=16), seed=0)
+    exact = data.tensors[1]
+    coarse = patch_masks(data, 4).tensors[1]
+    assert torch.all(coarse >= exact) and coarse.sum() > exact.sum()
+    blocks = coarse.unflatten(1, (4, 4)).unflatten(3, (4, 4))  # (n, row, 4, col, 4)
+    assert torch.equal(blocks.amax(dim=(2, 4)), blocks.amin(dim=(2, 4)))  # constant on each patch
+    touched = exact.unflatten(1, (4, 4)).unflatten(3, (4, 4)).amax(dim=(2, 4))
+    assert torch.equal(blocks.amax(dim=(2, 4)), touched)
+    assert all(torch.equal(a, b) for a, b in zip(patch_masks(data, 4).tensors[::2], data.tensors[::2]))
+    config = BenchConfig(image_size=16, finetune_masks="patch", finetune_per_class=1, val_per_class=1, test_images=4)
+    sets = make_data(config, seed=0)
+    assert torch.equal(sets["train"].tensors[1], patch_masks(make_data(dataclasses.replace(
+        config, finetune_masks="exact"), seed=0)["train"], 8).tensors[1])
+    assert set(sets["tests"]["id"].tensors[1].unique().tolist()) == {0.0, 1.0}
+    with pytest.raises(ValueError, match="finetune_masks"):
+        BenchConfig(finetune_masks="boxes")

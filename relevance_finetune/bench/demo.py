@@ -249,6 +249,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which classes have masked finetuning images: half (the paper's set A, validated on "
                              "the other half; the default) or all (the same 80 images over every class, validated "
                              "on held-out images of every class)")
+    parser.add_argument("--finetune-masks", choices=("exact", "patch"), default="exact",
+                        help="the masks finetuning and validation see: exact (the default), or patch (every patch "
+                             "the object touches, as TokenCut's masks are); the tests always use exact masks")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 1; --full: 3)")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS),
                         help=f"methods to compare (default: {' '.join(DEMO_METHODS)}; --full: "
@@ -279,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
     config = BenchConfig(methods=DEFAULT_METHODS if args.full else DEMO_METHODS)
     if args.finetune_classes == "all":
         config = replace(config, **ALL_CLASSES)
+    config = replace(config, finetune_masks=args.finetune_masks)
     note = ""
     if args.quick:
         config = replace(config, **QUICK)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from .. import recipes
@@ -30,7 +31,7 @@ from ..metrics import SegmentationMeter, area_under_curve, perturbation_curve
 from ..probes import reliance_probes, replace_region
 from .synthetic import FAMILIES, SpuriousConfig, make_split
 
-__all__ = ["ALL_CLASSES", "DEFAULT_METHODS", "EXTENSIONS", "FAMILY_SETTINGS", "FINETUNE_CLASSES", "METHODS", "BenchConfig", "Method", "run_seed"]
+__all__ = ["ALL_CLASSES", "DEFAULT_METHODS", "EXTENSIONS", "FAMILY_SETTINGS", "FINETUNE_CLASSES", "FINETUNE_MASKS", "METHODS", "BenchConfig", "Method", "run_seed"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ FAMILY_SETTINGS: dict[str, dict[str, Any]] = {"texture": dict(biased_epochs=8)}
 # other half, set B), or all of them (a user who has masks for every class, validated on held-out
 # images of every class).
 FINETUNE_CLASSES = ("half", "all")
+# The masks the finetune and its validation see: the generator's exact ones, or every patch the object
+# touches (a patch-level mask, as TokenCut gives), which carries background pixels along the outline.
+FINETUNE_MASKS = ("exact", "patch")
 # "all" with the same 80 masked finetuning and 200 validation images as "half", spread over every class
 ALL_CLASSES: dict[str, Any] = dict(finetune_classes="all", finetune_per_class=8, val_per_class=20)
 
@@ -128,6 +132,7 @@ class BenchConfig:
     max_val_drop: float = 2.5  # both rules: val accuracy may fall by at most this much
     select_every: int = 5  # the reliance rule scores a checkpoint every this many epochs
     finetune_distribution: str = "biased"
+    finetune_masks: str = "exact"  # "exact", or "patch": every patch the object touches (TokenCut's resolution)
     baseline_lambda: float = 1.0  # input-gradient penalty, relative to its initial CE ratio
     # evaluation
     test_images: int = 500
@@ -137,6 +142,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.finetune_masks not in FINETUNE_MASKS:
+            raise ValueError(f"finetune_masks must be one of {FINETUNE_MASKS}, got {self.finetune_masks!r}")
         if self.finetune_classes not in FINETUNE_CLASSES:
             raise ValueError(f"finetune_classes must be one of {FINETUNE_CLASSES}, got {self.finetune_classes!r}")
         unknown = sorted(set(self.methods) - set(METHODS))
@@ -421,16 +428,28 @@ def evaluate_model(model: nn.Module, tests: dict, config: BenchConfig) -> dict[s
     return result
 
 
+def patch_masks(data: TensorDataset, patch_size: int) -> TensorDataset:
+    """``data`` with each mask grown to every patch it touches."""
+    images, masks, *rest = data.tensors
+    coarse = F.max_pool2d(masks[:, None], patch_size)
+    return TensorDataset(images, F.interpolate(coarse, scale_factor=patch_size, mode="nearest")[:, 0], *rest)
+
+
 def make_data(config: BenchConfig, seed: int) -> dict[str, Any]:
-    """Finetuning, validation and test sets of ``seed``."""
+    """Finetuning, validation and test sets of ``seed`` (finetuning and validation masks as
+    ``config.finetune_masks``; test masks exact)."""
     spurious = config.spurious()
     base = 1000 * seed
     train_distribution = config.finetune_distribution
+    train = make_split(config.finetune_per_class * len(config.set_a), train_distribution, config.p, spurious,
+                       seed=base + 3, classes=config.set_a)
+    val = make_split(config.val_per_class * len(config.val_classes), train_distribution, config.p, spurious,
+                     seed=base + 4, classes=config.val_classes)
+    if config.finetune_masks == "patch":
+        train, val = patch_masks(train, config.patch_size), patch_masks(val, config.patch_size)
     return {
-        "train": make_split(config.finetune_per_class * len(config.set_a), train_distribution, config.p,
-                            spurious, seed=base + 3, classes=config.set_a),
-        "val": make_split(config.val_per_class * len(config.val_classes), train_distribution, config.p,
-                          spurious, seed=base + 4, classes=config.val_classes),
+        "train": train,
+        "val": val,
         "tests": {
             "id": make_split(config.test_images, "biased", config.p, spurious, seed=base + 5),
             "ood": make_split(config.test_images, "independent", config.p, spurious, seed=base + 6),
