@@ -12,17 +12,36 @@ import json
 from pathlib import Path
 from typing import Any
 
+from relevance_finetune.bench.runner import BenchConfig, config_dict
+
 COLUMNS = (("ID", "id_acc"), ("OOD", "ood_acc"), ("adv", "adv_acc"), ("bg-only", "background_only"))
 
 
+def _label(config: dict[str, Any]) -> str:
+    masks = config.get("finetune_masks", "exact")
+    return f"{config['family']} ({config.get('finetune_classes', 'half')} classes" + (
+        ")" if masks == "exact" else f", {masks} masks)")
+
+
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    """Everything but the methods, fields that an older run did not record at their defaults."""
+    return {**config_dict(BenchConfig()), **config, "methods": None}
+
+
 def runs(paths: list[Path]) -> dict[str, dict[str, Any]]:
-    """``"family (classes)"`` -> that run's report, in the order given."""
-    out = {}
+    """``"family (classes[, masks])"`` -> that run's report, in the order given; runs of the same
+    settings and seeds (the same originals) are merged, their methods side by side."""
+    out: dict[str, dict[str, Any]] = {}
     for path in paths:
         results = json.loads(path.read_text())
-        for family, report in (results.get("families") or {results["config"]["family"]: results}).items():
-            classes = report["config"].get("finetune_classes", "half")
-            out[f"{family} ({classes} classes)"] = report
+        for report in (results.get("families") or {"": results}).values():
+            label, settings = _label(report["config"]), _settings(report["config"])
+            if label in out:
+                if _settings(out[label]["config"]) != settings or out[label]["seeds"] != report["seeds"]:
+                    raise ValueError(f"{path}: a run labelled {label!r} with other settings or seeds came first")
+                out[label] = {**out[label], "methods": {**out[label]["methods"], **report["methods"]}}
+            else:
+                out[label] = report
     return out
 
 

@@ -69,11 +69,11 @@ def family_plot(name: str, family: dict[str, Any], path: Path) -> None:
             val_ax.scatter(*zip(*val), label=method, s=18)
         if test:
             test_ax.scatter(*zip(*test), label=method, s=18)
+    val_ax.axvline(-family["config"]["max_val_drop"], color="red", lw=0.8, ls="--", label="accuracy limit")
     for ax in (val_ax, test_ax):
         ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
         ax.legend(fontsize=8)
-    val_ax.axvline(-family["config"]["max_val_drop"], color="red", lw=0.8, ls="--", label="accuracy limit")
     val_ax.set_xlabel("validation accuracy change (points)")
     val_ax.set_ylabel("validation background-only change (points)")
     test_ax.set_xlabel("test ID accuracy change (points)")

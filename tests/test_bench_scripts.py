@@ -50,7 +50,7 @@ def test_headline_groups_runs_and_shows_paired_changes(tmp_path):
     swap = {**original, "change": {key: {"mean": -2.25, "std": 0.5} for key in ("id_acc", "ood_acc", "adv_acc",
                                                                                   "background_only")}}
     for family, classes in (("hue", "all"), ("mark", "half")):
-        report = {"config": {"family": family, "finetune_classes": classes},
+        report = {"config": {"family": family, "finetune_classes": classes}, "seeds": [0],
                   "methods": {"original": original, "swap": swap}}
         (tmp_path / f"{family}.json").write_text(json.dumps(report))
     reports = headline.runs([tmp_path / "hue.json", tmp_path / "mark.json"])
@@ -58,3 +58,12 @@ def test_headline_groups_runs_and_shows_paired_changes(tmp_path):
     table = headline.headline(reports, ["ours", "swap"]).splitlines()
     assert table[2] == "| hue (all classes) | original | 50.0 | 50.0 | 50.0 | 50.0 |"
     assert table[3] == "| | swap | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 |" and len(table) == 6
+    # a second run on the same originals joins the first; one on others is refused
+    more = {"config": {"family": "hue", "finetune_classes": "all"}, "seeds": [0], "methods": {"original": original, "ours": swap}}
+    (tmp_path / "more.json").write_text(json.dumps(more))
+    merged = headline.runs([tmp_path / "hue.json", tmp_path / "more.json"])
+    assert list(merged["hue (all classes)"]["methods"]) == ["original", "swap", "ours"]
+    more["config"]["p"] = 0.5
+    (tmp_path / "more.json").write_text(json.dumps(more))
+    with pytest.raises(ValueError, match="other settings"):
+        headline.runs([tmp_path / "hue.json", tmp_path / "more.json"])
