@@ -53,7 +53,8 @@ def _cell(entry: dict[str, Any], key: str) -> str:
 def headline(reports: dict[str, dict[str, Any]], methods: list[str]) -> str:
     """Rows grouped by run: the original's accuracies (percent, mean over seeds), then each
     method's paired change."""
-    lines = ["| run | method | " + " | ".join(label for label, _ in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+    lines = ["| run | method | " + " | ".join(label for label, _ in COLUMNS) + " |",
+             "|---|---|" + "---|" * len(COLUMNS)]
     for name, report in reports.items():
         original = report["methods"]["original"]
         values = [original[key] if key in original else original["probes"][key] for _, key in COLUMNS]

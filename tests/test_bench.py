@@ -200,7 +200,8 @@ def test_reliance_rule_picks_the_lowest_background_only_within_the_accuracy_limi
     assert strict[0] == 1e-3  # nothing passes: the smallest lr
     # test accuracies are recorded per trial for the trade-off curve, and change no choice
     ood = make_split(8, "independent", config=config.spurious(), classes=(0, 1), seed=2)
-    traced_lr, traced, traced_trials = runner.choose_lr(original, method, train, val, config, seed=0, tests={"ood": ood})
+    traced_lr, traced, traced_trials = runner.choose_lr(original, method, train, val, config, seed=0,
+                                                        tests={"ood": ood})
     assert traced_lr == lr and torch.equal(traced.head.weight, model.head.weight)
     chosen = next(t for t in traced_trials if t.get("chosen"))
     assert chosen["test"]["ood"] == runner._accuracy(runner._predict(traced, ood.tensors[0]), ood.tensors[2])

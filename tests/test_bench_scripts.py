@@ -24,8 +24,10 @@ def tradeoff():
 
 
 def _trials(shift: float) -> list[dict]:
-    start = {"lr": 0.0, "epoch": 0, "acc": 90.0 + shift, "background_only": 60.0, "test": {"id": 94.0, "ood": 70.0 + shift}}
-    later = {"lr": 1e-4, "epoch": 5, "acc": 88.0 + shift, "background_only": 40.0, "test": {"id": 92.0, "ood": 76.0 + 3 * shift}}
+    start = {"lr": 0.0, "epoch": 0, "acc": 90.0 + shift, "background_only": 60.0,
+             "test": {"id": 94.0, "ood": 70.0 + shift}}
+    later = {"lr": 1e-4, "epoch": 5, "acc": 88.0 + shift, "background_only": 40.0,
+             "test": {"id": 92.0, "ood": 76.0 + 3 * shift}}
     return [start, later]
 
 
@@ -59,7 +61,8 @@ def test_headline_groups_runs_and_shows_paired_changes(tmp_path):
     assert table[2] == "| hue (all classes) | original | 50.0 | 50.0 | 50.0 | 50.0 |"
     assert table[3] == "| | swap | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 |" and len(table) == 6
     # a second run on the same originals joins the first; one on others is refused
-    more = {"config": {"family": "hue", "finetune_classes": "all"}, "seeds": [0], "methods": {"original": original, "ours": swap}}
+    more = {"config": {"family": "hue", "finetune_classes": "all"}, "seeds": [0],
+            "methods": {"original": original, "ours": swap}}
     (tmp_path / "more.json").write_text(json.dumps(more))
     merged = headline.runs([tmp_path / "hue.json", tmp_path / "more.json"])
     assert list(merged["hue (all classes)"]["methods"]) == ["original", "swap", "ours"]

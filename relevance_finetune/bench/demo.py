@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .._files import atomic_path, write_text_atomic
-from .runner import (ALL_CLASSES, DEFAULT_METHODS, METHODS, BenchConfig, config_dict, create_original, make_data, normalize,
-                     run_seed, train_original)
+from .runner import (ALL_CLASSES, DEFAULT_METHODS, METHODS, BenchConfig, config_dict, create_original, make_data,
+                     normalize, run_seed, train_original)
 from .synthetic import CLASS_NAMES, FAMILIES
 
 __all__ = ["COLUMNS", "DEMO_METHODS", "QUICK", "add_arguments", "markdown_tables", "run", "run_benchmark",

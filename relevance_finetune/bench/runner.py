@@ -31,7 +31,8 @@ from ..metrics import SegmentationMeter, area_under_curve, perturbation_curve
 from ..probes import reliance_probes, replace_region
 from .synthetic import FAMILIES, SpuriousConfig, make_split
 
-__all__ = ["ALL_CLASSES", "DEFAULT_METHODS", "EXTENSIONS", "FAMILY_SETTINGS", "FINETUNE_CLASSES", "FINETUNE_MASKS", "METHODS", "BenchConfig", "Method", "run_seed"]
+__all__ = ["ALL_CLASSES", "DEFAULT_METHODS", "EXTENSIONS", "FAMILY_SETTINGS", "FINETUNE_CLASSES", "FINETUNE_MASKS",
+           "METHODS", "BenchConfig", "Method", "patch_masks", "run_seed"]
 
 
 @dataclass(frozen=True)
