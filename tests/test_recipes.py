@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,13 @@ def test_newest_is_best_by_reliance(history, expected):
     history = [{**record, "val_loss": 1.0, "val_start_accuracy": 0.5} for record in history]
     config = TrainConfig(select="reliance", max_val_drop=10.0)
     assert train_module._newest_is_best(history, config) is expected
+
+
+def test_evidence_quotes_the_committed_benchmark_results():
+    """The numbers in a recipe's evidence are those of the committed run it names."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    runs = {"paper": ("demo_hue_full.json", "ours"), "recommended": ("demo_hue_all_full.json", "recommended")}
+    for name, (file, method) in runs.items():
+        change = json.loads((results / file).read_text())["methods"][method]["change"]
+        for metric in ("background_only", "ood_acc"):
+            assert f"{change[metric]['mean']:+.1f}" in recipes.get(name).evidence, (name, metric)
