@@ -89,8 +89,7 @@ def _cell(stat: dict[str, float], change: dict[str, float] | None = None) -> str
 
 def _row(name: str, entry: dict[str, Any], keys: tuple[str, ...]) -> str:
     change = entry["change"] if name != "original" else {}
-    cells = [_cell(entry["probes"][key], change.get(key)) if key in PROBES
-             else _cell(entry[key], change.get(key)) if key in entry else "-" for key in keys]
+    cells = [_cell(entry["probes"][key] if key in PROBES else entry[key], change.get(key)) for key in keys]
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
@@ -106,6 +105,8 @@ def markdown_tables(methods: dict[str, Any]) -> str:
              ("mAP", "map"), ("background reliance", "background_reliance"),
              ("perturbation AUC + (lower = faithful)", "perturbation_positive_auc"),
              ("perturbation AUC − (higher = faithful)", "perturbation_negative_auc"))):
+        columns = [(name, key) for name, key in columns  # e.g. no set A/B when every class is finetuned
+                   if any(key in entry or key in entry["probes"] for entry in methods.values())]
         names, keys = zip(*columns)
         lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         lines += [_row(name, entry, keys) for name, entry in methods.items()]
