@@ -18,9 +18,14 @@ COLUMNS = (("ID", "id_acc"), ("OOD", "ood_acc"), ("adv", "adv_acc"), ("bg-only",
 
 
 def _label(config: dict[str, Any]) -> str:
-    masks = config.get("finetune_masks", "exact")
-    return f"{config['family']} ({config.get('finetune_classes', 'half')} classes" + (
-        ")" if masks == "exact" else f", {masks} masks)")
+    """``family (which classes[, N masked images][, patch masks])``: the settings that differ between runs."""
+    parts = [f"{config.get('finetune_classes', 'half')} classes"]
+    images = config["finetune_per_class"] * len(config["set_a"])
+    if images != 80:  # the benchmark's 80 masked finetuning images
+        parts.append(f"{images} masked images")
+    if config.get("finetune_masks", "exact") != "exact":
+        parts.append(f"{config['finetune_masks']} masks")
+    return f"{config['family']} ({', '.join(parts)})"
 
 
 def _settings(config: dict[str, Any]) -> dict[str, Any]:

@@ -52,16 +52,20 @@ def test_headline_groups_runs_and_shows_paired_changes(tmp_path):
     swap = {**original, "change": {key: {"mean": -2.25, "std": 0.5} for key in ("id_acc", "ood_acc", "adv_acc",
                                                                                   "background_only")}}
     for family, classes in (("hue", "all"), ("mark", "half")):
-        report = {"config": {"family": family, "finetune_classes": classes}, "seeds": [0],
+        report = {"config": {"family": family, "finetune_classes": classes, "finetune_per_class": 16,
+                             "set_a": [0, 1, 2, 3, 4]}, "seeds": [0],
                   "methods": {"original": original, "swap": swap}}
         (tmp_path / f"{family}.json").write_text(json.dumps(report))
     reports = headline.runs([tmp_path / "hue.json", tmp_path / "mark.json"])
     assert list(reports) == ["hue (all classes)", "mark (half classes)"]
+    assert headline._label({"family": "hue", "finetune_classes": "all", "finetune_per_class": 32, "set_a": [0, 1],
+                            "finetune_masks": "patch"}) == "hue (all classes, 64 masked images, patch masks)"
     table = headline.headline(reports, ["ours", "swap"]).splitlines()
     assert table[2] == "| hue (all classes) | original | 50.0 | 50.0 | 50.0 | 50.0 |"
     assert table[3] == "| | swap | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 |" and len(table) == 6
     # a second run on the same originals joins the first; one on others is refused
-    more = {"config": {"family": "hue", "finetune_classes": "all"}, "seeds": [0],
+    more = {"config": {"family": "hue", "finetune_classes": "all", "finetune_per_class": 16,
+                       "set_a": [0, 1, 2, 3, 4]}, "seeds": [0],
             "methods": {"original": original, "ours": swap}}
     (tmp_path / "more.json").write_text(json.dumps(more))
     merged = headline.runs([tmp_path / "hue.json", tmp_path / "more.json"])
