@@ -280,21 +280,3 @@ def test_patch_masks_cover_every_patch_the_object_touches():
     assert set(sets["tests"]["id"].tensors[1].unique().tolist()) == {0.0, 1.0}
     with pytest.raises(ValueError, match="finetune_masks"):
         BenchConfig(finetune_masks="boxes")
-
-
-@pytest.mark.parametrize("checks, phases", [
-    ([True, True], ["objects", "shortcut"]),
-    ([False, True, True], ["objects", "objects", "shortcut"]),  # the first phase found nothing
-    ([True, False, True, True], ["objects", "shortcut", "objects", "shortcut"]),  # the biased phase erased them
-    ([False, False], ["objects", "objects", "objects", "shortcut"]),  # the last attempt is kept
-])
-def test_original_restarts_until_it_has_learnt_the_objects(monkeypatch, checks, phases):
-    from relevance_finetune.bench import runner
-
-    config = runner.BenchConfig(image_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, pretrain_images=4,
-                                biased_images=4, original_attempts=3)
-    trained, answers = [], iter(checks)
-    monkeypatch.setattr(runner, "_train_classifier", lambda *args: trained.append(args[-1].split(": ")[1]))
-    monkeypatch.setattr(runner, "_learnt_objects", lambda *args: next(answers))
-    runner.train_original(config, seed=0)
-    assert trained == phases
