@@ -3,7 +3,7 @@
 Each argument is a demo's ``results.json`` (one family, or several under ``"families"``); each
 cell is the paired change vs the same seed's original, mean ± std over seeds::
 
-    python benchmarks/headline.py benchmarks/results/demo_hue_full.json benchmarks/results/demo_hue_all.json
+    python benchmarks/headline.py benchmarks/results/demo_hue_full.json benchmarks/results/demo_hue_all_full.json
 """
 from __future__ import annotations
 
