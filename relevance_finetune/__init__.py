@@ -1,6 +1,5 @@
 """relevance-finetune: optimise the relevance maps of timm vision transformers (RobustViT)."""
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .gae import ATTENTION_FAMILIES, GAEHandle, UnsupportedModelError, attach_gae, explicit_attention
 from .export import load_finetuned, save_finetuned
 from .losses import InputGradientRegularizer, RegularizerOutput, RelevanceRegularizer

@@ -27,8 +27,8 @@ from timm.models._hub import generate_readme
 from timm.utils import unwrap_model
 from torch import nn
 
-from . import __version__
 from ._files import give_umask_mode
+from ._version import __version__
 from .checkpoint import read_checkpoint_info
 from .models import create_model, create_model_from_spec, load_weights, merge_model_kwargs
 

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "relevance_finetune"
 # is listed ("masks.command" is a command; the rest of masks is mask making). "" is the package's
 # own __init__, which imports the public API from every layer.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("_files", "fused"),                                             # atomic writes; fused-attention GAE kernels
+    ("_files", "_version", "fused"),                                 # atomic writes; the version; fused-attention GAE
     ("gae",),                                                        # the core
     ("losses", "metrics", "probes", "augment", "viz"),               # on relevance maps and images
     ("images", "imagenet_s", "checkpoint"),                          # files and formats

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,11 @@ import torch
 
 from conftest import tiny_images, tiny_model
 from relevance_finetune import RelevanceRegularizer, attach_gae, recipes
-from relevance_finetune import train as train_module
+from relevance_finetune.train import loop as train_module
 from relevance_finetune.augment import BackgroundSwap
 from relevance_finetune.checkpoint import read_checkpoint_info
 from relevance_finetune.train import TrainConfig, finetune, resolve_config
+from relevance_finetune.train.selection import SELECTION_RULES, newest_is_best
 from test_train import SyntheticMasked
 
 
@@ -133,7 +135,11 @@ def test_reliance_selection_records_and_keeps_the_rule_s_epoch(tmp_path):
 def test_newest_is_best_by_reliance(history, expected):
     history = [{**record, "val_loss": 1.0, "val_start_accuracy": 0.5} for record in history]
     config = TrainConfig(select="reliance", max_val_drop=10.0)
-    assert train_module._newest_is_best(history, config) is expected
+    assert newest_is_best(history, config) is expected
+
+
+def test_every_selection_rule_is_a_choice_of_select():
+    assert set(typing.get_args(typing.get_type_hints(TrainConfig)["select"])) == set(SELECTION_RULES)
 
 
 def test_evidence_quotes_the_committed_benchmark_results():

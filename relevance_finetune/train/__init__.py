@@ -1,0 +1,26 @@
+"""The finetuning loop: the paper's recipe, checkpoints with exact resume, DDP, and the ``train`` command.
+
+- :mod:`.config`: ``TrainConfig``, the paper's ``PRESETS``, config files, ``resolve_config``;
+- :mod:`.loop`: ``finetune``, one epoch, validation, ``build_criterion``;
+- :mod:`.selection`: the rules that pick ``best.safetensors`` (``SELECTION_RULES``);
+- :mod:`.outputs`: the run directory, the trainer state in a checkpoint, resume;
+- :mod:`.distributed` and :mod:`.randomness`: processes under torchrun; seeds and RNG states;
+- :mod:`.command`: ``relevance-finetune train``.
+
+Each epoch writes ``last.safetensors`` (with the trainer state, for an exact resume) and, when it
+is the best so far, ``best.safetensors``, in the format of :mod:`relevance_finetune.checkpoint`.
+"""
+from .command import add_arguments, run
+from .config import PRESETS, TrainConfig, read_config_file, resolve_config
+from .loop import build_criterion, finetune
+
+__all__ = [
+    "PRESETS",
+    "TrainConfig",
+    "add_arguments",
+    "build_criterion",
+    "finetune",
+    "read_config_file",
+    "resolve_config",
+    "run",
+]

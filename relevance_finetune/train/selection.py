@@ -1,0 +1,60 @@
+"""Selection rules: which epoch ``best.safetensors`` holds (``TrainConfig.select``).
+
+A rule reads the run's metric records (one per epoch, newest last) and says whether the newest
+beats every earlier one. A new rule is a function here, an entry in ``SELECTION_RULES`` and its
+name in ``TrainConfig.select``'s choices.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .config import TrainConfig
+
+__all__ = ["SELECTION_RULES", "SelectionRule", "newest_is_best"]
+
+History = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """How the best epoch is chosen.
+
+    Attributes
+    ----------
+    is_best:
+        ``(history, config) -> bool``: whether the newest record beats every earlier one; called
+        only for records that have validation metrics.
+    background_only:
+        Validation also measures the accuracy on images whose objects are replaced
+        (``val_background_only``), and once before the first epoch (``val_start_*``).
+    """
+
+    is_best: Callable[[History, TrainConfig], bool]
+    background_only: bool = False
+
+
+def _lowest_val_loss(history: History, config: TrainConfig) -> bool:
+    """``"paper"``: a lower validation loss than every earlier epoch."""
+    return history[-1]["val_loss"] < min((r["val_loss"] for r in history[:-1]), default=float("inf"))
+
+
+def _least_background_reliance(history: History, config: TrainConfig) -> bool:
+    """``"reliance"``: among epochs whose validation accuracy is within ``max_val_drop`` points of
+    the starting accuracy, lower background-only accuracy (ties: higher accuracy, then the earlier epoch)."""
+    floor = history[0]["val_start_accuracy"] - config.max_val_drop / 100
+    earlier = [(r["val_background_only"], -r["val_accuracy"]) for r in history[:-1] if r["val_accuracy"] >= floor]
+    newest = (history[-1]["val_background_only"], -history[-1]["val_accuracy"])
+    return history[-1]["val_accuracy"] >= floor and newest < min(earlier, default=(float("inf"),))
+
+
+SELECTION_RULES: dict[str, SelectionRule] = {
+    "paper": SelectionRule(_lowest_val_loss),
+    "reliance": SelectionRule(_least_background_reliance, background_only=True),
+}
+
+
+def newest_is_best(history: History, config: TrainConfig) -> bool:
+    """Whether the newest epoch of ``history`` beats every earlier one by ``config.select``
+    (never without validation metrics)."""
+    return "val_loss" in history[-1] and SELECTION_RULES[config.select].is_best(history, config)
