@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import TINY_MODELS, tiny_images, tiny_model
 from relevance_finetune import RelevanceRegularizer, UnsupportedModelError, attach_gae, explicit_attention
-from relevance_finetune import gae as gae_module
+from relevance_finetune.gae import recording as gae_module
 from relevance_finetune.fused import SDPACall, SDPACapture, fused_increment
 
 
