@@ -1,4 +1,5 @@
-"""Imports run one way (docs/architecture.md): every module imports only from layers below its own."""
+"""Imports run one way (docs/architecture.md): every module imports only from layers below its own,
+and none imports the package's ``__init__`` (the public API, which imports every layer)."""
 from __future__ import annotations
 
 import ast
@@ -39,8 +40,7 @@ def _module_name(path: Path, package: Path) -> str:
 
 
 def _imported(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, package: Path) -> list[str]:
-    """The package modules that ``node`` imports (relative to the package); importing only the
-    package's ``__version__`` counts as nothing (it is set before the package imports anything)."""
+    """The package modules that ``node`` imports (relative to the package); ``""`` is the package's ``__init__``."""
     if isinstance(node, ast.Import):
         names = [alias.name for alias in node.names]
         return [n.partition(".")[2] for n in names if n.split(".")[0] == package.name]
@@ -56,13 +56,14 @@ def _imported(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, 
     folder = package.joinpath(*target.split(".")) if target else package
     submodules = [a.name for a in node.names if (folder / f"{a.name}.py").is_file() or (folder / a.name).is_dir()]
     targets = [f"{target}.{name}".lstrip(".") for name in submodules]
-    if len(submodules) < len(node.names) and not (target == "" and {a.name for a in node.names} == {"__version__"}):
+    if len(submodules) < len(node.names):
         targets.append(target)
     return targets
 
 
 def violations(package: Path = PACKAGE) -> list[str]:
-    """``'a imports b (layer i -> j)'`` for each import that does not run one way."""
+    """``'a imports b (layer i -> j)'`` for each import that does not run one way, and
+    ``'a imports __init__'`` for each import of a name from the package's ``__init__``."""
     found = []
     for path in sorted(package.rglob("*.py")):
         module = _module_name(path, package)
@@ -70,14 +71,21 @@ def violations(package: Path = PACKAGE) -> list[str]:
             if not isinstance(node, (ast.Import, ast.ImportFrom)):
                 continue
             for target in _imported(node, module, path.name == "__init__.py", package):
+                if target == "" and module != "":
+                    found.append(f"{module} imports __init__")
+                    continue
                 same_package = target.split(".")[0] == module.split(".")[0]
                 if layer(target) > layer(module) or (layer(target) == layer(module) and not same_package):
                     found.append(f"{module or '__init__'} imports {target} (layer {layer(module)} -> {layer(target)})")
     return sorted(set(found))
 
 
+# Imports their owners are moving off (to ._version); an entry goes once its import has.
+_PENDING = {"bench.demo imports __init__"}
+
+
 def test_imports_run_one_way():
-    assert violations() == []
+    assert set(violations()) <= _PENDING
 
 
 def test_every_module_has_a_layer():
@@ -89,9 +97,22 @@ def test_sideways_and_upward_imports_are_found(tmp_path):
     package = tmp_path / "relevance_finetune"
     (package / "masks").mkdir(parents=True)
     (package / "__init__.py").write_text("__version__ = '0'\nfrom .data import x\n")
-    (package / "data.py").write_text("from . import __version__\nfrom .masks.imagenet_s import x\n")
+    (package / "data.py").write_text("from .masks.imagenet_s import x\n")
     (package / "masks" / "__init__.py").write_text("from .command import y\n")
     (package / "masks" / "command.py").write_text("def f():\n    import relevance_finetune.train\n")
     assert violations(package) == ["data imports masks.imagenet_s (layer 4 -> 4)",
                                    "masks imports masks.command (layer 4 -> 6)",
                                    "masks.command imports train (layer 6 -> 6)"]
+
+
+def test_imports_of_the_package_init_are_found(tmp_path):
+    package = tmp_path / "relevance_finetune"
+    (package / "gae").mkdir(parents=True)
+    (package / "__init__.py").write_text("from ._version import __version__\nfrom .gae import attach_gae\n")
+    (package / "_version.py").write_text("__version__ = '0'\n")
+    (package / "export.py").write_text("from . import __version__\n")
+    (package / "cli.py").write_text("from relevance_finetune import attach_gae\n")
+    (package / "__main__.py").write_text("def f():\n    import relevance_finetune\n")
+    (package / "gae" / "__init__.py").write_text("from .handle import attach_gae\n")
+    (package / "gae" / "handle.py").write_text("from .. import _version\nfrom . import handle\n")
+    assert violations(package) == ["__main__ imports __init__", "cli imports __init__", "export imports __init__"]

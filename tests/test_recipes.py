@@ -138,8 +138,9 @@ def test_newest_is_best_by_reliance(history, expected):
     assert newest_is_best(history, config) is expected
 
 
-def test_every_selection_rule_is_a_choice_of_select():
-    assert set(typing.get_args(typing.get_type_hints(TrainConfig)["select"])) == set(SELECTION_RULES)
+def test_every_selection_name_has_a_rule():
+    assert typing.get_type_hints(TrainConfig)["select"] == recipes.Selection
+    assert set(typing.get_args(recipes.Selection)) == set(SELECTION_RULES)
 
 
 def test_evidence_quotes_the_committed_benchmark_results():

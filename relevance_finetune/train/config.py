@@ -91,7 +91,7 @@ class TrainConfig:
     second_order: bool = _option(False, "differentiate through the attention gradients")
     background_swap: float = _option(
         0.0, "probability of pasting each training object onto another image's background (labels stay)")
-    select: Literal["paper", "reliance"] = _option(
+    select: recipes.Selection = _option(
         "paper", "best checkpoint: lowest validation loss (paper), or lowest validation background-only "
                  "accuracy among epochs within --max-val-drop points of the starting accuracy (reliance)")
     max_val_drop: float = _option(2.5, "reliance selection: validation accuracy may fall by this many points")
