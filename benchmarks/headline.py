@@ -1,7 +1,8 @@
 """The headline table across benchmark runs: each run's original, then each method's change.
 
 Each argument is a demo's ``results.json`` (one family, or several under ``"families"``); each
-cell is the paired change vs the same seed's original, mean ± std over seeds::
+cell is the paired change vs the same seed's original, mean ± std over seeds. Runs with an oracle
+also get the gap-closed columns (``relevance_finetune.bench.ceiling``)::
 
     python benchmarks/headline.py benchmarks/results/demo_hue_full.json benchmarks/results/demo_hue_all_full.json
 """
@@ -12,9 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from relevance_finetune.bench.ceiling import ceiling_columns, no_oracle_note
 from relevance_finetune.bench.runner import BenchConfig, config_dict
 
 COLUMNS = (("ID", "id_acc"), ("OOD", "ood_acc"), ("adv", "adv_acc"), ("bg-only", "background_only"))
+CEILING_COLUMNS = ("OOD gap closed", "bg-only gap closed", "ID vs oracle")
 
 
 def _label(config: dict[str, Any]) -> str:
@@ -44,10 +47,18 @@ def runs(paths: list[Path]) -> dict[str, dict[str, Any]]:
             if label in out:
                 if _settings(out[label]["config"]) != settings or out[label]["seeds"] != report["seeds"]:
                     raise ValueError(f"{path}: a run labelled {label!r} with other settings or seeds came first")
+                if _accuracies(out[label]) != _accuracies(report):
+                    raise ValueError(f"{path}: the run labelled {label!r} has other originals than the one before "
+                                     "(its original's accuracies differ): its changes are not comparable")
                 out[label] = {**out[label], "methods": {**out[label]["methods"], **report["methods"]}}
             else:
                 out[label] = report
     return out
+
+
+def _accuracies(report: dict[str, Any]) -> list[float]:
+    original = report["methods"]["original"]
+    return [original[key]["mean"] for key in ("id_acc", "ood_acc", "adv_acc")]
 
 
 def _cell(entry: dict[str, Any], key: str) -> str:
@@ -57,17 +68,26 @@ def _cell(entry: dict[str, Any], key: str) -> str:
 
 def headline(reports: dict[str, dict[str, Any]], methods: list[str]) -> str:
     """Rows grouped by run: the original's accuracies (percent, mean over seeds), then each
-    method's paired change."""
-    lines = ["| run | method | " + " | ".join(label for label, _ in COLUMNS) + " |",
-             "|---|---|" + "---|" * len(COLUMNS)]
+    method's paired change; with the gap-closed columns where a run has an oracle (its row first),
+    and a line naming the runs without one."""
+    with_oracle = any("oracle" in report["methods"] for report in reports.values())
+    names = [label for label, _ in COLUMNS] + (list(CEILING_COLUMNS) if with_oracle else [])
+    lines = ["| run | method | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    blank = [""] * len(CEILING_COLUMNS) if with_oracle else []
     for name, report in reports.items():
-        original = report["methods"]["original"]
+        entries = report["methods"]
+        original = entries["original"]
         values = [original[key] if key in original else original["probes"][key] for _, key in COLUMNS]
-        lines.append(f"| {name} | original | " + " | ".join(f"{value['mean']:.1f}" for value in values) + " |")
-        for method in methods:
-            if method in report["methods"]:
-                cells = [_cell(report["methods"][method], key) for _, key in COLUMNS]
+        lines.append(f"| {name} | original | " + " | ".join([f"{value['mean']:.1f}" for value in values] + blank)
+                     + " |")
+        for method in ["oracle", *methods] if "oracle" in entries else methods:
+            if method in entries:
+                cells = [_cell(entries[method], key) for _, key in COLUMNS]
+                cells += ceiling_columns(entries, method) or blank
                 lines.append(f"| | {method} | " + " | ".join(cells) + " |")
+    missing = [name for name, report in reports.items() if no_oracle_note(report["methods"])]
+    if missing:
+        lines.append("\n" + no_oracle_note({}) + f" ({', '.join(missing)})")
     return "\n".join(lines) + "\n"
 
 

@@ -2,8 +2,9 @@
 
 Every learning rate and checkpoint that a rule scored is a point, mean over seeds of its change
 against the original: validation accuracy vs validation background-only accuracy (what the
-reliance rule sees), and test ID vs test OOD accuracy (recorded, never selected on). Methods under
-the paper's rule contribute their final models. Writes
+reliance rule sees), and test ID vs test OOD accuracy (recorded, never selected on), with the
+oracle's point (the model trained without the shortcut) where the run has one. Methods under the
+paper's rule contribute their final models. Writes
 ``tradeoff[_FAMILY].png`` and ``tradeoff.md`` next to the results::
 
     python benchmarks/tradeoff.py demo-out/results.json
@@ -25,7 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def trial_points(per_seed: list[dict[str, Any]], method: str) -> dict[tuple[float, int], dict[str, float]]:
     """(lr, epoch) -> mean over seeds of each trial quantity's change vs the original: ``val_acc``,
-    ``val_background_only`` and, where recorded, ``test_id`` and ``test_ood``."""
+    ``val_background_only`` or ``val_counterfactual`` (by the rule) and, where recorded, ``test_id``
+    and ``test_ood``."""
     changes: dict[tuple[float, int], list[dict[str, float]]] = defaultdict(list)
     for seed_result in per_seed:
         trials = seed_result[method]["lr_trials"]
@@ -34,8 +36,9 @@ def trial_points(per_seed: list[dict[str, Any]], method: str) -> dict[tuple[floa
         start, *rest = trials
         for trial in rest:
             change = {"val_acc": trial["acc"] - start["acc"]}
-            if "background_only" in trial:
-                change["val_background_only"] = trial["background_only"] - start["background_only"]
+            for key in ("background_only", "counterfactual"):  # what the reliance / counterfactual rule reads
+                if key in trial:
+                    change[f"val_{key}"] = trial[key] - start[key]
             for split, value in trial.get("test", {}).items():
                 change[f"test_{split}"] = value - start["test"][split]
             changes[(trial["lr"], trial.get("epoch", 0))].append(change)
@@ -43,18 +46,29 @@ def trial_points(per_seed: list[dict[str, Any]], method: str) -> dict[tuple[floa
             for key, values in changes.items()}
 
 
+def oracle_point(per_seed: list[dict[str, Any]]) -> tuple[float, float] | None:
+    """The oracle's (test ID, test OOD) change vs the original, mean over seeds; None without one."""
+    if "oracle" not in per_seed[0]:
+        return None
+    return tuple(statistics.fmean(s["oracle"][key] - s["original"][key] for s in per_seed)  # type: ignore[return-value]
+                 for key in ("id_acc", "ood_acc"))
+
+
 def _methods(family: dict[str, Any]) -> list[str]:
-    return [method for method in family["per_seed"][0] if method not in ("original", "seconds")]
+    return [method for method in family["per_seed"][0] if method not in ("original", "oracle", "seconds")]
 
 
 def family_table(name: str, family: dict[str, Any]) -> str:
-    columns = ("val_acc", "val_background_only", "test_id", "test_ood")
-    lines = [f"### {name}", "", "| method | lr | epoch | val accuracy | val background-only | test ID | test OOD |",
-             "|---|---|---|---|---|---|---|"]
+    columns = ("val_acc", "val_background_only", "val_counterfactual", "test_id", "test_ood")
+    lines = [f"### {name}", "", "| method | lr | epoch | val accuracy | val background-only | val counterfactual "
+             "| test ID | test OOD |", "|---|---|---|---|---|---|---|---|"]
     for method in _methods(family):
         for (lr, epoch), change in sorted(trial_points(family["per_seed"], method).items()):
             cells = " | ".join(f"{change[c]:+.1f}" if c in change else "-" for c in columns)
             lines.append(f"| {method} | {lr:g} | {epoch} | {cells} |")
+    oracle = oracle_point(family["per_seed"])
+    if oracle is not None:
+        lines.append(f"| oracle | - | - | - | - | - | {oracle[0]:+.1f} | {oracle[1]:+.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -69,6 +83,9 @@ def family_plot(name: str, family: dict[str, Any], path: Path) -> None:
             val_ax.scatter(*zip(*val), label=method, s=18)
         if test:
             test_ax.scatter(*zip(*test), label=method, s=18)
+    oracle = oracle_point(family["per_seed"])
+    if oracle is not None:
+        test_ax.scatter(*oracle, marker="*", s=160, color="black", label="oracle (no shortcut)", zorder=3)
     val_ax.axvline(-family["config"]["max_val_drop"], color="red", lw=0.8, ls="--", label="accuracy limit")
     for ax in (val_ax, test_ax):
         ax.axhline(0, color="grey", lw=0.5)

@@ -92,11 +92,13 @@ def test_demo_quick_writes_results_figure_and_weights(tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "Smoke test" in printed and "background-only: top-1 with" in printed
+    assert "| method | OOD gap closed | bg-only gap closed | ID vs oracle |" in printed and "| oracle |" in printed
     results = json.loads((out / "results.json").read_text())
     assert set(results["families"]) == {"hue", "mark"}
     for family, report in results["families"].items():
         assert report["seeds"] == [0, 1] and report["config"]["family"] == family
-        assert set(report["methods"]) == {"original", "ours", "recommended"}
+        assert set(report["methods"]) == {"original", "oracle", "ours", "recommended"}
+        assert set(report["methods"]["ours"]["gap_closed"]) == {"ood_acc", "background_only"}
         for name, entry in report["methods"].items():
             for metric in METRICS:
                 assert set(entry[metric]) == {"mean", "std"}
@@ -122,7 +124,7 @@ def test_demo_one_family_keeps_the_flat_schema(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--family", "texture", "--methods", "ours", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results["methods"]) == {"original", "ours"} and results["config"]["family"] == "texture"
+    assert set(results["methods"]) == {"original", "oracle", "ours"} and results["config"]["family"] == "texture"
     assert (out / "relevance_before_after.png").is_file() and (out / "ours" / "config.json").is_file()
 
 
@@ -189,8 +191,8 @@ def test_reliance_rule_picks_the_lowest_background_only_within_the_accuracy_limi
     seen = []
     real_score = runner.validation_score
     monkeypatch.setattr(runner, "validation_score",
-                        lambda model, data, reliance=False: seen.append(model.head.weight.detach().clone())
-                        or real_score(model, data, reliance))
+                        lambda model, data, *rule: seen.append(model.head.weight.detach().clone())
+                        or real_score(model, data, *rule))
     lr, model, trials = runner.choose_lr(original, method, train, val, config, seed=0)
     assert [(t["lr"], t["epoch"]) for t in trials] == [(0.0, 0), (1e-3, 1), (1e-3, 2), (1e-2, 1), (1e-2, 2)]
     best = min(range(1, len(trials)), key=lambda i: (trials[i]["background_only"], -trials[i]["acc"]))

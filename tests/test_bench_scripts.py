@@ -42,7 +42,7 @@ def test_points_are_paired_changes_averaged_over_seeds_and_drawn(tradeoff, tmp_p
     monkeypatch.setattr(sys, "argv", ["tradeoff.py", str(path)])
     tradeoff.main()
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
-    assert "| swap | 0.0001 | 5 | -2.0 | -20.0 | -2.0 | +8.0 |" in (tmp_path / "tradeoff.md").read_text()
+    assert "| swap | 0.0001 | 5 | -2.0 | -20.0 | - | -2.0 | +8.0 |" in (tmp_path / "tradeoff.md").read_text()
 
 
 def test_headline_groups_runs_and_shows_paired_changes(tmp_path):
@@ -62,15 +62,32 @@ def test_headline_groups_runs_and_shows_paired_changes(tmp_path):
                             "finetune_masks": "patch"}) == "hue (all classes, 64 masked images, patch masks)"
     table = headline.headline(reports, ["ours", "swap"]).splitlines()
     assert table[2] == "| hue (all classes) | original | 50.0 | 50.0 | 50.0 | 50.0 |"
-    assert table[3] == "| | swap | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 |" and len(table) == 6
+    assert table[3] == "| | swap | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 |" and len(table) == 8
+    assert "no oracle" in table[-1] and table[-1].endswith("(hue (all classes), mark (half classes))")
+    # a run with an oracle gets the gap-closed columns, its oracle's row first
+    oracle = {**original, "change": {key: {"mean": -4.5 if key == "background_only" else 4.5, "std": 0.0}
+                                     for key in ("id_acc", "ood_acc", "adv_acc", "background_only")}}
+    report = json.loads((tmp_path / "hue.json").read_text())
+    report["methods"]["oracle"] = oracle
+    (tmp_path / "hue.json").write_text(json.dumps(report))
+    table = headline.headline(headline.runs([tmp_path / "hue.json", tmp_path / "mark.json"]), ["swap"]).splitlines()
+    assert table[0].endswith("| OOD gap closed | bg-only gap closed | ID vs oracle |")
+    assert table[3] == "| | oracle | +4.5 ± 0.0 | +4.5 ± 0.0 | +4.5 ± 0.0 | -4.5 ± 0.0 | 100% | 100% | +0.0 |"
+    assert table[4] == "| | swap | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 | -50% | 50% | -6.8 |"
+    assert table[-1].endswith("(mark (half classes))")
     # a second run on the same originals joins the first; one on others is refused
     more = {"config": {"family": "hue", "finetune_classes": "all", "finetune_per_class": 16,
                        "set_a": [0, 1, 2, 3, 4]}, "seeds": [0],
             "methods": {"original": original, "ours": swap}}
     (tmp_path / "more.json").write_text(json.dumps(more))
     merged = headline.runs([tmp_path / "hue.json", tmp_path / "more.json"])
-    assert list(merged["hue (all classes)"]["methods"]) == ["original", "swap", "ours"]
+    assert list(merged["hue (all classes)"]["methods"]) == ["original", "swap", "oracle", "ours"]
     more["config"]["p"] = 0.5
     (tmp_path / "more.json").write_text(json.dumps(more))
     with pytest.raises(ValueError, match="other settings"):
+        headline.runs([tmp_path / "hue.json", tmp_path / "more.json"])
+    more["config"]["p"] = 0.9
+    more["methods"]["original"] = {**original, "id_acc": {"mean": 51.0, "std": 1.0}}
+    (tmp_path / "more.json").write_text(json.dumps(more))
+    with pytest.raises(ValueError, match="other originals"):
         headline.runs([tmp_path / "hue.json", tmp_path / "more.json"])

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .._files import atomic_path, write_text_atomic
+from .ceiling import ceiling_columns, gap_closed, no_oracle_note
 from .runner import (ALL_CLASSES, DEFAULT_METHODS, METHODS, BenchConfig, config_dict, create_original, make_data,
                      normalize, run_seed, train_original)
 from .synthetic import CLASS_NAMES, FAMILIES
@@ -49,6 +50,9 @@ COLUMNS = (
     "mIoU: the relevance map (thresholded at its mean) vs the object mask, on OOD images",
     "object-only / background-only: top-1 with the background / the object replaced (mean of grey, "
     "mean-colour and blurred fills); lower background-only = less reliance on the shortcut",
+    "oracle: the original's architecture and schedule trained with the shortcut independent of the class, the "
+    "ceiling; gap closed = (method - original) / (oracle - original) of the seeds' means; ID vs oracle: the "
+    "method's ID minus the oracle's, paired per seed",
 )
 METRICS = ("id_acc", "ood_acc", "adv_acc", "ood_acc_set_a", "ood_acc_set_b", "pixel_acc", "miou", "map",
            "perturbation_positive_auc", "perturbation_negative_auc")
@@ -76,7 +80,14 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         if "lr" in runs[0]:
             entry["lr"] = [r["lr"] for r in runs]
             entry["description"] = METHODS[name].description
+        if "oracle" in per_seed[0] and name not in ("original", "oracle"):
+            entry["vs_oracle"] = {"id_acc": _mean_std([r["id_acc"] - s["oracle"]["id_acc"]
+                                                       for r, s in zip(runs, per_seed)])}
         methods[name] = entry
+    for name, entry in methods.items():
+        gaps = gap_closed(methods, name)
+        if gaps is not None:
+            entry["gap_closed"] = {metric: value for metric, value in gaps.items() if metric != "id_vs_oracle"}
     return methods
 
 
@@ -111,15 +122,28 @@ def markdown_tables(methods: dict[str, Any]) -> str:
         lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         lines += [_row(name, entry, keys) for name, entry in methods.items()]
         tables.append("\n".join(lines))
+    tables.insert(1, _ceiling_table(methods))
     learning_rates = [f"{name} {', '.join(f'{lr:g}' for lr in entry['lr'])}"
                       for name, entry in methods.items() if "lr" in entry]
     return "\n\n".join(tables) + "\n\nChosen learning rates per seed: " + "; ".join(learning_rates) + ".\n"
 
 
+def _ceiling_table(methods: dict[str, Any]) -> str:
+    """Each method against the oracle: the share of the original-to-oracle gap it closes (OOD,
+    background-only) and its ID accuracy minus the oracle's; a note instead without an oracle."""
+    note = no_oracle_note(methods)
+    if note:
+        return note
+    lines = ["| method | OOD gap closed | bg-only gap closed | ID vs oracle |", "|---|---|---|---|"]
+    lines += [f"| {name} | " + " | ".join(ceiling_columns(methods, name)) + " |"
+              for name in methods if name != "original"]
+    return "\n".join(lines)
+
+
 def _shown_method(seed_result: dict[str, Any]) -> str:
     """The finetuned model the figure and the export show: the recommended recipe when it ran."""
     return next(name for name in ("recommended", "ours", *seed_result["models"]) if name in seed_result["models"]
-                and name != "original")
+                and name not in ("original", "oracle"))
 
 
 def _figure(seed_result: dict[str, Any], path: Path, count: int = 6) -> Path:

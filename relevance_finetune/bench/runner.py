@@ -32,7 +32,14 @@ from ..probes import reliance_probes, replace_region
 from .synthetic import FAMILIES, SpuriousConfig, make_split
 
 __all__ = ["ALL_CLASSES", "DEFAULT_METHODS", "EXTENSIONS", "FAMILY_SETTINGS", "FINETUNE_CLASSES", "FINETUNE_MASKS",
-           "METHODS", "BenchConfig", "Method", "patch_masks", "run_seed"]
+           "METHODS", "BenchConfig", "Method", "patch_masks", "run_seed", "train_oracle",
+           "train_original"]
+
+
+# How a method's learning rate and checkpoint are chosen on the masked validation images: the paper's
+# rule, the reliance rule (lowest background-only accuracy within the accuracy limit), or the
+# counterfactual rule (highest accuracy on the validation objects moved onto each other's backgrounds).
+SELECTIONS = ("paper", "reliance", "counterfactual")
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,17 @@ class Method:
     tune_lr: bool = False  # pick its own lr by its rule; otherwise reuse ours's (Table 4)
     consistency: float = 0.0  # extension, not the paper's: weight of the object-consistency term
     background_swap: float = 0.0  # probability of moving each object onto another image's background
-    selection: recipes.Selection = "paper"  # lr (and checkpoint) rule on the validation set
+    paired: bool = False  # every batch holds each image and its counterfactual (twice the images per step)
+    jsd: float = 0.0  # paired only: weight of the Jensen-Shannon divergence between the two views' predictions
+    selection: str = "paper"  # lr (and checkpoint) rule on the validation set: one of SELECTIONS
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if (self.paired or self.jsd) and not self.background_swap:
+            raise ValueError(f"method {self.name!r}: paired views and the JSD term need background_swap > 0")
+        if self.jsd and not self.paired:
+            raise ValueError(f"method {self.name!r}: the JSD term compares paired views: set paired=True")
 
     @classmethod
     def from_recipe(cls, name: str, recipe: recipes.Recipe, description: str, **loss: Any) -> "Method":
@@ -56,6 +73,15 @@ class Method:
             raise ValueError("the benchmark's methods take no object-only images")
         return cls(name, kwargs={**recipe.loss, **loss}, description=description, tune_lr=True,
                    background_swap=recipe.background_swap, selection=recipe.selection)
+
+
+def _counterfactual_rule(name: str, description: str, relevance: bool = False, background_swap: float = 1.0,
+                         **changes: Any) -> Method:
+    """The recommended recipe's swap and loss (without its relevance terms unless ``relevance``),
+    lr and checkpoint chosen by the counterfactual rule."""
+    recipe = recipes.get("recommended").replace(background_swap=background_swap)
+    method = Method.from_recipe(name, recipe, description, **({} if relevance else {"lambda_relevance": 0.0}))
+    return replace(method, selection="counterfactual", **changes)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -82,6 +108,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                        description="counterfactual images alone, each object swapped with probability 0.5"),
     Method.from_recipe("recommended_p50", recipes.get("recommended").replace(background_swap=0.5),
                        description="the recommended recipe with swap probability 0.5"),
+    # the ceiling study (docs/benchmark.md): the counterfactual selection rule, views, consistency
+    _counterfactual_rule("swap_cf", "counterfactual images alone, lr and checkpoint by counterfactual validation "
+                                    "accuracy"),
+    _counterfactual_rule("recommended_cf", "swap_cf with the relevance terms (the paper's weights)", relevance=True),
+    _counterfactual_rule("swap_p50_cf", "swap_cf with each object swapped with probability 0.5", background_swap=0.5),
+    _counterfactual_rule("paired_cf", "swap_cf with each image and its counterfactual in the same batch", paired=True),
+    _counterfactual_rule("paired_jsd_cf", "paired_cf + 12 x JSD between the two views' predictions (AugMix's weight)",
+                         paired=True, jsd=12.0),
 )}
 EXTENSIONS = tuple(name for name in METHODS if name.startswith("ext_"))
 # the comparison every family runs; the Table 4 ablations and extensions on request
@@ -139,6 +173,7 @@ class BenchConfig:
     test_images: int = 500
     perturbation_images: int = 200
     methods: tuple[str, ...] = DEFAULT_METHODS
+    oracle: bool = True  # also train the shortcut-free model of each seed, the ceiling of every method
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -225,21 +260,33 @@ def _object_accuracy(model: nn.Module, config: BenchConfig, seed: int) -> float:
     return _accuracy(_predict(model, images), labels)
 
 
-def train_original(config: BenchConfig, seed: int, cache_dir: Path | None = None) -> nn.Module:
-    """Train (or load from ``cache_dir``) the original model of ``seed``.
+def _phase_path(cache_dir: Path | None, kind: str, config: BenchConfig, seed: int) -> Path | None:
+    return None if cache_dir is None else Path(cache_dir) / f"{kind}-{config.original_key(seed)}.safetensors"
 
-    First on images whose background is independent of the class (it learns the objects, as
-    far as their contrast lets it), then on the biased set (it learns the background shortcut
-    for the objects it cannot read well): the way real pretrained models come to have both.
-    A ViT sits at chance for a few hundred steps before it finds the objects; a first phase that
-    ends there (accuracy below twice chance) is restarted from a new initialisation, up to
-    ``config.original_attempts`` times in all, since a model that never learnt the objects is no valid starting point.
-    """
-    path = None if cache_dir is None else Path(cache_dir) / f"original-{config.original_key(seed)}.safetensors"
-    if path is not None and path.is_file():
-        model = create_original(config)
-        model.load_state_dict(load_file(str(path)))
-        return model.eval()
+
+def _load_cached(path: Path | None, config: BenchConfig) -> nn.Module | None:
+    if path is None or not path.is_file():
+        return None
+    model = create_original(config)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+def _save_cached(model: nn.Module, path: Path | None) -> None:
+    if path is not None:
+        with atomic_path(path) as temporary:
+            save_file(model.state_dict(), str(temporary))
+
+
+def _train_objects(config: BenchConfig, seed: int, cache_dir: Path | None) -> nn.Module:
+    """The first phase, shared by the original and the oracle: images whose background is
+    independent of the class. A ViT sits at chance for a few hundred steps before it finds the
+    objects; a phase that ends there (accuracy below twice chance) is restarted from a new
+    initialisation, up to ``config.original_attempts`` times in all."""
+    path = _phase_path(cache_dir, "objects", config, seed)
+    model = _load_cached(path, config)
+    if model is not None:
+        return model
     unbiased = make_split(config.pretrain_images, "independent", config=config.spurious(), seed=1000 * seed + 1)
     for attempt in range(config.original_attempts):
         torch.manual_seed(seed + 7919 * attempt)
@@ -248,12 +295,49 @@ def train_original(config: BenchConfig, seed: int, cache_dir: Path | None = None
                           "original: objects")
         if _object_accuracy(model, config, seed) >= 200.0 / config.num_classes:
             break
-    biased = make_split(config.biased_images, "biased", config.p, config.spurious(), seed=1000 * seed + 2)
-    _train_classifier(model, biased, config.biased_epochs, 1e-3, config.train_batch, seed, "original: shortcut")
-    if path is not None:
-        with atomic_path(path) as temporary:
-            save_file(model.state_dict(), str(temporary))
+    _save_cached(model, path)
     return model
+
+
+def _train_two_phase(config: BenchConfig, seed: int, cache_dir: Path | None, kind: str) -> nn.Module:
+    """The first phase, then ``config.biased_epochs`` on ``config.biased_images`` images drawn
+    biased (``kind="original"``) or with the shortcut independent of the class (``"oracle"``)."""
+    path = _phase_path(cache_dir, kind, config, seed)
+    model = _load_cached(path, config)
+    if model is not None:
+        return model
+    model = _train_objects(config, seed, cache_dir)
+    distribution = "biased" if kind == "original" else "independent"
+    second = make_split(config.biased_images, distribution, config.p, config.spurious(), seed=1000 * seed + 2)
+    _train_classifier(model, second, config.biased_epochs, 1e-3, config.train_batch, seed, f"{kind}: second phase")
+    _save_cached(model, path)
+    return model
+
+
+def train_original(config: BenchConfig, seed: int, cache_dir: Path | None = None) -> nn.Module:
+    """Train (or load from ``cache_dir``) the original model of ``seed``.
+
+    First on images whose background is independent of the class (it learns the objects, as
+    far as their contrast lets it), then on the biased set (it learns the background shortcut
+    for the objects it cannot read well): the way real pretrained models come to have both.
+    A first phase that never found the objects is restarted (``_train_objects``), since a model
+    that never learnt them is no valid starting point.
+    """
+    return _train_two_phase(config, seed, cache_dir, "original")
+
+
+def train_oracle(config: BenchConfig, seed: int, cache_dir: Path | None = None) -> nn.Module:
+    """The ceiling of ``seed``: the original's architecture, first phase, schedule and number of
+    images, its second phase drawn with the shortcut independent of the class. The best OOD a
+    finetune can hope for, and the ID accuracy of a model that reads the objects alone."""
+    return _train_two_phase(config, seed, cache_dir, "oracle")
+
+
+def jensen_shannon(logits: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """The Jensen-Shannon divergence between the softmax of two (B, classes) logits, batch mean."""
+    p, q = logits.softmax(1), other.softmax(1)
+    log_mixture = ((p + q) / 2).clamp(min=1e-7).log()
+    return (F.kl_div(log_mixture, p, reduction="batchmean") + F.kl_div(log_mixture, q, reduction="batchmean")) / 2
 
 
 def _loss_fn(method: Method, model: nn.Module, gae, scale: float) -> Callable:
@@ -264,6 +348,8 @@ def _loss_fn(method: Method, model: nn.Module, gae, scale: float) -> Callable:
         def relevance_loss(images, masks, labels):
             logits = model(normalize(images))
             loss = criterion(logits, masks, labels).loss
+            if method.jsd:  # a paired batch: the first half the images, the second their counterfactuals
+                loss = loss + method.jsd * jensen_shannon(*logits.chunk(2))
             if method.consistency:  # the relevance above is computed: a second forward may follow
                 with torch.no_grad():
                     teacher = model(normalize(replace_region(images, masks, "background", "grey"))).softmax(1)
@@ -307,10 +393,15 @@ def _finetune_epochs(original: nn.Module, method: Method, data, lr: float, confi
             order = torch.randperm(len(labels), generator=generator)
             for start in range(0, len(labels), config.finetune_batch):
                 index = order[start:start + config.finetune_batch]
-                batch_images, batch_masks = images[index], masks[index]
+                batch_images, batch_masks, batch_labels = images[index], masks[index], labels[index]
                 if swap is not None:
-                    batch_images, batch_masks = swap(batch_images, batch_masks)
-                loss = loss_fn(batch_images, batch_masks, labels[index])
+                    swapped, _ = swap(batch_images, batch_masks)
+                    if method.paired:
+                        batch_images, batch_masks = torch.cat([batch_images, swapped]), batch_masks.repeat(2, 1, 1)
+                        batch_labels = batch_labels.repeat(2)
+                    else:
+                        batch_images = swapped
+                loss = loss_fn(batch_images, batch_masks, batch_labels)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -335,18 +426,41 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * (logits.argmax(1) == labels).float().mean().item()
 
 
-def validation_score(model: nn.Module, data, reliance: bool = False) -> dict[str, float]:
-    """Validation accuracy and confidence CE (L_cls), the quantities of the paper's lr rule, and
-    with ``reliance`` the background-only accuracy of the reliance rule (mean over the fills)."""
+def counterfactual_images(data: TensorDataset, seed: int) -> torch.Tensor:
+    """Every image's object on another image of ``data``'s background (one fixed draw): masked
+    validation images whose shortcut no longer goes with their class, as out of distribution."""
+    images, masks, *_ = data.tensors
+    return BackgroundSwap(1.0, seed=seed)(images, masks)[0]
+
+
+def validation_score(model: nn.Module, data, selection: str = "paper",
+                     counterfactual: torch.Tensor | None = None) -> dict[str, float]:
+    """Validation accuracy and confidence CE (L_cls), the quantities of the paper's lr rule; for
+    the reliance rule the background-only accuracy (mean over the fills), for the counterfactual
+    rule the accuracy on ``counterfactual`` (``data``'s images, their objects on other backgrounds)."""
     images, masks, labels, _ = data.tensors
     logits = _predict(model, images)
     score = {"acc": _accuracy(logits, labels), "l_cls": F.cross_entropy(logits, logits.argmax(1)).item()}
-    if reliance:
+    if selection == "reliance":
         score["background_only"] = reliance_probes(model, images, masks, labels, normalize)["background_only"]
+    if selection == "counterfactual":
+        score["counterfactual"] = _accuracy(_predict(model, counterfactual), labels)
     return score
 
 
+def _selection_key(score: dict[str, float], lr: float, selection: str) -> tuple[float, ...]:
+    """Higher is better: the lr (paper), the lowest background-only accuracy (reliance), the highest
+    counterfactual accuracy (counterfactual); ties go to the higher validation accuracy."""
+    if selection == "reliance":
+        return -score["background_only"], score["acc"]
+    if selection == "counterfactual":
+        return score["counterfactual"], score["acc"]
+    return (lr,)
+
+
 def _passes(score: dict[str, float], reference: dict[str, float], config: BenchConfig, selection: str) -> bool:
+    if selection == "counterfactual":  # its accuracy on shifted images already prices the ID it gives up
+        return True
     if score["acc"] < reference["acc"] - config.max_val_drop:
         return False
     return selection == "reliance" or score["l_cls"] <= reference["l_cls"] + 1e-6
@@ -365,26 +479,30 @@ def choose_lr(original: nn.Module, method: Method, train, val, config: BenchConf
     ``"paper"``: the highest lr whose final model's validation accuracy falls by at most
     ``max_val_drop`` points and whose L_cls does not increase. ``"reliance"``: among the models
     every ``select_every`` epochs of every lr, the lowest validation background-only accuracy
-    whose accuracy falls by at most ``max_val_drop`` points (ties: the higher accuracy). When
+    whose accuracy falls by at most ``max_val_drop`` points (ties: the higher accuracy).
+    ``"counterfactual"``: among the same models, the highest accuracy on the validation objects
+    moved onto each other's backgrounds (ties: the higher accuracy), with no accuracy limit. When
     nothing passes, the smallest lr's final model (its model is kept, not retrained). The chosen
     trial is marked ``"chosen": True``.
     """
-    reliance = method.selection == "reliance"
-    reference = validation_score(original, val, reliance)
+    selection = method.selection
+    every_checkpoint = selection in ("reliance", "counterfactual")
+    counterfactual = counterfactual_images(val, seed) if selection == "counterfactual" else None
+    reference = validation_score(original, val, selection, counterfactual)
     chosen, smallest, trials = None, None, [{"lr": 0.0, "epoch": 0, **reference}]
     if tests:
         trials[0]["test"] = _test_accuracies(original, tests)
     for lr in config.lr_grid:
         for epoch, model in _finetune_epochs(original, method, train, lr, config, seed):
             last = epoch == config.finetune_epochs
-            if not last and not (reliance and epoch % config.select_every == 0):
+            if not last and not (every_checkpoint and epoch % config.select_every == 0):
                 continue
-            score = validation_score(model, val, reliance)
+            score = validation_score(model, val, selection, counterfactual)
             trials.append({"lr": lr, "epoch": epoch, **score})
             if tests:
                 trials[-1]["test"] = _test_accuracies(model, tests)
-            key = (-score["background_only"], score["acc"]) if reliance else (lr,)
-            if _passes(score, reference, config, method.selection) and (chosen is None or key > chosen[0]):
+            key = _selection_key(score, lr, selection)
+            if _passes(score, reference, config, selection) and (chosen is None or key > chosen[0]):
                 chosen = (key, lr, _state(model), trials[-1])
             if last and lr == min(config.lr_grid):
                 smallest = (None, lr, _state(model), trials[-1])
@@ -465,13 +583,18 @@ def run_seed(
         cache_dir: Path | None = None,
         progress: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
-    """All methods for one seed: ``{"original": metrics, method: metrics | {"lr", "lr_trials"}}``
+    """All methods for one seed: ``{"original": metrics, "oracle": metrics, method: metrics | {"lr",
+    "lr_trials"}}``
     plus ``"models"`` (the finetuned models, for pictures and export)."""
     progress("original model")
     original = train_original(config, seed, cache_dir)
     data = make_data(config, seed)
     results = {"original": evaluate_model(original, data["tests"], config)}
     models = {"original": original}
+    if config.oracle:
+        progress("oracle")
+        models["oracle"] = train_oracle(config, seed, cache_dir)
+        results["oracle"] = evaluate_model(models["oracle"], data["tests"], config)
     ours_lr = None
     curve_tests = {split: data["tests"][split] for split in ("id", "ood")}  # recorded per trial, never selected on
     for name in sorted(config.methods, key=lambda n: n != "ours"):  # ours first: others reuse its lr
