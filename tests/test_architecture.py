@@ -80,12 +80,8 @@ def violations(package: Path = PACKAGE) -> list[str]:
     return sorted(set(found))
 
 
-# Imports their owners are moving off (to ._version); an entry goes once its import has.
-_PENDING = {"bench.demo imports __init__"}
-
-
 def test_imports_run_one_way():
-    assert set(violations()) <= _PENDING
+    assert violations() == []
 
 
 def test_every_module_has_a_layer():

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .._version import __version__
 from .._files import atomic_path, write_text_atomic
 from .ceiling import ceiling_columns, gap_closed, no_oracle_note
 from .runner import (ALL_CLASSES, DEFAULT_METHODS, METHODS, BenchConfig, config_dict, create_original, make_data,
