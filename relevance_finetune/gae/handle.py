@@ -47,8 +47,9 @@ class GAEHandle:
     Made by :func:`attach_gae`. Use as a context manager or call :meth:`remove`.
     """
 
-    # fused mode: elements of one (B, heads, rows, N) chunk of the rebuilt maps (16 MiB in fp32)
-    chunk_elements = 2 ** 22
+    # fused mode: the most elements of one (B, heads, rows, N) chunk of the rebuilt maps; None:
+    # chosen from the device and its free memory (relevance_finetune.fused.chunk_rows)
+    chunk_elements: int | None = None
 
     def __init__(self, model: nn.Module, second_order: bool = False, attention: str = "explicit") -> None:
         if attention not in _ATTENTION_MODES:
