@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -144,3 +145,39 @@ def test_method_settings_are_checked():
         runner.Method("bad", paired=True)
     with pytest.raises(ValueError, match="paired"):
         dataclasses.replace(runner.METHODS["swap_cf"], jsd=1.0)
+
+
+def test_noisy_masks_are_patch_level_grown_or_shrunk_and_sometimes_another_image_s():
+    data = make_split(40, "biased", config=runner.BenchConfig(image_size=48).spurious(), seed=0)
+    patch = runner.patch_masks(data, 8).tensors[1]
+    noisy = runner.noisy_masks(data, 8, seed=0).tensors[1]
+    assert torch.equal(noisy, runner.noisy_masks(data, 8, seed=0).tensors[1])
+    blocks = noisy.unfold(1, 8, 8).unfold(2, 8, 8)  # constant over every 8 x 8 patch
+    assert torch.equal(blocks.amin(dim=(-1, -2)), blocks.amax(dim=(-1, -2)))
+    from scipy import ndimage
+
+    square = np.ones((5, 5), bool)  # 2 patches each way, on the patch grid
+    coarse = patch[:, ::8, ::8].numpy().astype(bool)
+    own = [(ndimage.binary_dilation(m, square, border_value=0), ndimage.binary_erosion(m, square, border_value=1))
+           for m in coarse]
+    got = noisy[:, ::8, ::8].numpy().astype(bool)
+    every = [variant for pair in own for variant in pair]
+    assert all(any((g == variant).all() for variant in every) for g in got)
+    replaced = runner.noisy_masks(data, 8, seed=0, grow=0).tensors[1]  # about a fifth are another image's
+    assert 2 <= (replaced != patch).any(dim=(1, 2)).sum() <= 16
+    assert 5 < sum((g == d).all() and not (d == e).all() for g, (d, e) in zip(got, own))  # some grown
+    assert 5 < sum((g == e).all() and not (d == e).all() for g, (d, e) in zip(got, own))  # some shrunk
+    config = runner.BenchConfig(**{**TINY, "image_size": 48, "finetune_masks": "noisy"})
+    assert torch.equal(runner.make_data(config, 0)["train"].tensors[1],
+                       runner.noisy_masks(make_split(config.finetune_per_class * 5, "biased", config.p, config.spurious(),
+                                                     seed=3, classes=config.set_a), 8, seed=3).tensors[1])
+
+
+def test_demo_set_overrides_a_setting_and_refuses_bad_ones(capsys):
+    from conftest import cli_error
+    from relevance_finetune.bench.demo import _overrides
+
+    assert _overrides(["finetune_per_class=5", "lr_grid=1e-4,3e-4", "oracle=false"]) == \
+        {"finetune_per_class": 5, "lr_grid": (1e-4, 3e-4), "oracle": False}
+    assert "not of type int" in cli_error(capsys, ["demo", "--quick", "--set", "finetune_per_class=x"])
+    assert "BenchConfig field" in cli_error(capsys, ["demo", "--quick", "--set", "nope=1"])

@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from .._files import atomic_path, write_text_atomic
 from .ceiling import ceiling_columns, gap_closed, no_oracle_note
-from .runner import (ALL_CLASSES, DEFAULT_METHODS, METHODS, BenchConfig, config_dict, create_original, make_data,
-                     normalize, run_seed, train_original)
+from .runner import (ALL_CLASSES, DEFAULT_METHODS, FINETUNE_MASKS, METHODS, BenchConfig, config_dict,
+                     create_original, make_data, normalize, run_seed, train_original)
 from .synthetic import CLASS_NAMES, FAMILIES
 
 __all__ = ["COLUMNS", "DEMO_METHODS", "QUICK", "add_arguments", "markdown_tables", "run", "run_benchmark",
@@ -274,9 +274,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which classes have masked finetuning images: half (the paper's set A, validated on "
                              "the other half; the default) or all (the same 80 images over every class, validated "
                              "on held-out images of every class)")
-    parser.add_argument("--finetune-masks", choices=("exact", "patch"), default="exact",
-                        help="the masks finetuning and validation see: exact (the default), or patch (every patch "
-                             "the object touches, as TokenCut's masks are); the tests always use exact masks")
+    parser.add_argument("--finetune-masks", choices=FINETUNE_MASKS, default="exact",
+                        help="the masks finetuning and validation see: exact (the default), patch (every patch "
+                             "the object touches, as TokenCut's masks are), or noisy (patch masks grown or shrunk "
+                             "by 2 patches, a fifth of them another image's); the tests always use exact masks")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", dest="overrides",
+                        help="any other BenchConfig setting, e.g. --set finetune_per_class=5 pretrain_images=12000 "
+                             "(tuples comma-separated)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 1; --full: 3)")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS),
                         help=f"methods to compare (default: {' '.join(DEMO_METHODS)}; --full: "
@@ -290,6 +294,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=None,
                         help="(family, seed) runs in parallel processes, one thread each (default: as many as "
                              "there are runs, up to the CPU count)")
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+    """``["field=value", ...]`` as BenchConfig settings, each value of its field's type."""
+    defaults = {f.name: f.default for f in fields(BenchConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        name, equals, text = item.partition("=")
+        if not equals or name not in defaults or name == "methods":
+            raise ValueError(f"--set takes FIELD=VALUE with a BenchConfig field (not methods: use --methods), "
+                             f"got {item!r}; fields: {', '.join(sorted(set(defaults) - {'methods'}))}")
+        default = defaults[name]
+        try:
+            if isinstance(default, tuple):
+                out[name] = tuple(type(default[0])(part) for part in text.split(","))
+            elif isinstance(default, bool):
+                out[name] = {"true": True, "false": False}[text.lower()]
+            else:
+                out[name] = type(default)(text)
+        except (KeyError, ValueError):
+            raise ValueError(f"--set {name}: {text!r} is not of type {type(default).__name__}") from None
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -315,6 +341,7 @@ def run(args: argparse.Namespace) -> int:
                "nothing about the methods.**\n"
     if args.methods:
         config = replace(config, methods=tuple(args.methods))
+    config = replace(config, **_overrides(args.overrides))
     jobs = args.jobs or max(1, min(len(families) * seeds, os.cpu_count() or 1))
     results = run_benchmark(config, list(range(seeds)), args.out, families, note, jobs)
     for family, report in (results["families"] if "families" in results else {families[0]: results}).items():

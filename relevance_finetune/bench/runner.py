@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -32,7 +33,7 @@ from ..probes import reliance_probes, replace_region
 from .synthetic import FAMILIES, SpuriousConfig, make_split
 
 __all__ = ["ALL_CLASSES", "DEFAULT_METHODS", "EXTENSIONS", "FAMILY_SETTINGS", "FINETUNE_CLASSES", "FINETUNE_MASKS",
-           "METHODS", "BenchConfig", "Method", "patch_masks", "run_seed", "train_oracle",
+           "METHODS", "BenchConfig", "Method", "noisy_masks", "patch_masks", "run_seed", "train_oracle",
            "train_original"]
 
 
@@ -129,9 +130,10 @@ FAMILY_SETTINGS: dict[str, dict[str, Any]] = {"texture": dict(biased_epochs=8)}
 # other half, set B), or all of them (a user who has masks for every class, validated on held-out
 # images of every class).
 FINETUNE_CLASSES = ("half", "all")
-# The masks the finetune and its validation see: the generator's exact ones, or every patch the object
-# touches (a patch-level mask, as TokenCut gives), which carries background pixels along the outline.
-FINETUNE_MASKS = ("exact", "patch")
+# The masks the finetune and its validation see: the generator's exact ones, every patch the object
+# touches (a patch-level mask, as TokenCut gives), which carries background pixels along the outline, or
+# noisy ones (patch-level, grown or shrunk by 2 patches, a fifth of them another image's: see noisy_masks).
+FINETUNE_MASKS = ("exact", "patch", "noisy")
 # "all" with the same 80 masked finetuning and 200 validation images as "half", spread over every class
 ALL_CLASSES: dict[str, Any] = dict(finetune_classes="all", finetune_per_class=8, val_per_class=20)
 
@@ -382,7 +384,9 @@ def _finetune_epochs(original: nn.Module, method: Method, data, lr: float, confi
     model = copy.deepcopy(original)
     images, masks, labels, _ = data.tensors
     swap = BackgroundSwap(method.background_swap, seed=seed) if method.background_swap else None
-    with attach_gae(model, second_order=method.second_order) as gae:
+    with attach_gae(model, second_order=method.second_order) as gae, warnings.catch_warnings():
+        if config.finetune_masks == "noisy":  # eroded masks may be empty: the swap leaves those images alone
+            warnings.filterwarnings("ignore", message="BackgroundSwap:")
         scale = _baseline_scale(method, model, data, config)
         loss_fn = _loss_fn(method, model, gae, scale)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -430,7 +434,9 @@ def counterfactual_images(data: TensorDataset, seed: int) -> torch.Tensor:
     """Every image's object on another image of ``data``'s background (one fixed draw): masked
     validation images whose shortcut no longer goes with their class, as out of distribution."""
     images, masks, *_ = data.tensors
-    return BackgroundSwap(1.0, seed=seed)(images, masks)[0]
+    with warnings.catch_warnings():  # images without an object (or background) to move stay as they are
+        warnings.filterwarnings("ignore", message="BackgroundSwap:")
+        return BackgroundSwap(1.0, seed=seed)(images, masks)[0]
 
 
 def validation_score(model: nn.Module, data, selection: str = "paper",
@@ -554,6 +560,25 @@ def patch_masks(data: TensorDataset, patch_size: int) -> TensorDataset:
     return TensorDataset(images, F.interpolate(coarse, scale_factor=patch_size, mode="nearest")[:, 0], *rest)
 
 
+def noisy_masks(data: TensorDataset, patch_size: int, seed: int, grow: int = 2,
+                replaced: float = 0.2) -> TensorDataset:
+    """``data`` with rough masks: patch-level, each dilated or eroded (even odds) by ``grow`` patches
+    (an eroded small object may vanish), then a ``replaced`` share of them swapped for another
+    image's mask (a segmenter that found the wrong thing). Seeded by ``seed``."""
+    images, masks, *rest = data.tensors
+    generator = torch.Generator().manual_seed(seed)
+    coarse = F.max_pool2d(masks[:, None], patch_size)
+    window = 2 * grow + 1
+    dilated = F.max_pool2d(F.pad(coarse, (grow,) * 4, value=0.0), window, stride=1)
+    eroded = 1 - F.max_pool2d(F.pad(1 - coarse, (grow,) * 4, value=1.0), window, stride=1)
+    count = len(masks)
+    noisy = torch.where((torch.rand(count, generator=generator) < 0.5).view(-1, 1, 1, 1), dilated, eroded)
+    wrong = torch.rand(count, generator=generator) < replaced
+    other = (torch.arange(count) + torch.randint(1, max(count, 2), (count,), generator=generator)) % count
+    noisy[wrong] = noisy[other[wrong]]
+    return TensorDataset(images, F.interpolate(noisy, scale_factor=patch_size, mode="nearest")[:, 0], *rest)
+
+
 def make_data(config: BenchConfig, seed: int) -> dict[str, Any]:
     """Finetuning, validation and test sets of ``seed`` (finetuning and validation masks as
     ``config.finetune_masks``; test masks exact)."""
@@ -566,6 +591,8 @@ def make_data(config: BenchConfig, seed: int) -> dict[str, Any]:
                      seed=base + 4, classes=config.val_classes)
     if config.finetune_masks == "patch":
         train, val = patch_masks(train, config.patch_size), patch_masks(val, config.patch_size)
+    if config.finetune_masks == "noisy":
+        train, val = (noisy_masks(split, config.patch_size, base + offset) for split, offset in ((train, 3), (val, 4)))
     return {
         "train": train,
         "val": val,
