@@ -1,0 +1,147 @@
+"""The measured cases of the step-time benchmark: each yields a callable that runs one step.
+
+- ``plain_fused``      cross-entropy finetune step as timm runs it by default (fused SDPA attention)
+- ``plain_explicit``   the same step on the explicit softmax path
+- ``relevance_floor``  the work no exact GAE step can skip: a forward that keeps the maps, the
+                       gradient of the target logits w.r.t. every map, the plain backward
+- ``second_order_floor``  the same with the map gradients in the graph and the loss through them
+- ``relevance``        ``attach_gae`` + ``RelevanceRegularizer``: constant gradients, one forward
+- ``relevance_fused``  the same with ``attach_gae(model, attention="fused")``: SDPA kept, the cam
+                       rows built by the chunked kernel (``relevance_finetune.fused``)
+- ``relevance_fused_autograd``  the same by autograd through checkpointed chunks (the fallback)
+- ``second_order``     the same with ``attach_gae(model, second_order=True)``
+- ``reference``        the paper's reference algorithm (``step_reference``)
+- ``explain`` / ``reference_explain``   explanation throughput (images/s), no weight update
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable, ContextManager, Iterator
+
+import torch
+import torch.nn.functional as F
+from timm.layers.attention import Attention
+
+from relevance_finetune import RelevanceRegularizer, attach_gae, fused
+from step_reference import ReferenceGAE, reference_explain, reference_loss
+from step_workload import Phase, Workload
+
+STEP_CASES = ("plain_fused", "plain_explicit", "relevance_floor", "relevance", "relevance_fused", "second_order_floor",
+              "second_order", "reference")
+EXPLAIN_CASES = ("explain", "reference_explain")
+Step = Callable[[Phase], object]
+
+
+@contextlib.contextmanager
+def plain_case(work: Workload, explicit: bool) -> Iterator[Step]:
+    """Cross-entropy with the labels; timm's default attention path unless ``explicit``."""
+    attention = [m for m in work.model.modules() if isinstance(m, Attention)]
+    flags = [m.fused_attn for m in attention]
+    for module in attention:
+        module.fused_attn = module.fused_attn and not explicit
+    try:
+        def step(phase: Phase) -> None:
+            with work.autocast(), phase("forward"):
+                loss = F.cross_entropy(work.model(work.images), work.labels)
+            work.update(loss, phase)
+        yield step
+    finally:
+        for module, flag in zip(attention, flags):
+            module.fused_attn = flag
+
+
+@contextlib.contextmanager
+def relevance_case(work: Workload, second_order: bool, attention: str = "explicit") -> Iterator[Step]:
+    with attach_gae(work.model, second_order=second_order, attention=attention) as gae:
+        criterion = RelevanceRegularizer(gae)
+
+        def step(phase: Phase) -> None:
+            with work.autocast():
+                with phase("forward"):
+                    logits = work.model(work.images)
+                with phase("relevance + loss"):
+                    loss = criterion(logits, work.masks, labels=work.labels).loss
+            work.update(loss, phase)
+        yield step
+
+
+@contextlib.contextmanager
+def fused_autograd_case(work: Workload) -> Iterator[Step]:
+    """``attention="fused"`` by autograd through checkpointed chunks: the kernel's fallback, and
+    the implementation before the fused kernel (issue 22), for before/after in one process."""
+    kernel_dtypes = fused._KERNEL_DTYPES
+    fused._KERNEL_DTYPES = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with relevance_case(work, second_order=False, attention="fused") as step:
+                yield step
+    finally:
+        fused._KERNEL_DTYPES = kernel_dtypes
+
+
+@contextlib.contextmanager
+def relevance_floor_case(work: Workload, second_order: bool) -> Iterator[Step]:
+    """Only what any exact GAE step must compute: no rollout, no relevance loss.
+
+    Second order: the map gradients stay in the graph and the loss reaches the weights through
+    them (their sum), which costs the double backward every second-order loss pays.
+    """
+    with attach_gae(work.model) as gae:
+        def step(phase: Phase) -> None:
+            with work.autocast():
+                with phase("forward"):
+                    logits = work.model(work.images)
+                with phase("map gradients"):
+                    score = logits.gather(1, work.labels[:, None]).sum()
+                    grads = torch.autograd.grad(score, gae.attention_maps, retain_graph=True,
+                                                create_graph=second_order)
+                loss = F.cross_entropy(logits, work.labels)
+                if second_order:
+                    loss = loss + sum(grad.sum() for grad in grads)
+            work.update(loss, phase)
+        yield step
+
+
+@contextlib.contextmanager
+def reference_case(work: Workload) -> Iterator[Step]:
+    with ReferenceGAE(work.model) as ref:
+        def step(phase: Phase) -> None:
+            with work.autocast():
+                loss = reference_loss(ref, work, phase)
+            work.update(loss, phase)
+        yield step
+
+
+@contextlib.contextmanager
+def explain_case(work: Workload) -> Iterator[Step]:
+    with attach_gae(work.model) as gae:
+        def step(phase: Phase) -> torch.Tensor:
+            with work.autocast(), phase("explain"):
+                return gae.explain(work.images)
+        yield step
+
+
+@contextlib.contextmanager
+def reference_explain_case(work: Workload) -> Iterator[Step]:
+    with ReferenceGAE(work.model) as ref, torch.no_grad():
+        def step(phase: Phase) -> torch.Tensor:
+            with work.autocast():
+                return reference_explain(ref, work.images, phase)
+        yield step
+
+
+CASES: dict[str, Callable[[Workload], ContextManager[Step]]] = {
+    "plain_fused": lambda work: plain_case(work, explicit=False),
+    "plain_explicit": lambda work: plain_case(work, explicit=True),
+    "relevance_floor": lambda work: relevance_floor_case(work, second_order=False),
+    "relevance": lambda work: relevance_case(work, second_order=False),
+    "relevance_fused": lambda work: relevance_case(work, second_order=False, attention="fused"),
+    "relevance_fused_autograd": fused_autograd_case,
+    "second_order_floor": lambda work: relevance_floor_case(work, second_order=True),
+    "second_order": lambda work: relevance_case(work, second_order=True),
+    "reference": reference_case,
+    "explain": explain_case,
+    "reference_explain": reference_explain_case,
+}
