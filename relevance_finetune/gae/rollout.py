@@ -49,13 +49,14 @@ def rollout_gain(
         target: int | torch.Tensor | None,
         readout: Readout,
         create_graph: bool,
-        chunk_elements: int,
+        chunk_elements: int | None,
 ) -> torch.Tensor:
     """What the blocks add to the readout row for class ``target`` (None: the predicted class), (B, N).
 
     ``records`` are one forward's, first block first; ``logits`` (B, classes) that forward's output.
     Differentiable through the maps when gradients are enabled; with ``create_graph`` through the
-    attention gradients too. Fused records take chunks of at most ``chunk_elements`` elements.
+    attention gradients too. Fused records take chunks of at most ``chunk_elements`` elements (None:
+    chosen from the free memory).
     """
     fused = isinstance(records[0], SDPACall)
     sources = [record.out for record in records] if fused else records
