@@ -10,15 +10,17 @@ what else a finetune needs to change what the model relies on::
 
 ``selection`` names how the learning rate and the checkpoint are chosen on masked validation
 images: ``"paper"`` (the highest rate whose accuracy falls by at most 2.5 points and whose
-confidence loss does not rise; the checkpoint of lowest validation loss) or ``"reliance"`` (the
-lowest background-only accuracy whose accuracy falls by at most the same limit).
+confidence loss does not rise; the checkpoint of lowest validation loss), ``"reliance"`` (the
+lowest background-only accuracy whose accuracy falls by at most the same limit) or
+``"counterfactual"`` (the highest accuracy on the validation objects moved onto other validation
+images' backgrounds: an estimate of the accuracy once the shortcut stops agreeing, no limit).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, get_args
 
 import torch
 
@@ -28,7 +30,7 @@ from .losses import RelevanceRegularizer
 
 __all__ = ["RECIPES", "Recipe", "Selection", "get", "names"]
 
-Selection = Literal["paper", "reliance"]
+Selection = Literal["paper", "reliance", "counterfactual"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Recipe:
     object_only:
         Probability that an image not swapped loses its background instead.
     selection:
-        ``"paper"`` or ``"reliance"``: how the learning rate and checkpoint are chosen.
+        ``"paper"``, ``"reliance"`` or ``"counterfactual"``: how the learning rate and checkpoint are chosen.
     evidence:
         One line: the measurement behind the recipe and the command that repeats it.
     """
@@ -60,8 +62,8 @@ class Recipe:
     _swap: BackgroundSwap = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.selection not in ("paper", "reliance"):
-            raise ValueError(f"selection must be 'paper' or 'reliance', got {self.selection!r}")
+        if self.selection not in get_args(Selection):
+            raise ValueError(f"selection must be one of {get_args(Selection)}, got {self.selection!r}")
         object.__setattr__(self, "loss", MappingProxyType(dict(self.loss)))
         object.__setattr__(self, "_swap", self.swap())
 

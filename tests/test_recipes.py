@@ -138,6 +138,33 @@ def test_newest_is_best_by_reliance(history, expected):
     assert newest_is_best(history, config) is expected
 
 
+@pytest.mark.parametrize("history, expected", [
+    ([dict(val_accuracy=0.9, val_counterfactual=0.3), dict(val_accuracy=0.5, val_counterfactual=0.4)], True),  # no limit
+    ([dict(val_accuracy=0.9, val_counterfactual=0.4), dict(val_accuracy=0.8, val_counterfactual=0.3)], False),
+    ([dict(val_accuracy=0.8, val_counterfactual=0.4), dict(val_accuracy=0.9, val_counterfactual=0.4)], True),  # tie
+    ([dict(val_accuracy=0.9, val_counterfactual=0.4), dict(val_accuracy=0.9, val_counterfactual=0.4)], False),
+])
+def test_newest_is_best_by_counterfactual_accuracy(history, expected):
+    history = [{**record, "val_loss": 1.0} for record in history]
+    assert newest_is_best(history, TrainConfig(select="counterfactual")) is expected
+
+
+def test_counterfactual_selection_measures_moved_objects_and_keeps_the_rule_s_epoch(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="needs masked validation images"):
+        finetune(tiny_model(num_classes=4), SyntheticMasked(8), None, _config(tmp_path / "none", select="counterfactual"))
+    seen = []
+    real_swap = train_module.BackgroundSwap.__call__
+    monkeypatch.setattr(train_module.BackgroundSwap, "__call__",
+                        lambda self, images, masks: seen.append(real_swap(self, images, masks)[0]) or seen[-1:] * 2)
+    history = finetune(tiny_model(num_classes=4), SyntheticMasked(8), SyntheticMasked(8, seed=1),
+                       _config(tmp_path, epochs=3, select="counterfactual"))
+    assert all("val_counterfactual" in r and "val_background_only" not in r for r in history)
+    assert len(seen) == 3 * 2  # every validation pass: 8 images in batches of 4, the same draw each time
+    assert torch.equal(seen[0], seen[2]) and torch.equal(seen[1], seen[5]) and not torch.equal(seen[0], seen[1])
+    best = max(history, key=lambda r: (r["val_counterfactual"], r["val_accuracy"]))
+    assert read_checkpoint_info(tmp_path / "best.safetensors")["epoch"] == best["epoch"]
+
+
 def test_every_selection_name_has_a_rule():
     assert typing.get_type_hints(TrainConfig)["select"] == recipes.Selection
     assert set(typing.get_args(recipes.Selection)) == set(SELECTION_RULES)

@@ -92,8 +92,9 @@ class TrainConfig:
     background_swap: float = _option(
         0.0, "probability of pasting each training object onto another image's background (labels stay)")
     select: recipes.Selection = _option(
-        "paper", "best checkpoint: lowest validation loss (paper), or lowest validation background-only "
-                 "accuracy among epochs within --max-val-drop points of the starting accuracy (reliance)")
+        "paper", "best checkpoint: lowest validation loss (paper), lowest validation background-only "
+                 "accuracy among epochs within --max-val-drop points of the starting accuracy (reliance), or "
+                 "highest accuracy on validation objects moved onto other validation backgrounds (counterfactual)")
     max_val_drop: float = _option(2.5, "reliance selection: validation accuracy may fall by this many points")
     recipe: str | None = _option(None, f"a named recipe ({', '.join(recipes.names())}): its loss weights, "
                                        "--background-swap and --select; flags and the config file win")

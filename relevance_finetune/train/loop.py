@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -163,19 +164,33 @@ def _validate(model: nn.Module, criterion: nn.Module, val_set: Dataset, config: 
     loader = DataLoader(shard, batch_size=micro_batch, shuffle=False, num_workers=config.workers,
                         pin_memory=procs.device.type == "cuda")
     meter = _Meter()
-    background_only = SELECTION_RULES[config.select].background_only
-    background_correct = torch.zeros(1, dtype=torch.float64)
-    for batch in _progress(loader, procs, "validate", config.progress):
+    rule = SELECTION_RULES[config.select]
+    correct = {name: torch.zeros(1, dtype=torch.float64) for name, wanted in (
+        ("val_background_only", rule.background_only), ("val_counterfactual", rule.counterfactual)) if wanted}
+    for index, batch in enumerate(_progress(loader, procs, "validate", config.progress)):
         images, masks, labels = _to_device(batch, procs.device)
         out, logits = _forward_loss(model, criterion, images, masks, labels, config.amp)
         meter.update(out, logits, labels)
-        if background_only:
-            background_correct += _background_only_correct(model, images, masks, labels, config.amp)
+        if rule.background_only:
+            correct["val_background_only"] += _background_only_correct(model, images, masks, labels, config.amp)
+        if rule.counterfactual:
+            correct["val_counterfactual"] += _counterfactual_correct(model, images, masks, labels, config.amp, index)
     metrics = meter.result("val_", procs)
-    if background_only:
-        count = procs.sum(torch.tensor([float(len(shard))], dtype=torch.float64))
-        metrics["val_background_only"] = float(procs.sum(background_correct) / count.clamp(min=1))
+    count = procs.sum(torch.tensor([float(len(shard))], dtype=torch.float64)).clamp(min=1)
+    metrics.update({name: float(procs.sum(total) / count) for name, total in correct.items()})
     return metrics
+
+
+@torch.no_grad()
+def _counterfactual_correct(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
+                            amp: str | None, seed: int) -> float:
+    """Correct predictions on the batch's objects moved onto each other's backgrounds (one fixed
+    draw per batch ``seed``: every validation pass sees the same images)."""
+    with warnings.catch_warnings():  # an image without an object (or background) to move stays as it is
+        warnings.filterwarnings("ignore", message="BackgroundSwap:")
+        moved, _ = BackgroundSwap(1.0, seed=seed)(images, masks)
+    with _autocast(images.device.type, amp):
+        return float((model(moved).argmax(dim=1) == labels).sum())
 
 
 @torch.no_grad()
@@ -229,8 +244,8 @@ def finetune(
     out = Path(config.out) if config.out is not None else None
     if config.resume and out is None:
         raise ValueError("resume needs the run directory: set out")
-    background_only = SELECTION_RULES[config.select].background_only
-    if background_only and val_set is None:
+    rule = SELECTION_RULES[config.select]
+    if (rule.background_only or rule.counterfactual) and val_set is None:
         raise ValueError(f"select={config.select!r} needs masked validation images: pass --val-data or "
                          "--val-fraction")
     if out is not None and not config.resume and (out / LAST).exists():
@@ -260,7 +275,7 @@ def finetune(
         loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, num_workers=config.workers,
                             generator=run.loader_generator, pin_memory=procs.device.type == "cuda")
         start_accuracy = {}
-        if background_only:  # the reference a rule's accuracy limit is measured from
+        if rule.background_only:  # the reference a rule's accuracy limit is measured from
             start_accuracy = {k: v for k, v in run.history[0].items() if k.startswith("val_start_")} if run.history \
                 else {f"val_start_{k[4:]}": v for k, v in _validate(model, criterion, val_set, config, procs,
                                                                     micro_batch).items()}

@@ -28,10 +28,14 @@ class SelectionRule:
     background_only:
         Validation also measures the accuracy on images whose objects are replaced
         (``val_background_only``), and once before the first epoch (``val_start_*``).
+    counterfactual:
+        Validation also measures the accuracy on the images with their objects moved onto the
+        other images' backgrounds in the same batch (``val_counterfactual``).
     """
 
     is_best: Callable[[History, TrainConfig], bool]
     background_only: bool = False
+    counterfactual: bool = False
 
 
 def _lowest_val_loss(history: History, config: TrainConfig) -> bool:
@@ -48,9 +52,17 @@ def _least_background_reliance(history: History, config: TrainConfig) -> bool:
     return history[-1]["val_accuracy"] >= floor and newest < min(earlier, default=(float("inf"),))
 
 
+def _best_counterfactual_accuracy(history: History, config: TrainConfig) -> bool:
+    """``"counterfactual"``: higher accuracy on counterfactual validation images, an estimate of the
+    accuracy once the shortcut stops agreeing (ties: higher accuracy, then the earlier epoch); no limit."""
+    earlier = [(r["val_counterfactual"], r["val_accuracy"]) for r in history[:-1] if "val_counterfactual" in r]
+    return (history[-1]["val_counterfactual"], history[-1]["val_accuracy"]) > max(earlier, default=(-1.0,))
+
+
 SELECTION_RULES: dict[str, SelectionRule] = {
     "paper": SelectionRule(_lowest_val_loss),
     "reliance": SelectionRule(_least_background_reliance, background_only=True),
+    "counterfactual": SelectionRule(_best_counterfactual_accuracy, counterfactual=True),
 }
 
 
