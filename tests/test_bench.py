@@ -206,7 +206,7 @@ def test_reliance_rule_picks_the_lowest_background_only_within_the_accuracy_limi
                                                         tests={"ood": ood})
     assert traced_lr == lr and torch.equal(traced.head.weight, model.head.weight)
     chosen = next(t for t in traced_trials if t.get("chosen"))
-    assert chosen["test"]["ood"] == runner._accuracy(runner._predict(traced, ood.tensors[0]), ood.tensors[2])
+    assert chosen["test"]["ood"] == runner.accuracy(runner.predict(traced, ood.tensors[0]), ood.tensors[2])
     assert all(set(t["test"]) == {"ood"} for t in traced_trials) and "test" not in trials[0]
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from relevance_finetune.bench import runner
+from relevance_finetune.bench import originals, runner
 from relevance_finetune.bench.ceiling import ceiling_columns, gap_closed, no_oracle_note
 from relevance_finetune.bench.demo import _ceiling_table, summarize
 from relevance_finetune.bench.synthetic import make_split
@@ -20,8 +20,8 @@ TINY = dict(image_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, pre
 def test_oracle_shares_the_first_phase_and_breaks_the_shortcut_in_the_second(tmp_path, monkeypatch):
     config = runner.BenchConfig(**TINY)
     drawn = []
-    real_split = runner.make_split
-    monkeypatch.setattr(runner, "make_split", lambda n, distribution, *a, **k: drawn.append(distribution)
+    real_split = originals.make_split
+    monkeypatch.setattr(originals, "make_split", lambda n, distribution, *a, **k: drawn.append(distribution)
                         or real_split(n, distribution, *a, **k))
     original = runner.train_original(config, seed=0, cache_dir=tmp_path)
     oracle = runner.train_oracle(config, seed=0, cache_dir=tmp_path)
@@ -107,7 +107,7 @@ def test_counterfactual_rule_picks_the_best_counterfactual_accuracy_with_no_accu
     best = max(range(1, len(trials)), key=lambda i: (trials[i]["counterfactual"], trials[i]["acc"]))
     assert [i for i, t in enumerate(trials) if t.get("chosen")] == [best] and lr == trials[best]["lr"]
     counterfactual = runner.counterfactual_images(val, seed=0)
-    assert trials[best]["counterfactual"] == runner._accuracy(runner._predict(model, counterfactual), val.tensors[2])
+    assert trials[best]["counterfactual"] == runner.accuracy(runner.predict(model, counterfactual), val.tensors[2])
 
 
 def test_jensen_shannon():

@@ -1,0 +1,100 @@
+"""The benchmark's finetuning methods: the paper's loss and its ablations, the baselines, the recipes.
+
+A ``Method`` names a loss (the relevance loss with settings, or an input-gradient baseline), the
+counterfactual images it trains on and the rule that chooses its learning rate and checkpoint;
+``METHODS`` is the table that ``relevance-finetune demo --methods`` chooses from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .. import recipes
+
+__all__ = ["DEFAULT_METHODS", "EXTENSIONS", "METHODS", "SELECTIONS", "Method"]
+
+
+# How a method's learning rate and checkpoint are chosen on the masked validation images: the paper's
+# rule, the reliance rule (lowest background-only accuracy within the accuracy limit), or the
+# counterfactual rule (highest accuracy on the validation objects moved onto each other's backgrounds).
+SELECTIONS = ("paper", "reliance", "counterfactual")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A finetuning method: the relevance loss with settings, or an input-gradient baseline."""
+
+    name: str
+    loss: str = "relevance"  # "relevance" | "gradmask" | "rrr"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    second_order: bool = False
+    description: str = ""
+    tune_lr: bool = False  # pick its own lr by its rule; otherwise reuse ours's (Table 4)
+    consistency: float = 0.0  # extension, not the paper's: weight of the object-consistency term
+    background_swap: float = 0.0  # probability of moving each object onto another image's background
+    paired: bool = False  # every batch holds each image and its counterfactual (twice the images per step)
+    jsd: float = 0.0  # paired only: weight of the Jensen-Shannon divergence between the two views' predictions
+    selection: str = "paper"  # lr (and checkpoint) rule on the validation set: one of SELECTIONS
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if (self.paired or self.jsd) and not self.background_swap:
+            raise ValueError(f"method {self.name!r}: paired views and the JSD term need background_swap > 0")
+        if self.jsd and not self.paired:
+            raise ValueError(f"method {self.name!r}: the JSD term compares paired views: set paired=True")
+
+    @classmethod
+    def from_recipe(cls, name: str, recipe: recipes.Recipe, description: str, **loss: Any) -> "Method":
+        """The benchmark's method for ``recipe`` (``loss`` overrides its regulariser settings)."""
+        if recipe.object_only:
+            raise ValueError("the benchmark's methods take no object-only images")
+        return cls(name, kwargs={**recipe.loss, **loss}, description=description, tune_lr=True,
+                   background_swap=recipe.background_swap, selection=recipe.selection)
+
+
+def _counterfactual_rule(name: str, description: str, relevance: bool = False, background_swap: float = 1.0,
+                         **changes: Any) -> Method:
+    """The recommended recipe's swap and loss (without its relevance terms unless ``relevance``),
+    lr and checkpoint chosen by the counterfactual rule."""
+    recipe = recipes.get("recommended").replace(background_swap=background_swap)
+    method = Method.from_recipe(name, recipe, description, **({} if relevance else {"lambda_relevance": 0.0}))
+    return replace(method, selection="counterfactual", **changes)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("ours", description="paper loss (Eq. 5), confidence boosting", tune_lr=True),
+    Method("ours_ground_truth", kwargs=dict(classification="ground_truth"),
+           description="paper loss, CE with the labels (Table 4)"),
+    Method("control", kwargs=dict(lambda_relevance=0.0),
+           description="confidence CE alone: the same finetune without relevance terms"),
+    Method("gradmask", loss="gradmask", description="GradMask (input-gradient mask penalty + CE)", tune_lr=True),
+    Method("rrr", loss="rrr", description="Right for the Right Reasons (+ CE)", tune_lr=True),
+    Method("wo_classification", kwargs=dict(lambda_classification=0.0), description="w/o L_cls"),
+    Method("wo_bg", kwargs=dict(lambda_bg=0.0), description="w/o L_bg"),
+    Method("wo_fg", kwargs=dict(lambda_fg=0.0), description="w/o L_fg"),
+    Method("only_bg", kwargs=dict(lambda_fg=0.0, lambda_classification=0.0), description="only L_bg"),
+    Method("only_fg", kwargs=dict(lambda_bg=0.0, lambda_classification=0.0), description="only L_fg"),
+    Method("ours_second_order", second_order=True, description="paper loss, second-order GAE"),
+    Method("ext_object_consistency", consistency=1.0,
+           description="EXTENSION, not the paper's: paper loss + KL(object-only prediction || prediction)"),
+    Method.from_recipe("swap", recipes.get("recommended"), lambda_relevance=0.0,
+                       description="counterfactual images alone: the recommended recipe without relevance terms"),
+    Method.from_recipe("recommended", recipes.get("recommended"),
+                       description="the recommended recipe (recipes.get('recommended'))"),
+    Method.from_recipe("swap_p50", recipes.get("recommended").replace(background_swap=0.5), lambda_relevance=0.0,
+                       description="counterfactual images alone, each object swapped with probability 0.5"),
+    Method.from_recipe("recommended_p50", recipes.get("recommended").replace(background_swap=0.5),
+                       description="the recommended recipe with swap probability 0.5"),
+    # the ceiling study (docs/benchmark.md): the counterfactual selection rule, views, consistency
+    _counterfactual_rule("swap_cf", "counterfactual images alone, lr and checkpoint by counterfactual validation "
+                                    "accuracy"),
+    _counterfactual_rule("recommended_cf", "swap_cf with the relevance terms (the paper's weights)", relevance=True),
+    _counterfactual_rule("swap_p50_cf", "swap_cf with each object swapped with probability 0.5", background_swap=0.5),
+    _counterfactual_rule("paired_cf", "swap_cf with each image and its counterfactual in the same batch", paired=True),
+    _counterfactual_rule("paired_jsd_cf", "paired_cf + 12 x JSD between the two views' predictions (AugMix's weight)",
+                         paired=True, jsd=12.0),
+)}
+EXTENSIONS = tuple(name for name in METHODS if name.startswith("ext_"))
+# the comparison every family runs; the Table 4 ablations and extensions on request
+DEFAULT_METHODS = ("ours", "control", "gradmask", "rrr", "swap", "recommended")
