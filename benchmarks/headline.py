@@ -21,13 +21,19 @@ CEILING_COLUMNS = ("OOD gap closed", "bg-only gap closed", "ID vs oracle")
 
 
 def _label(config: dict[str, Any]) -> str:
-    """``family (which classes[, N masked images][, patch masks])``: the settings that differ between runs."""
+    """``family (which classes[, N masked images][, patch masks][, lr grid][, N first-phase images])``:
+    the settings that differ between runs."""
+    defaults = config_dict(BenchConfig())
     parts = [f"{config.get('finetune_classes', 'half')} classes"]
     images = config["finetune_per_class"] * len(config["set_a"])
     if images != 80:  # the benchmark's 80 masked finetuning images
         parts.append(f"{images} masked images")
     if config.get("finetune_masks", "exact") != "exact":
         parts.append(f"{config['finetune_masks']} masks")
+    if list(config.get("lr_grid", defaults["lr_grid"])) != defaults["lr_grid"]:
+        parts.append("lr " + ", ".join(f"{lr:g}" for lr in config["lr_grid"]))
+    if config.get("pretrain_images", defaults["pretrain_images"]) != defaults["pretrain_images"]:
+        parts.append(f"{config['pretrain_images']} first-phase images")
     return f"{config['family']} ({', '.join(parts)})"
 
 

@@ -60,6 +60,9 @@ def test_headline_groups_runs_and_shows_paired_changes(tmp_path):
     assert list(reports) == ["hue (all classes)", "mark (half classes)"]
     assert headline._label({"family": "hue", "finetune_classes": "all", "finetune_per_class": 32, "set_a": [0, 1],
                             "finetune_masks": "patch"}) == "hue (all classes, 64 masked images, patch masks)"
+    assert headline._label({"family": "mark", "finetune_classes": "all", "finetune_per_class": 8, "set_a": list(range(10)),
+                            "lr_grid": [1e-3], "pretrain_images": 12000}) == \
+        "mark (all classes, lr 0.001, 12000 first-phase images)"
     table = headline.headline(reports, ["ours", "swap"]).splitlines()
     assert table[2] == "| hue (all classes) | original | 50.0 | 50.0 | 50.0 | 50.0 |"
     assert table[3] == "| | swap | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 |" and len(table) == 8
