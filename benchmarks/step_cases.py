@@ -54,6 +54,7 @@ def plain_case(work: Workload, explicit: bool) -> Iterator[Step]:
 @contextlib.contextmanager
 def relevance_case(work: Workload, second_order: bool, attention: str = "explicit") -> Iterator[Step]:
     with attach_gae(work.model, second_order=second_order, attention=attention) as gae:
+        gae.chunk_elements = work.config.chunk_elements
         criterion = RelevanceRegularizer(gae)
 
         def step(phase: Phase) -> None:

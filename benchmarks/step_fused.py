@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
+
+import timm
 
 from step_table import _fmt, run_config, write_report
 from step_workload import Config
@@ -26,6 +28,25 @@ FUSED_TARGETS = (
     ("fused kernel step / autograd chunks (before), every size", "relevance_fused", "relevance_fused_autograd",
      "median_s", 1.0, lambda tokens, img: True),
 )
+
+# Per block: products of attention size (N x N x head_dim, summed over heads) and passes over the
+# linear layers (a forward is one, a backward with weight gradients two, the map-gradient pass one).
+ATTENTION_MATMULS = {
+    "plain_fused": 2 + 5,  # flash forward (q k^T, A v); flash backward (q k^T again, dO v^T, A^T dO, dS k, dS^T q)
+    "relevance": 2 + 4 + 4,  # forward; map gradients through the kept maps (dO v^T, A^T dO, dS k, dS^T q); backward
+    "relevance_fused": 2 + 5 + 2 + 4 + 5,  # forward; map gradients (flash backward); kernel forward (q k^T,
+    # dO v^T); kernel backward (both rebuilt, dS k, dS^T q); the model's flash backward
+}
+LINEAR_PASSES = {"plain_fused": 3, "relevance": 4, "relevance_fused": 4}
+
+
+def matmul_floor(tokens: int, dim: int, mlp_ratio: float = 4.0) -> dict[str, float]:
+    """Each case's multiply-adds per block and image over the plain step's (attention and linear
+    layers only: softmax, elementwise work and the optimiser are left out)."""
+    attention = tokens * tokens * dim
+    linear = tokens * dim * dim * (4 + 2 * mlp_ratio)  # qkv, proj, fc1, fc2
+    work = {case: ATTENTION_MATMULS[case] * attention + LINEAR_PASSES[case] * linear for case in ATTENTION_MATMULS}
+    return {case: value / work["plain_fused"] for case, value in work.items()}
 
 
 def tokens_of(config: dict) -> int:
@@ -105,6 +126,14 @@ def run_fused_scaling(base: Config, args: argparse.Namespace, report: dict, star
         write_report(report, args.json, started)
         print(fused_table(fused["runs"][-1:]), flush=True)
     print(fused_table(fused["runs"]))
+    fused["matmul_floor"] = {}
+    for config in configs:
+        dim = timm.create_model(config.model, pretrained=False, **config.model_kwargs).embed_dim
+        floor = matmul_floor(tokens_of(asdict(config)), dim)
+        fused["matmul_floor"][config.img_size] = floor
+        print(f"{config.img_size} px: floor from the matmul count, x plain: "
+              + ", ".join(f"{case} {value:.2f}" for case, value in floor.items()))
+    write_report(report, args.json, started)
     for t in fused["targets"]:
         print(f"{t['name']} (batch {t['batch']}): {t['value']:.2f} <= {t['limit']}: {'met' if t['met'] else 'NOT met'}")
     if args.plot and set(FUSED_CASES[:3]) <= set(cases):

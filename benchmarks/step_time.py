@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="bf16 or bfloat16: autocast")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: torch's); 1 avoids OpenMP barrier stalls on a shared machine")
+    parser.add_argument("--chunk-elements", type=int, default=None,
+                        help="attention='fused': the most elements of one chunk of the rebuilt maps (default: automatic)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps (default 5; --quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 1)")
     parser.add_argument("--cases", nargs="+", choices=tuple(CASES), default=None,
@@ -94,12 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.fused_scaling:
         model = args.model[0] if args.model else FUSED_MODEL
         base = Config(model=model, device=args.device, dtype=args.dtype, steps=steps, warmup=warmup,
-                      threads=args.threads)
+                      threads=args.threads, chunk_elements=args.chunk_elements)
         report["fused"] = run_fused_scaling(base, args, report, started)
     for model in [] if args.fused_scaling else args.model or ["vit_small_patch16_224"]:
         base = Config(model=model, batch=args.batch, img_size=args.img_size, depth=args.depth,
                       device=args.device, dtype=args.dtype, steps=steps, warmup=warmup,
-                      threads=args.threads)
+                      threads=args.threads, chunk_elements=args.chunk_elements)
         if args.profile:
             report["profile"] = profile_cases(base, cases)
             continue

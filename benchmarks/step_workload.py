@@ -39,6 +39,7 @@ class Config:
     warmup: int = 2
     seed: int = 0
     threads: int | None = None  # torch.set_num_threads; None: torch's default
+    chunk_elements: int | None = None  # attention="fused": GAEHandle.chunk_elements; None: automatic
     model_kwargs: dict = field(default_factory=dict)
 
 
