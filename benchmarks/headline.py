@@ -13,11 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from relevance_finetune.bench.ceiling import ceiling_columns, no_oracle_note
+from relevance_finetune.bench.ceiling import CEILING_COLUMNS, ceiling_columns, no_oracle_note
 from relevance_finetune.bench.runner import BenchConfig, config_dict
 
 COLUMNS = (("ID", "id_acc"), ("OOD", "ood_acc"), ("adv", "adv_acc"), ("bg-only", "background_only"))
-CEILING_COLUMNS = ("OOD gap closed", "bg-only gap closed", "ID vs oracle")
 
 
 def _label(config: dict[str, Any]) -> str:

@@ -92,13 +92,14 @@ def test_demo_quick_writes_results_figure_and_weights(tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "Smoke test" in printed and "background-only: top-1 with" in printed
-    assert "| method | OOD gap closed | bg-only gap closed | ID vs oracle |" in printed and "| oracle |" in printed
+    assert "| method | OOD gap closed | bg-only gap closed | ID vs oracle | object-only gap closed |" in printed
+    assert "| oracle |" in printed
     results = json.loads((out / "results.json").read_text())
     assert set(results["families"]) == {"hue", "mark"}
     for family, report in results["families"].items():
         assert report["seeds"] == [0, 1] and report["config"]["family"] == family
         assert set(report["methods"]) == {"original", "oracle", "ours", "recommended"}
-        assert set(report["methods"]["ours"]["gap_closed"]) == {"ood_acc", "background_only"}
+        assert set(report["methods"]["ours"]["gap_closed"]) == {"ood_acc", "background_only", "object_only"}
         for name, entry in report["methods"].items():
             for metric in METRICS:
                 assert set(entry[metric]) == {"mean", "std"}

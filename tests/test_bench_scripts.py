@@ -48,7 +48,8 @@ def test_points_are_paired_changes_averaged_over_seeds_and_drawn(tradeoff, tmp_p
 def test_headline_groups_runs_and_shows_paired_changes(tmp_path):
     headline = _load("headline")
     stat = {"mean": 50.0, "std": 1.0}
-    original = {"id_acc": stat, "ood_acc": stat, "adv_acc": stat, "probes": {"background_only": stat}}
+    original = {"id_acc": stat, "ood_acc": stat, "adv_acc": stat, "probes": {"background_only": stat,
+                                                                          "object_only": {"mean": 60.0, "std": 1.0}}}
     swap = {**original, "change": {key: {"mean": -2.25, "std": 0.5} for key in ("id_acc", "ood_acc", "adv_acc",
                                                                                   "background_only")}}
     for family, classes in (("hue", "all"), ("mark", "half")):
@@ -74,9 +75,9 @@ def test_headline_groups_runs_and_shows_paired_changes(tmp_path):
     report["methods"]["oracle"] = oracle
     (tmp_path / "hue.json").write_text(json.dumps(report))
     table = headline.headline(headline.runs([tmp_path / "hue.json", tmp_path / "mark.json"]), ["swap"]).splitlines()
-    assert table[0].endswith("| OOD gap closed | bg-only gap closed | ID vs oracle |")
-    assert table[3] == "| | oracle | +4.5 ± 0.0 | +4.5 ± 0.0 | +4.5 ± 0.0 | -4.5 ± 0.0 | 100% | 100% | +0.0 |"
-    assert table[4] == "| | swap | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 | -50% | 50% | -6.8 |"
+    assert table[0].endswith("| OOD gap closed | bg-only gap closed | ID vs oracle | object-only gap closed |")
+    assert table[3] == "| | oracle | +4.5 ± 0.0 | +4.5 ± 0.0 | +4.5 ± 0.0 | -4.5 ± 0.0 | 100% | 100% | +0.0 |  |"
+    assert table[4] == "| | swap | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 | -50% | 50% | -6.8 | -22% |"
     assert table[-1].endswith("(mark (half classes))")
     # a second run on the same originals joins the first; one on others is refused
     more = {"config": {"family": "hue", "finetune_classes": "all", "finetune_per_class": 16,

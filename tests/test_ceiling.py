@@ -36,10 +36,12 @@ def test_oracle_shares_the_first_phase_and_breaks_the_shortcut_in_the_second(tmp
     assert torch.equal(fresh.head.weight, oracle.head.weight)
 
 
-def _entry(id_acc: float, ood: float, background_only: float, original=(90.0, 60.0, 50.0)) -> dict:
+def _entry(id_acc: float, ood: float, background_only: float, original=(90.0, 60.0, 50.0),
+           object_only: float = 70.0) -> dict:
     values = {"id_acc": id_acc, "ood_acc": ood, "adv_acc": ood}
     entry = {key: {"mean": value, "std": 0.0} for key, value in values.items()}
-    entry["probes"] = {"background_only": {"mean": background_only, "std": 0.0}}
+    entry["probes"] = {"background_only": {"mean": background_only, "std": 0.0},
+                       "object_only": {"mean": object_only, "std": 0.0}}
     change = dict(zip(("id_acc", "ood_acc", "background_only"), (id_acc, ood, background_only)))
     entry["change"] = {key: {"mean": change[key] - base, "std": 0.0}
                        for key, base in zip(("id_acc", "ood_acc", "background_only"), original)}
@@ -50,8 +52,11 @@ def _entry(id_acc: float, ood: float, background_only: float, original=(90.0, 60
 def test_gap_closed_is_the_change_over_the_oracle_s_change():
     methods = {"original": _entry(90, 60, 50), "oracle": _entry(80, 80, 10), "swap": _entry(85, 75, 20)}
     gaps = gap_closed(methods, "swap")
-    assert gaps == pytest.approx({"ood_acc": 75.0, "background_only": 75.0, "id_vs_oracle": 5.0})
-    assert ceiling_columns(methods, "swap") == ["75%", "75%", "+5.0"]
+    # OOD 60 -> 75 of 60 -> 80; the original reads its objects alone at 70: 15 of 10 points of reliance
+    assert gaps == pytest.approx({"ood_acc": 75.0, "background_only": 75.0, "id_vs_oracle": 5.0, "object_only": 150.0})
+    assert ceiling_columns(methods, "swap") == ["75%", "75%", "+5.0", "150%"]
+    weak = {**methods, "original": _entry(90, 60, 50, object_only=60.5)}  # its objects alone read no better
+    assert gap_closed(weak, "swap")["object_only"] is None and ceiling_columns(weak, "swap")[-1] == "n/a (no gap)"
     assert gap_closed(methods, "oracle") is None and gap_closed(methods, "original") is None
     # an oracle that is not ahead of the original is no ceiling: no fraction of noise
     behind = {**methods, "oracle": _entry(80, 60.5, 60)}
@@ -74,7 +79,8 @@ def test_summary_pairs_the_id_against_each_seed_s_oracle():
     methods = summarize([seed(90, 80, 84), seed(92, 78, 86)])
     assert methods["swap"]["vs_oracle"]["id_acc"]["mean"] == pytest.approx(6.0)
     assert methods["swap"]["vs_oracle"]["id_acc"]["std"] == pytest.approx(2.0 ** 0.5 * 2.0)
-    assert methods["swap"]["gap_closed"] == {"ood_acc": None, "background_only": None}  # the oracle is not ahead
+    assert methods["swap"]["gap_closed"] == {"ood_acc": None, "background_only": None,  # the oracle is not ahead
+                                             "object_only": None}
     assert "vs_oracle" not in methods["oracle"] and "gap_closed" not in methods["original"]
 
 
