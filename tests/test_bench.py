@@ -187,7 +187,7 @@ def test_reliance_rule_picks_the_lowest_background_only_within_the_accuracy_limi
     val = make_split(8, "biased", config=config.spurious(), classes=(0, 1), seed=1)
     torch.manual_seed(0)
     original = runner.create_original(config)
-    method = runner.METHODS["recommended"]
+    method = runner.METHODS["swap"]
     assert method.selection == "reliance" and method.background_swap > 0
     seen = []
     real_score = runner.validation_score

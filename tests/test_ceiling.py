@@ -187,3 +187,12 @@ def test_demo_set_overrides_a_setting_and_refuses_bad_ones(capsys):
         {"finetune_per_class": 5, "lr_grid": (1e-4, 3e-4), "oracle": False}
     assert "not of type int" in cli_error(capsys, ["demo", "--quick", "--set", "finetune_per_class=x"])
     assert "BenchConfig field" in cli_error(capsys, ["demo", "--quick", "--set", "nope=1"])
+
+
+def test_a_seed_s_cache_key_follows_what_each_method_is(tmp_path, monkeypatch):
+    from relevance_finetune.bench import demo
+
+    config = runner.BenchConfig(**TINY, methods=("swap",))
+    before = demo._seed_paths(config, 0, tmp_path)
+    monkeypatch.setitem(runner.METHODS, "swap", dataclasses.replace(runner.METHODS["swap"], background_swap=0.5))
+    assert demo._seed_paths(config, 0, tmp_path) != before

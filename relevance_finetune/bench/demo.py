@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -194,8 +194,11 @@ def write_reports(out: Path, families: dict[str, dict[str, Any]], note: str = ""
 
 
 def _seed_paths(config: BenchConfig, seed: int, cache: Path) -> tuple[Path, Path]:
-    """Where one seed's results and its shown finetuned model are cached: keyed on every setting."""
-    text = json.dumps({"config": config_dict(config), "seed": seed, "version": __version__}, sort_keys=True)
+    """Where one seed's results and its shown finetuned model are cached: keyed on every setting and
+    on what each method is (a recipe's change is a new key)."""
+    methods = {name: asdict(METHODS[name]) for name in config.methods}
+    text = json.dumps({"config": config_dict(config), "methods": methods, "seed": seed, "version": __version__},
+                      sort_keys=True)
     key = hashlib.sha1(text.encode()).hexdigest()[:12]
     return cache / f"results-{config.family}-{key}.json", cache / f"shown-{config.family}-{key}.safetensors"
 
