@@ -17,6 +17,7 @@ from relevance_finetune.bench.ceiling import CEILING_COLUMNS, ceiling_columns, n
 from relevance_finetune.bench.runner import BenchConfig, config_dict
 
 COLUMNS = (("ID", "id_acc"), ("OOD", "ood_acc"), ("adv", "adv_acc"), ("bg-only", "background_only"))
+SET_B = ("OOD set B", "ood_acc_set_b")  # a column where a run held out classes (the paper's protocol)
 
 
 def _label(config: dict[str, Any]) -> str:
@@ -67,6 +68,8 @@ def _accuracies(report: dict[str, Any]) -> list[float]:
 
 
 def _cell(entry: dict[str, Any], key: str) -> str:
+    if key not in entry["change"]:
+        return ""
     change = entry["change"][key]
     return f"{change['mean']:+.1f} ± {change['std']:.1f}"
 
@@ -76,18 +79,19 @@ def headline(reports: dict[str, dict[str, Any]], methods: list[str]) -> str:
     method's paired change; with the gap-closed columns where a run has an oracle (its row first),
     and a line naming the runs without one."""
     with_oracle = any("oracle" in report["methods"] for report in reports.values())
-    names = [label for label, _ in COLUMNS] + (list(CEILING_COLUMNS) if with_oracle else [])
+    columns = COLUMNS + ((SET_B,) if any(SET_B[1] in r["methods"]["original"] for r in reports.values()) else ())
+    names = [label for label, _ in columns] + (list(CEILING_COLUMNS) if with_oracle else [])
     lines = ["| run | method | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     blank = [""] * len(CEILING_COLUMNS) if with_oracle else []
     for name, report in reports.items():
         entries = report["methods"]
         original = entries["original"]
-        values = [original[key] if key in original else original["probes"][key] for _, key in COLUMNS]
-        lines.append(f"| {name} | original | " + " | ".join([f"{value['mean']:.1f}" for value in values] + blank)
-                     + " |")
+        values = [original.get(key, original["probes"].get(key)) for _, key in columns]
+        lines.append(f"| {name} | original | " + " | ".join(
+            [f"{value['mean']:.1f}" if value else "" for value in values] + blank) + " |")
         for method in ["oracle", *methods] if "oracle" in entries else methods:
             if method in entries:
-                cells = [_cell(entries[method], key) for _, key in COLUMNS]
+                cells = [_cell(entries[method], key) for _, key in columns]
                 cells += ceiling_columns(entries, method) or blank
                 lines.append(f"| | {method} | " + " | ".join(cells) + " |")
     missing = [name for name, report in reports.items() if no_oracle_note(report["methods"])]

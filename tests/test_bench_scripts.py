@@ -79,6 +79,14 @@ def test_headline_groups_runs_and_shows_paired_changes(tmp_path):
     assert table[3] == "| | oracle | +4.5 ± 0.0 | +4.5 ± 0.0 | +4.5 ± 0.0 | -4.5 ± 0.0 | 100% | 100% | +0.0 |  |"
     assert table[4] == "| | swap | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 | -2.2 ± 0.5 | -50% | 50% | -6.8 | -22% |"
     assert table[-1].endswith("(mark (half classes))")
+    # a run that held out classes adds their OOD column; the others leave it blank
+    report = json.loads((tmp_path / "mark.json").read_text())
+    report["methods"]["original"]["ood_acc_set_b"] = {"mean": 40.0, "std": 0.0}
+    report["methods"]["swap"]["change"]["ood_acc_set_b"] = {"mean": 1.25, "std": 0.5}
+    (tmp_path / "mark.json").write_text(json.dumps(report))
+    table = headline.headline(headline.runs([tmp_path / "hue.json", tmp_path / "mark.json"]), ["swap"]).splitlines()
+    assert table[0].startswith("| run | method | ID | OOD | adv | bg-only | OOD set B | OOD gap closed")
+    assert table[2].endswith("| 50.0 |  |  |  |  |  |") and "| -2.2 ± 0.5 | +1.2 ± 0.5 |" in table[6]
     # a second run on the same originals joins the first; one on others is refused
     more = {"config": {"family": "hue", "finetune_classes": "all", "finetune_per_class": 16,
                        "set_a": [0, 1, 2, 3, 4]}, "seeds": [0],
