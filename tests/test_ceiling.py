@@ -151,6 +151,8 @@ def test_method_settings_are_checked():
         runner.Method("bad", paired=True)
     with pytest.raises(ValueError, match="paired"):
         dataclasses.replace(runner.METHODS["swap_cf"], jsd=1.0)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        dataclasses.replace(runner.METHODS["paired_jsd_cf"], jsd=-1.0)
 
 
 def test_noisy_masks_are_patch_level_grown_or_shrunk_and_sometimes_another_image_s():

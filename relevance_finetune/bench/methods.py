@@ -39,6 +39,9 @@ class Method:
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.jsd < 0 or self.consistency < 0:
+            raise ValueError(f"method {self.name!r}: consistency weights must be >= 0, got jsd={self.jsd}, "
+                             f"consistency={self.consistency}")
         if (self.paired or self.jsd) and not self.background_swap:
             raise ValueError(f"method {self.name!r}: paired views and the JSD term need background_swap > 0")
         if self.jsd and not self.paired:
