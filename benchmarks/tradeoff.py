@@ -73,26 +73,33 @@ def family_table(name: str, family: dict[str, Any]) -> str:
 
 
 def family_plot(name: str, family: dict[str, Any], path: Path) -> None:
-    """Left: what the reliance rule sees (validation); right: the test accuracies it never sees."""
+    """Left: what the methods' rules see on the validation images (background-only accuracy for the
+    reliance rule, circles; counterfactual accuracy for the counterfactual rule, triangles); right:
+    the test accuracies they never see, with the oracle's point."""
     figure, (val_ax, test_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for method in _methods(family):
+    reliance = False
+    for index, method in enumerate(_methods(family)):
+        colour = f"C{index % 10}"
         points = trial_points(family["per_seed"], method).values()
-        val = [(p["val_acc"], p["val_background_only"]) for p in points if "val_background_only" in p]
+        for key, marker in (("val_background_only", "o"), ("val_counterfactual", "^")):
+            val = [(p["val_acc"], p[key]) for p in points if key in p]
+            if val:
+                val_ax.scatter(*zip(*val), label=method, s=18, color=colour, marker=marker)
+                reliance |= key == "val_background_only"
         test = [(p["test_id"], p["test_ood"]) for p in points if "test_ood" in p]
-        if val:
-            val_ax.scatter(*zip(*val), label=method, s=18)
         if test:
-            test_ax.scatter(*zip(*test), label=method, s=18)
+            test_ax.scatter(*zip(*test), label=method, s=18, color=colour)
     oracle = oracle_point(family["per_seed"])
     if oracle is not None:
         test_ax.scatter(*oracle, marker="*", s=160, color="black", label="oracle (no shortcut)", zorder=3)
-    val_ax.axvline(-family["config"]["max_val_drop"], color="red", lw=0.8, ls="--", label="accuracy limit")
+    if reliance:
+        val_ax.axvline(-family["config"]["max_val_drop"], color="red", lw=0.8, ls="--", label="accuracy limit")
     for ax in (val_ax, test_ax):
         ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
         ax.legend(fontsize=8)
     val_ax.set_xlabel("validation accuracy change (points)")
-    val_ax.set_ylabel("validation background-only change (points)")
+    val_ax.set_ylabel("validation background-only (o) / counterfactual (^)\naccuracy change (points)")
     test_ax.set_xlabel("test ID accuracy change (points)")
     test_ax.set_ylabel("test OOD accuracy change (points)")
     figure.suptitle(f"{name}: every lr x checkpoint scored, mean over {len(family['seeds'])} seeds")
