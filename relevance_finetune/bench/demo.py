@@ -81,6 +81,7 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         if "lr" in runs[0]:
             entry["lr"] = [r["lr"] for r in runs]
             entry["description"] = METHODS[name].description
+            entry["settings"] = asdict(METHODS[name])  # what the method was when it ran
         if "oracle" in per_seed[0] and name not in ("original", "oracle"):
             entry["vs_oracle"] = {"id_acc": _mean_std([r["id_acc"] - s["oracle"]["id_acc"]
                                                        for r, s in zip(runs, per_seed)])}
