@@ -100,13 +100,16 @@ def test_demo_quick_writes_results_figure_and_weights(tmp_path, capsys):
         assert report["seeds"] == [0, 1] and report["config"]["family"] == family
         assert set(report["methods"]) == {"original", "oracle", "ours", "recommended"}
         assert set(report["methods"]["ours"]["gap_closed"]) == {"ood_acc", "background_only", "object_only"}
+        assert report["config"]["finetune_classes"] == "all"  # the command's default: no set A/B columns
+        metrics = [metric for metric in METRICS if not metric.startswith("ood_acc_set_")]
         for name, entry in report["methods"].items():
-            for metric in METRICS:
+            assert "ood_acc_set_b" not in entry
+            for metric in metrics:
                 assert set(entry[metric]) == {"mean", "std"}
                 assert entry[metric]["std"] >= 0.0
             assert {"object_only", "background_only", "background_reliance"} <= set(entry["probes"])
             if name != "original":
-                assert set(METRICS) <= set(entry["change"])
+                assert set(metrics) <= set(entry["change"])
         assert (out / f"relevance_before_after_{family}.png").stat().st_size > 10_000
     table = (out / "results.md").read_text()
     assert "## Shortcut family: mark" in table and "Smoke test" in table
@@ -123,9 +126,11 @@ def test_demo_one_family_keeps_the_flat_schema(tmp_path):
     from relevance_finetune.cli import main
 
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--family", "texture", "--methods", "ours", "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--family", "texture", "--methods", "ours", "--finetune-classes", "half",
+                 "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"original", "oracle", "ours"} and results["config"]["family"] == "texture"
+    assert results["config"]["set_b"] == [5, 6, 7, 8, 9] and "ood_acc_set_b" in results["methods"]["ours"]["change"]
     assert (out / "relevance_before_after.png").is_file() and (out / "ours" / "config.json").is_file()
 
 
