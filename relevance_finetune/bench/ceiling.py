@@ -1,7 +1,7 @@
 """How much of the reachable gain a method gets: its change as a fraction of the oracle's.
 
 The oracle is the original's architecture and schedule trained with the shortcut independent of
-the class (``runner.train_oracle``): the best OOD accuracy and background-only accuracy a finetune
+the class (``originals.train_oracle``): the best OOD accuracy and background-only accuracy a finetune
 can hope for, and the ID accuracy of a model that reads the objects alone. For OOD and
 background-only, a method's *gap closed* is ``(method - original) / (oracle - original)`` of the
 means over seeds, in percent (100 = the oracle reached; above 100 = past it); its *ID vs oracle* is
@@ -42,7 +42,7 @@ def gap_closed(methods: dict[str, dict[str, Any]], name: str) -> dict[str, float
     out: dict[str, float | None] = {}
     for metric, direction in GAP_METRICS.items():
         gap = _change(oracle, metric)
-        out[metric] = 100.0 * _change(entry, metric) / gap + 0.0 if direction * gap >= MIN_GAP else None
+        out[metric] = 100.0 * _change(entry, metric) / gap if direction * gap >= MIN_GAP else None
     out["id_vs_oracle"] = _change(entry, "id_acc") - _change(oracle, "id_acc")
     original = methods["original"]
     reliance_gap = original["probes"]["object_only"]["mean"] - original["ood_acc"]["mean"]

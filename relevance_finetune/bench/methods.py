@@ -7,7 +7,7 @@ counterfactual images it trains on and the rule that chooses its learning rate a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from .. import recipes
 
@@ -16,8 +16,9 @@ __all__ = ["DEFAULT_METHODS", "EXTENSIONS", "METHODS", "SELECTIONS", "Method"]
 
 # How a method's learning rate and checkpoint are chosen on the masked validation images: the paper's
 # rule, the reliance rule (lowest background-only accuracy within the accuracy limit), or the
-# counterfactual rule (highest accuracy on the validation objects moved onto each other's backgrounds).
-SELECTIONS = ("paper", "reliance", "counterfactual")
+# counterfactual rule (highest accuracy on the validation objects moved onto each other's backgrounds);
+# the same names as the train command's rules, applied by runner.choose_lr.
+SELECTIONS: tuple[str, ...] = get_args(recipes.Selection)
 
 
 @dataclass(frozen=True)
