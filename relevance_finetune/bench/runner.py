@@ -1,7 +1,7 @@
 """The built-in benchmark: an "original" ViT with a shortcut, finetuned by each method.
 
-One seed of one shortcut family runs: data -> original model (trained on unbiased, then on
-biased data, cached) -> for every method, the learning rate (and for the reliance rule the
+One seed of one shortcut family runs: data -> original model and oracle (``originals.py``, cached)
+-> for every method, the learning rate (and for the reliance and counterfactual rules the
 checkpoint) chosen on the masked validation set by the method's rule -> finetune -> evaluation
 (accuracy under shift, relevance-mask agreement, reliance probes, perturbation test).
 """
