@@ -99,6 +99,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
           paired=True),
     _swap("paired_jsd_cf", "paired_cf + 12 x JSD between the two views' predictions (AugMix's weight)",
           selection="counterfactual", paired=True, jsd=12.0),
+    _swap("paired_relevance_cf", "paired_cf with the relevance terms (the paper's weights)",
+          selection="counterfactual", paired=True, relevance=True),
 )}
 EXTENSIONS = tuple(name for name in METHODS if name.startswith("ext_"))
 # the comparison every family runs; the Table 4 ablations and extensions on request
