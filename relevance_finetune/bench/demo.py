@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from .._files import atomic_path, write_text_atomic
 from .ceiling import CEILING_COLUMNS, ceiling_columns, gap_closed, no_oracle_note
-from .runner import (ALL_CLASSES, DEFAULT_METHODS, FINETUNE_MASKS, METHODS, BenchConfig, config_dict,
-                     create_original, make_data, normalize, run_seed, train_original)
+from .runner import (ALL_CLASSES, DEFAULT_METHODS, FINETUNE_CLASSES, FINETUNE_MASKS, METHODS, BenchConfig,
+                     config_dict, create_original, make_data, normalize, run_seed, train_original)
 from .synthetic import CLASS_NAMES, FAMILIES
 
 __all__ = ["COLUMNS", "DEMO_METHODS", "QUICK", "add_arguments", "markdown_tables", "run", "run_benchmark",
@@ -275,7 +275,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", nargs="+", choices=(*FAMILIES, "all"), default=["hue"],
                         help="shortcut families: hue (background colour, the default), texture (background "
                              "texture), mark (a small plate in a corner, like a watermark), or all")
-    parser.add_argument("--finetune-classes", choices=("half", "all"), default="all",
+    parser.add_argument("--finetune-classes", choices=FINETUNE_CLASSES, default="all",
                         help="which classes have masked finetuning images: all (80 images over every class, "
                              "validated on held-out images of every class; the default, the setting the recommended "
                              "recipe was chosen in) or half (the paper's protocol: set A, validated on set B)")
