@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CEILING_COLUMNS", "GAP_METRICS", "MIN_GAP", "ceiling_columns", "gap_closed", "no_oracle_note"]
+__all__ = ["CEILING_COLUMNS", "GAP_METRICS", "MIN_GAP", "ceiling_columns", "gap_closed", "no_oracle_note",
+           "seeds_with_a_ceiling"]
 
 # metric -> the direction in which the oracle should lie from the original (OOD up, background-only down)
 GAP_METRICS = {"ood_acc": 1.0, "background_only": -1.0}
@@ -63,6 +64,13 @@ def ceiling_columns(methods: dict[str, dict[str, Any]], name: str) -> list[str]:
     id_cell = f"{paired['mean']:+.1f} ± {paired['std']:.1f}" if paired else f"{gaps['id_vs_oracle']:+.1f}"
     object_only = "n/a (no gap)" if gaps["object_only"] is None else f"{gaps['object_only']:.0f}%"
     return cells + [id_cell, object_only]
+
+
+def seeds_with_a_ceiling(per_seed: list[dict[str, Any]]) -> list[int]:
+    """Indices of the seeds whose oracle is ahead of their original on OOD by at least ``MIN_GAP``
+    points; a seed whose oracle is not (neither model learnt the objects) has no ceiling to close."""
+    return [index for index, seed in enumerate(per_seed)
+            if "oracle" in seed and seed["oracle"]["ood_acc"] - seed["original"]["ood_acc"] >= MIN_GAP]
 
 
 def no_oracle_note(methods: dict[str, dict[str, Any]]) -> str:

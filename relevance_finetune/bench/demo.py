@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from .._files import atomic_path, write_text_atomic
-from .ceiling import CEILING_COLUMNS, ceiling_columns, gap_closed, no_oracle_note
+from .ceiling import CEILING_COLUMNS, MIN_GAP, ceiling_columns, gap_closed, no_oracle_note, seeds_with_a_ceiling
 from .runner import (ALL_CLASSES, DEFAULT_METHODS, FINETUNE_CLASSES, FINETUNE_MASKS, METHODS, BenchConfig,
                      config_dict, create_original, make_data, normalize, run_seed, train_original)
 from .synthetic import CLASS_NAMES, FAMILIES
@@ -90,6 +90,8 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         gaps = gap_closed(methods, name)
         if gaps is not None:
             entry["gap_closed"] = {metric: value for metric, value in gaps.items() if metric != "id_vs_oracle"}
+    if "oracle" in methods:
+        methods["oracle"]["seeds_ahead"] = seeds_with_a_ceiling(per_seed)
     return methods
 
 
@@ -139,6 +141,11 @@ def _ceiling_table(methods: dict[str, Any]) -> str:
     lines = ["| method | " + " | ".join(CEILING_COLUMNS) + " |", "|---|" + "---|" * len(CEILING_COLUMNS)]
     lines += [f"| {name} | " + " | ".join(ceiling_columns(methods, name)) + " |"
               for name in methods if name != "original"]
+    ahead = methods["oracle"].get("seeds_ahead")
+    if ahead is not None:
+        lines.append(f"\nThe oracle is ahead of the original on OOD (by at least {MIN_GAP:g} point) in the runs "
+                     f"{', '.join(map(str, ahead)) or 'none'} (0 = the first seed); a seed where it is not has no "
+                     "ceiling to close.")
     return "\n".join(lines)
 
 
