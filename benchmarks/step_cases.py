@@ -9,6 +9,8 @@
 - ``relevance_fused``  the same with ``attach_gae(model, attention="fused")``: SDPA kept, the cam
                        rows built by the chunked kernel (``relevance_finetune.fused``)
 - ``relevance_fused_autograd``  the same by autograd through checkpointed chunks (the fallback)
+- ``relevance_fused_floor``  the floor on fused attention: SDPA's forward, the gradient of the
+                       target logits w.r.t. every attention output, the plain backward (no map)
 - ``second_order``     the same with ``attach_gae(model, second_order=True)``
 - ``reference``        the paper's reference algorithm (``step_reference``)
 - ``explain`` / ``reference_explain``   explanation throughput (images/s), no weight update
@@ -83,21 +85,23 @@ def fused_autograd_case(work: Workload) -> Iterator[Step]:
 
 
 @contextlib.contextmanager
-def relevance_floor_case(work: Workload, second_order: bool) -> Iterator[Step]:
+def relevance_floor_case(work: Workload, second_order: bool, attention: str = "explicit") -> Iterator[Step]:
     """Only what any exact GAE step must compute: no rollout, no relevance loss.
 
-    Second order: the map gradients stay in the graph and the loss reaches the weights through
-    them (their sum), which costs the double backward every second-order loss pays.
+    Explicit attention: the gradients w.r.t. the kept maps; fused: w.r.t. the attention outputs
+    (what the fused kernel starts from; no map is built). Second order: the map gradients stay in
+    the graph and the loss reaches the weights through them (their sum), which costs the double
+    backward every second-order loss pays.
     """
-    with attach_gae(work.model) as gae:
+    with attach_gae(work.model, attention=attention) as gae:
         def step(phase: Phase) -> None:
             with work.autocast():
                 with phase("forward"):
                     logits = work.model(work.images)
                 with phase("map gradients"):
                     score = logits.gather(1, work.labels[:, None]).sum()
-                    grads = torch.autograd.grad(score, gae.attention_maps, retain_graph=True,
-                                                create_graph=second_order)
+                    sources = [record.out if attention == "fused" else record for record in gae.attention_maps]
+                    grads = torch.autograd.grad(score, sources, retain_graph=True, create_graph=second_order)
                 loss = F.cross_entropy(logits, work.labels)
                 if second_order:
                     loss = loss + sum(grad.sum() for grad in grads)
@@ -137,6 +141,7 @@ CASES: dict[str, Callable[[Workload], ContextManager[Step]]] = {
     "plain_fused": lambda work: plain_case(work, explicit=False),
     "plain_explicit": lambda work: plain_case(work, explicit=True),
     "relevance_floor": lambda work: relevance_floor_case(work, second_order=False),
+    "relevance_fused_floor": lambda work: relevance_floor_case(work, second_order=False, attention="fused"),
     "relevance": lambda work: relevance_case(work, second_order=False),
     "relevance_fused": lambda work: relevance_case(work, second_order=False, attention="fused"),
     "relevance_fused_autograd": fused_autograd_case,

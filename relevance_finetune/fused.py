@@ -3,11 +3,12 @@
 With ``attach_gae(model, attention="fused")`` the model keeps timm's fused
 ``F.scaled_dot_product_attention``. :class:`SDPACapture` (entered by a forward pre-hook of each
 attention module, left by its forward hook) records the arguments and output of that call as an
-:class:`SDPACall`. :func:`fused_increment` then computes one block's rollout step ``row @ cam``
-with ``cam = mean_h relu(dO v^T) * softmax(scale q k^T + bias)`` in one autograd function,
-:class:`FusedIncrement`: its forward builds (B, heads, rows, N) chunks of the map once and keeps
-only the softmax's log-sum-exp (B, heads, N); its backward rebuilds each chunk once and returns
-the gradients w.r.t. the row, q, k and the bias in closed form.
+:class:`SDPACall`; on CPU it runs the flash kernel that SDPA would choose itself, directly, so that
+the softmax's log-sum-exp (B, heads, N) is kept. :func:`fused_increment` then computes one block's
+rollout step ``row @ cam`` with ``cam = mean_h relu(dO v^T) * softmax(scale q k^T + bias)`` in one
+autograd function, :class:`FusedIncrement`: its forward builds (B * heads, rows, N) chunks of the
+map once (from the log-sum-exp, or computing it) and keeps only the log-sum-exp; its backward
+rebuilds each chunk once and returns the gradients w.r.t. the row, q, k and the bias in closed form.
 """
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
+
+try:  # SDPA's CPU flash kernel, which returns the log-sum-exp (torch >= 2.2)
+    from torch.nn.attention import SDPBackend
+    _CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+except (ImportError, AttributeError):
+    _CPU_FLASH = None
 
 __all__ = ["FALLBACKS", "FusedIncrement", "SDPACall", "SDPACapture", "chunk_rows", "fused_increment"]
 
@@ -41,7 +48,8 @@ class SDPACall:
     """One attention's ``scaled_dot_product_attention`` call, as the kernel saw it.
 
     ``q``, ``k``, ``v``, ``out``: (B, heads, N, head_dim); ``bias``: additive, broadcastable to
-    (B, heads, N, N), or None; ``scale``: the factor applied to ``q k^T``.
+    (B, heads, N, N), or None; ``scale``: the factor applied to ``q k^T``; ``lse``: the softmax's
+    log-sum-exp (B, heads, N) where the kernel returned it (SDPA's CPU flash kernel), else None.
     """
 
     q: torch.Tensor
@@ -51,9 +59,10 @@ class SDPACall:
     bias: torch.Tensor | None
     scale: float
     dropout_p: float
+    lse: torch.Tensor | None = None
 
     @classmethod
-    def from_call(cls, args: tuple, kwargs: dict, out: torch.Tensor) -> "SDPACall":
+    def from_call(cls, args: tuple, kwargs: dict, out: torch.Tensor, lse: torch.Tensor | None = None) -> "SDPACall":
         bound = _bind_sdpa(*args, **kwargs)
         q, k = bound["query"], bound["key"]
         scale = bound["scale"] if bound["scale"] is not None else 1 / math.sqrt(q.shape[-1])
@@ -61,14 +70,27 @@ class SDPACall:
         if bound["is_causal"]:
             causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
             bias = _additive_bias(causal, q)
-        return cls(q, k, bound["value"], out, bias, float(scale), float(bound["dropout_p"]))
+        return cls(q, k, bound["value"], out, bias, float(scale), float(bound["dropout_p"]), lse)
 
 
 def _bind_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                enable_gqa=False) -> dict:
     """SDPA's arguments by name, whether passed by position or keyword."""
     return dict(query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p,
-                is_causal=is_causal, scale=scale)
+                is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+def _cpu_flash(bound: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(output, log-sum-exp) from SDPA's CPU flash kernel, the kernel SDPA itself would run, called
+    directly so that the log-sum-exp is kept; None where SDPA would choose another kernel."""
+    q, k, v, mask = bound["query"], bound["key"], bound["value"], bound["attn_mask"]
+    if (_CPU_FLASH is None or q.device.type != "cpu" or q.dtype not in _KERNEL_DTYPES or bound["enable_gqa"]
+            or (mask is not None and mask.dtype == torch.bool)):
+        return None
+    args = (q, k, v, mask, bound["dropout_p"], bound["is_causal"])
+    if torch._fused_sdp_choice(*args, scale=bound["scale"]) != int(SDPBackend.FLASH_ATTENTION):
+        return None
+    return _CPU_FLASH(q, k, v, bound["dropout_p"], bound["is_causal"], attn_mask=mask, scale=bound["scale"])
 
 
 def _additive_bias(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -87,9 +109,11 @@ class SDPACapture(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func is F.scaled_dot_product_attention:
-            self.record(SDPACall.from_call(args, kwargs, out))
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        flash = _cpu_flash(_bind_sdpa(*args, **kwargs))
+        out, lse = flash if flash is not None else (func(*args, **kwargs), None)
+        self.record(SDPACall.from_call(args, kwargs, out, lse))
         return out
 
 
@@ -130,37 +154,44 @@ def chunk_rows(batch: int, heads: int, tokens: int, dtype: torch.dtype, device: 
 
 
 class _Chunks:
-    """One SDPA call's operands in the kernel's dtype, contiguous, and its chunks of query rows."""
+    """One SDPA call's operands in the kernel's dtype, heads folded into the batch: (B * heads, N, d)."""
 
-    def __init__(self, call: SDPACall, grad_out: torch.Tensor, dtype: torch.dtype, rows: int) -> None:
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
+                 bias: torch.Tensor | None, lse: torch.Tensor | None, scale: float, dtype: torch.dtype) -> None:
+        self.batch, self.heads, self.tokens, _ = q.shape
         self.q, self.k, self.v, self.grad_out = (
-            t.detach().to(dtype).contiguous() for t in (call.q, call.k, call.v, grad_out))
-        self.bias = None if call.bias is None else call.bias.detach().to(dtype)
-        self.scale = call.scale
-        self.starts = range(0, self.q.shape[-2], rows)
-        self.rows = rows
+            t.detach().to(dtype).reshape(-1, *t.shape[-2:]).contiguous() for t in (q, k, v, grad_out))
+        self.bias = None if bias is None else bias.detach().to(dtype)
+        self.lse = None if lse is None else lse.detach().to(dtype).reshape(-1, self.tokens, 1)
+        self.scale = scale
 
-    def maps(self, start: int, lse: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """(A, P, lse) for the rows from ``start``: the softmax A and ``P = relu(dO v^T) * A``,
-        (B, heads, rows, N), and the log-sum-exp of the scores (B, heads, rows, 1), computed
-        unless given (the backward passes the forward's, and A costs one product).
-        """
-        stop = start + self.rows
-        scores = (self.q[..., start:stop, :] * self.scale) @ self.k.transpose(-2, -1)
-        bias = _rows(self.bias, start, stop)
-        if bias is not None:
-            scores += bias
-        if lse is None:
-            high = scores.amax(dim=-1, keepdim=True)
-            attn = scores.sub_(high).exp_()
-            total = attn.sum(dim=-1, keepdim=True)
-            attn.div_(total)
-            lse = total.log_().add_(high)
-        else:
-            attn = scores.sub_(lse).exp_()
-        # GAE's relu(grad * attn) = relu(grad) * attn since attn >= 0; grad of A = dO v^T
-        product = (self.grad_out[..., start:stop, :] @ self.v.transpose(-2, -1)).clamp_(min=0).mul_(attn)
-        return attn, product, lse
+    def attention(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The softmax A of the query rows ``start:stop`` (B * heads, rows, N) and their log-sum-exp
+        (B * heads, rows, 1): with a known log-sum-exp one product and one ``exp``, else the softmax."""
+        q = self.q[:, start:stop]
+        if self.lse is not None:
+            lse = self.lse[:, start:stop]
+            scores = torch.baddbmm(-lse, q, self.k.transpose(1, 2), alpha=self.scale)
+            return self._add_bias(scores, start, stop).exp_(), lse
+        scores = self._add_bias(torch.bmm(q * self.scale, self.k.transpose(1, 2)), start, stop)
+        high = scores.amax(dim=-1, keepdim=True)
+        attn = scores.sub_(high).exp_()
+        total = attn.sum(dim=-1, keepdim=True)
+        return attn.div_(total), total.log_().add_(high)
+
+    def cam(self, start: int, stop: int, attn: torch.Tensor) -> torch.Tensor:
+        """``P = relu(dO v^T) * A`` for the rows ``start:stop``, in the memory of the product (GAE's
+        ``relu(grad * attn)``, equal since A >= 0; the gradient of A is ``dO v^T``)."""
+        return torch.bmm(self.grad_out[:, start:stop], self.v.transpose(1, 2)).clamp_(min=0).mul_(attn)
+
+    def _add_bias(self, scores: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        if self.bias is not None:
+            scores.view(self.batch, self.heads, -1, self.tokens).add_(_rows(self.bias, start, stop))
+        return scores
+
+    def heads_of(self, chunk: torch.Tensor) -> torch.Tensor:
+        """A (B * heads, rows, ...) chunk viewed as (B, heads, rows, ...)."""
+        return chunk.view(self.batch, self.heads, *chunk.shape[1:])
 
 
 def _weighted_rows(weights: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
@@ -170,33 +201,43 @@ def _weighted_rows(weights: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     return torch.bmm(flat, maps.reshape(batch, heads * rows, tokens))[:, 0]
 
 
+def _weighted_extent(weights: torch.Tensor) -> int:
+    """One past the last query row that any image weights: the rows after it add nothing (a class
+    token readout weights only its first rows)."""
+    used = weights.ne(0).any(dim=0).nonzero()
+    return int(used[-1]) + 1 if len(used) else 0
+
+
 class FusedIncrement(torch.autograd.Function):
     """``row @ mean_h(relu(dO v^T) * softmax(scale q k^T + bias))`` with a closed-form backward.
 
     Inputs: ``row`` (B, N), ``q``, ``k`` (B, heads, N, d) and the bias, differentiable; ``v`` and
     ``grad_out`` (B, heads, N, d), constants (GAE's first-order rule: the cam weights
-    ``relu(dO v^T)`` carry no gradient, as on the explicit path). With ``g`` the gradient of the
-    increment, ``P = relu(dO v^T) * A`` and ``z = P g``, the softmax's gradient is
-    ``dS = row/heads * (P g^T - A z)`` per head, row by row; ``dq = scale dS k``,
-    ``dk = scale dS^T q``, the bias gets ``dS``, the row ``mean_h z``. The forward keeps the
-    log-sum-exp of each row, so that the backward rebuilds each chunk of A with one product.
+    ``relu(dO v^T)`` carry no gradient, as on the explicit path); ``lse`` (B, heads, N), the
+    softmax's log-sum-exp if the attention kernel returned it, else None (computed here). With
+    ``g`` the gradient of the increment, ``P = relu(dO v^T) * A`` and ``z = P g``, the softmax's
+    gradient is ``dS = row/heads * (P g^T - A z)`` per head, row by row; ``dq = scale dS k``,
+    ``dk = scale dS^T q``, the bias gets ``dS``, the row ``mean_h z``. Each chunk of A is built
+    from the log-sum-exp with one product; query rows that the row does not weight are skipped
+    unless the row's gradient needs them.
     """
 
     @staticmethod
     def forward(ctx, row: torch.Tensor, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None,
-                v: torch.Tensor, grad_out: torch.Tensor, scale: float, rows: int) -> torch.Tensor:
-        call = SDPACall(q, k, v, grad_out, bias, scale, 0.0)
+                v: torch.Tensor, grad_out: torch.Tensor, scale: float, rows: int,
+                lse: torch.Tensor | None = None) -> torch.Tensor:
         dtype = _KERNEL_DTYPES[q.dtype]
-        chunks = _Chunks(call, grad_out, dtype, rows)
-        heads = q.shape[1]
-        weights = row.to(dtype) / heads
+        chunks = _Chunks(q, k, v, grad_out, bias, lse, scale, dtype)
+        weights = row.to(dtype) / chunks.heads
+        # without a log-sum-exp to start from, the backward of the row needs it on every row
+        stop_at = _weighted_extent(weights) if lse is not None or not ctx.needs_input_grad[0] else chunks.tokens
         increment = torch.zeros(row.shape, dtype=dtype, device=row.device)
-        lse = torch.empty(*q.shape[:-1], 1, dtype=dtype, device=q.device)
-        for start in chunks.starts:
-            stop = start + rows
-            _, product, lse[..., start:stop, :] = chunks.maps(start)
-            increment += _weighted_rows(weights[:, start:stop], product)
-        ctx.save_for_backward(row, q, k, bias, v, grad_out, lse)
+        saved_lse = torch.zeros(chunks.batch * chunks.heads, chunks.tokens, 1, dtype=dtype, device=q.device)
+        for start in range(0, stop_at, rows):
+            stop = min(start + rows, stop_at)
+            attn, saved_lse[:, start:stop] = chunks.attention(start, stop)
+            increment += _weighted_rows(weights[:, start:stop], chunks.heads_of(chunks.cam(start, stop, attn)))
+        ctx.save_for_backward(row, q, k, bias, v, grad_out, saved_lse)
         ctx.scale, ctx.rows = scale, rows
         return increment.to(row.dtype)
 
@@ -204,8 +245,8 @@ class FusedIncrement(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         row, q, k, bias, v, grad_out, lse = ctx.saved_tensors
         dtype = lse.dtype
-        chunks = _Chunks(SDPACall(q, k, v, grad_out, bias, ctx.scale, 0.0), grad_out, dtype, ctx.rows)
-        heads = q.shape[1]
+        chunks = _Chunks(q, k, v, grad_out, bias, lse, ctx.scale, dtype)
+        heads = chunks.heads
         weights = row.to(dtype) / heads
         grad = grad.to(dtype)
         want_row, want_q, want_k, want_bias = ctx.needs_input_grad[:4]
@@ -213,26 +254,36 @@ class FusedIncrement(torch.autograd.Function):
         grad_q = torch.zeros_like(chunks.q) if want_q else None
         grad_k = torch.zeros_like(chunks.k) if want_k else None
         grad_bias = torch.zeros_like(chunks.bias) if want_bias else None
-        for start in chunks.starts:
-            stop = start + ctx.rows
-            attn, product, _ = chunks.maps(start, lse[..., start:stop, :])
-            z = (product @ grad[:, None, :, None])  # (B, heads, rows, 1)
+        stop_at = chunks.tokens if want_row else _weighted_extent(weights)
+        grad_column = grad[:, None, :, None]  # (B, 1, N, 1)
+        for start in range(0, stop_at, ctx.rows):
+            stop = min(start + ctx.rows, stop_at)
+            attn, _ = chunks.attention(start, stop)
+            product = chunks.heads_of(chunks.cam(start, stop, attn))
+            z = product @ grad_column  # (B, heads, rows, 1)
             if want_row:
                 grad_row[:, start:stop] = z.sum(dim=1)[..., 0] / heads
             if not (want_q or want_k or want_bias):
                 continue
-            # dS / (row / heads): P * g - A * z, in the product's memory
-            scores_grad = product.mul_(grad[:, None, None, :]).sub_(attn.mul_(z))
-            factor = weights[:, None, start:stop, None]  # (B, 1, rows, 1)
+            # -dS / (row / heads) = A z - P g, in the memory of A
+            negative = chunks.heads_of(attn).mul_(z).addcmul_(product, grad[:, None, None, :], value=-1)
+            factor = weights[:, None, start:stop, None].neg()  # (B, 1, rows, 1): dS = negative * factor
+            flat = negative.view(-1, stop - start, chunks.tokens)
+            scaled = (factor * ctx.scale).expand(-1, heads, -1, -1).reshape(-1, stop - start, 1)
             if want_q:
-                grad_q[..., start:stop, :] = (scores_grad @ chunks.k).mul_(factor * ctx.scale)
+                grad_q[:, start:stop] = torch.bmm(flat, chunks.k).mul_(scaled)
             if want_k:
-                grad_k += scores_grad.transpose(-2, -1) @ (chunks.q[..., start:stop, :] * (factor * ctx.scale))
+                grad_k.baddbmm_(flat.transpose(1, 2), chunks.q[:, start:stop] * scaled)
             if want_bias:
                 rows_grad = _rows(grad_bias, start, stop)
-                rows_grad += (scores_grad * factor).sum_to_size(rows_grad.shape)
-        return (_cast(grad_row, row), _cast(grad_q, q), _cast(grad_k, k), _cast(grad_bias, bias),
-                None, None, None, None)
+                rows_grad += (negative * factor).sum_to_size(rows_grad.shape)
+        return (_cast(grad_row, row), _cast(_unfold(grad_q, q), q), _cast(_unfold(grad_k, k), k),
+                _cast(grad_bias, bias), None, None, None, None, None)
+
+
+def _unfold(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """A (B * heads, N, d) gradient in the (B, heads, N, d) shape of ``like``."""
+    return None if grad is None else grad.view(like.shape)
 
 
 def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
@@ -302,4 +353,4 @@ def fused_increment(
     rows = chunk_rows(batch, heads, tokens, dtype or call.q.dtype, call.q.device, chunk_elements)
     if dtype is None:
         return _fallback_increment(row, call, grad_out, rows)
-    return FusedIncrement.apply(row, call.q, call.k, call.bias, call.v.detach(), grad_out, call.scale, rows)
+    return FusedIncrement.apply(row, call.q, call.k, call.bias, call.v.detach(), grad_out, call.scale, rows, call.lse)

@@ -43,6 +43,61 @@ def test_kernel_gradients_are_exact(bias_shape, rows):
     torch.testing.assert_close(increment(*inputs), autograd_increment(row, q, k, v, grad_out, bias))
 
 
+@pytest.mark.parametrize("bias_shape", [None, (1, 3, 7, 7)])
+def test_kernel_from_a_given_log_sum_exp_is_exact(bias_shape):
+    """With the softmax's log-sum-exp given (as SDPA's CPU flash kernel returns it): the increment
+    and every gradient equal autograd's (no gradcheck: a fixed log-sum-exp does not follow q, k)."""
+    row, q, k, v, grad_out, bias = operands(bias_shape=bias_shape)
+    scores = (q * 0.5) @ k.transpose(-2, -1)
+    lse = (scores if bias is None else scores + bias).logsumexp(-1)
+    leaves = [t.requires_grad_() for t in (row, q, k) + (() if bias is None else (bias,))]
+    got = FusedIncrement.apply(*leaves[:3], bias, v, grad_out, 0.5, 3, lse)
+    got.square().sum().backward()
+    wide = [t.detach().requires_grad_() for t in leaves]
+    expected = autograd_increment(*wide[:3], v, grad_out, wide[3] if bias is not None else None)
+    expected.square().sum().backward()
+    torch.testing.assert_close(got, expected)
+    for leaf, reference in zip(leaves, wide):
+        torch.testing.assert_close(leaf.grad, reference.grad)
+
+
+def test_rows_the_readout_does_not_weight_are_skipped(monkeypatch):
+    """A class-token readout row weights one query row: without the row's gradient, the forward and
+    the backward build that row's chunk only, and still equal autograd."""
+    row, q, k, v, grad_out, bias = operands(tokens=9, bias_shape=None)
+    row = torch.zeros_like(row)
+    row[:, 0] = 1.0
+    built = []
+    attention = fused._Chunks.attention
+    monkeypatch.setattr(fused._Chunks, "attention", lambda self, start, stop: built.append((start, stop))
+                        or attention(self, start, stop))
+    leaves = [t.requires_grad_() for t in (q, k)]
+    got = FusedIncrement.apply(row, *leaves, None, v, grad_out, 0.5, 2)
+    got.square().sum().backward()
+    assert built == [(0, 1), (0, 1)]
+    wide = [t.detach().requires_grad_() for t in (q, k)]
+    expected = autograd_increment(row, *wide, v, grad_out, None)
+    expected.square().sum().backward()
+    torch.testing.assert_close(got, expected)
+    for leaf, reference in zip(leaves, wide):
+        torch.testing.assert_close(leaf.grad, reference.grad)
+
+
+def test_capture_keeps_the_cpu_flash_log_sum_exp():
+    """On CPU the capture runs the flash kernel SDPA would run: the same output, and its
+    log-sum-exp recorded; a boolean mask takes SDPA itself, without one."""
+    q, k, v = (torch.randn(2, 3, 11, 8) for _ in range(3))
+    bias = torch.randn(1, 3, 11, 11)
+    calls = []
+    with fused.SDPACapture(calls.append):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3)
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(11, 11, dtype=torch.bool))
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3))
+    expected = ((q * 0.3) @ k.transpose(-2, -1) + bias).logsumexp(-1)
+    torch.testing.assert_close(calls[0].lse, expected)
+    assert calls[1].lse is None
+
+
 def test_kernel_equals_autograd_in_float32_and_bfloat16():
     """float32 to 1e-5 relative. bfloat16 operands are computed in float32 chunk by chunk: the
     increment to 1e-5 of float32 autograd on the same operands, the gradients to bfloat16 rounding."""
