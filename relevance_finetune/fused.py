@@ -154,35 +154,46 @@ def chunk_rows(batch: int, heads: int, tokens: int, dtype: torch.dtype, device: 
 
 
 class _Chunks:
-    """One SDPA call's operands in the kernel's dtype, heads folded into the batch: (B * heads, N, d)."""
+    """One SDPA call's operands in the kernel's dtype, heads folded into the batch: (B * heads, N, d),
+    and two chunk buffers (the softmax, the cam product) that every chunk of rows reuses."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
-                 bias: torch.Tensor | None, lse: torch.Tensor | None, scale: float, dtype: torch.dtype) -> None:
+                 bias: torch.Tensor | None, lse: torch.Tensor | None, scale: float, dtype: torch.dtype,
+                 rows: int) -> None:
         self.batch, self.heads, self.tokens, _ = q.shape
         self.q, self.k, self.v, self.grad_out = (
             t.detach().to(dtype).reshape(-1, *t.shape[-2:]).contiguous() for t in (q, k, v, grad_out))
         self.bias = None if bias is None else bias.detach().to(dtype)
         self.lse = None if lse is None else lse.detach().to(dtype).reshape(-1, self.tokens, 1)
         self.scale = scale
+        # one allocation each, not one per chunk: fresh allocations of this size cost page faults
+        size = self.q.shape[0] * min(rows, self.tokens) * self.tokens
+        self._buffers = [torch.empty(size, dtype=dtype, device=q.device) for _ in range(2)]
+
+    def _buffer(self, index: int, start: int, stop: int) -> torch.Tensor:
+        """Chunk buffer ``index`` as a contiguous (B * heads, stop - start, N) tensor."""
+        shape = (self.q.shape[0], stop - start, self.tokens)
+        return self._buffers[index][:math.prod(shape)].view(shape)
 
     def attention(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The softmax A of the query rows ``start:stop`` (B * heads, rows, N) and their log-sum-exp
         (B * heads, rows, 1): with a known log-sum-exp one product and one ``exp``, else the softmax."""
-        q = self.q[:, start:stop]
+        q, out = self.q[:, start:stop], self._buffer(0, start, stop)
         if self.lse is not None:
             lse = self.lse[:, start:stop]
-            scores = torch.baddbmm(-lse, q, self.k.transpose(1, 2), alpha=self.scale)
+            scores = torch.baddbmm(-lse, q, self.k.transpose(1, 2), alpha=self.scale, out=out)
             return self._add_bias(scores, start, stop).exp_(), lse
-        scores = self._add_bias(torch.bmm(q * self.scale, self.k.transpose(1, 2)), start, stop)
+        scores = self._add_bias(torch.bmm(q * self.scale, self.k.transpose(1, 2), out=out), start, stop)
         high = scores.amax(dim=-1, keepdim=True)
         attn = scores.sub_(high).exp_()
         total = attn.sum(dim=-1, keepdim=True)
         return attn.div_(total), total.log_().add_(high)
 
     def cam(self, start: int, stop: int, attn: torch.Tensor) -> torch.Tensor:
-        """``P = relu(dO v^T) * A`` for the rows ``start:stop``, in the memory of the product (GAE's
-        ``relu(grad * attn)``, equal since A >= 0; the gradient of A is ``dO v^T``)."""
-        return torch.bmm(self.grad_out[:, start:stop], self.v.transpose(1, 2)).clamp_(min=0).mul_(attn)
+        """``P = relu(dO v^T) * A`` for the rows ``start:stop`` (GAE's ``relu(grad * attn)``, equal
+        since A >= 0; the gradient of A is ``dO v^T``)."""
+        product = torch.bmm(self.grad_out[:, start:stop], self.v.transpose(1, 2), out=self._buffer(1, start, stop))
+        return product.clamp_(min=0).mul_(attn)
 
     def _add_bias(self, scores: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         if self.bias is not None:
@@ -227,7 +238,7 @@ class FusedIncrement(torch.autograd.Function):
                 v: torch.Tensor, grad_out: torch.Tensor, scale: float, rows: int,
                 lse: torch.Tensor | None = None) -> torch.Tensor:
         dtype = _KERNEL_DTYPES[q.dtype]
-        chunks = _Chunks(q, k, v, grad_out, bias, lse, scale, dtype)
+        chunks = _Chunks(q, k, v, grad_out, bias, lse, scale, dtype, rows)
         weights = row.to(dtype) / chunks.heads
         # without a log-sum-exp to start from, the backward of the row needs it on every row
         stop_at = _weighted_extent(weights) if lse is not None or not ctx.needs_input_grad[0] else chunks.tokens
@@ -245,7 +256,7 @@ class FusedIncrement(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         row, q, k, bias, v, grad_out, lse = ctx.saved_tensors
         dtype = lse.dtype
-        chunks = _Chunks(q, k, v, grad_out, bias, lse, ctx.scale, dtype)
+        chunks = _Chunks(q, k, v, grad_out, bias, lse, ctx.scale, dtype, ctx.rows)
         heads = chunks.heads
         weights = row.to(dtype) / heads
         grad = grad.to(dtype)
