@@ -11,6 +11,8 @@
 - ``relevance_fused_autograd``  the same by autograd through checkpointed chunks (the fallback)
 - ``relevance_fused_floor``  the floor on fused attention: SDPA's forward, the gradient of the
                        target logits w.r.t. every attention output, the plain backward (no map)
+- ``relevance_fused_products``  that floor plus the fused kernel's six attention-sized products per
+                       block in its chunks (``kernel_products``): the least any chunked kernel pays
 - ``second_order``     the same with ``attach_gae(model, second_order=True)``
 - ``reference``        the paper's reference algorithm (``step_reference``)
 - ``explain`` / ``reference_explain``   explanation throughput (images/s), no weight update
@@ -85,13 +87,15 @@ def fused_autograd_case(work: Workload) -> Iterator[Step]:
 
 
 @contextlib.contextmanager
-def relevance_floor_case(work: Workload, second_order: bool, attention: str = "explicit") -> Iterator[Step]:
+def relevance_floor_case(work: Workload, second_order: bool, attention: str = "explicit",
+                         products: bool = False) -> Iterator[Step]:
     """Only what any exact GAE step must compute: no rollout, no relevance loss.
 
     Explicit attention: the gradients w.r.t. the kept maps; fused: w.r.t. the attention outputs
-    (what the fused kernel starts from; no map is built). Second order: the map gradients stay in
-    the graph and the loss reaches the weights through them (their sum), which costs the double
-    backward every second-order loss pays.
+    (what the fused kernel starts from; no map is built), and with ``products`` the kernel's six
+    attention-sized products per block on top (:func:`kernel_products`). Second order: the map
+    gradients stay in the graph and the loss reaches the weights through them (their sum), which
+    costs the double backward every second-order loss pays.
     """
     with attach_gae(work.model, attention=attention) as gae:
         def step(phase: Phase) -> None:
@@ -102,11 +106,33 @@ def relevance_floor_case(work: Workload, second_order: bool, attention: str = "e
                     score = logits.gather(1, work.labels[:, None]).sum()
                     sources = [record.out if attention == "fused" else record for record in gae.attention_maps]
                     grads = torch.autograd.grad(score, sources, retain_graph=True, create_graph=second_order)
+                if products:
+                    with phase("kernel products"):
+                        for call, grad in zip(gae.attention_maps, grads):
+                            kernel_products(call, grad, work.config.chunk_elements)
                 loss = F.cross_entropy(logits, work.labels)
                 if second_order:
                     loss = loss + sum(grad.sum() for grad in grads)
             work.update(loss, phase)
         yield step
+
+
+def kernel_products(call: fused.SDPACall, grad_out: torch.Tensor, chunk_elements: int | None) -> None:
+    """The fused kernel's attention-sized products on one block's operands, in its layouts and
+    chunks of rows, and nothing else: the scores and dO v^T in its forward, both again, dS k and
+    dS^T q in its backward."""
+    batch, heads, tokens, _ = call.q.shape
+    dtype = fused._KERNEL_DTYPES.get(call.q.dtype, call.q.dtype)
+    rows = fused.chunk_rows(batch, heads, tokens, dtype, call.q.device, chunk_elements)
+    chunks = fused._Chunks(call.q, call.k, call.v, grad_out, None, call.lse, call.scale, dtype, rows)
+    grad_k = torch.zeros_like(chunks.scaled_q)
+    for start in range(0, tokens, rows):
+        stop = min(start + rows, tokens)
+        for _ in range(2):
+            scores = torch.bmm(chunks.q_lse[:, start:stop], chunks.k_t, out=chunks.buffer(0, start, stop))
+            torch.bmm(chunks.grad_out[:, start:stop], chunks.v_t, out=chunks.buffer(1, start, stop))
+        torch.bmm(scores, chunks.k)
+        grad_k.baddbmm_(scores.transpose(1, 2), chunks.scaled_q[:, start:stop])
 
 
 @contextlib.contextmanager
@@ -142,6 +168,8 @@ CASES: dict[str, Callable[[Workload], ContextManager[Step]]] = {
     "plain_explicit": lambda work: plain_case(work, explicit=True),
     "relevance_floor": lambda work: relevance_floor_case(work, second_order=False),
     "relevance_fused_floor": lambda work: relevance_floor_case(work, second_order=False, attention="fused"),
+    "relevance_fused_products": lambda work: relevance_floor_case(work, second_order=False, attention="fused",
+                                                                  products=True),
     "relevance": lambda work: relevance_case(work, second_order=False),
     "relevance_fused": lambda work: relevance_case(work, second_order=False, attention="fused"),
     "relevance_fused_autograd": fused_autograd_case,

@@ -14,7 +14,8 @@ from step_workload import Config
 FUSED_MODEL = "vit_base_patch16_224"
 FUSED_SIZES = (224, 384, 448, 518)
 FUSED_BATCHES = (2, 4)
-FUSED_CASES = ("plain_fused", "relevance", "relevance_fused", "relevance_fused_autograd", "relevance_fused_floor")
+FUSED_CASES = ("plain_fused", "relevance", "relevance_fused", "relevance_fused_autograd", "relevance_fused_floor",
+               "relevance_fused_products")
 # (name, case, base case, entry key, limit, which runs (tokens, img)): case / base <= limit
 FUSED_TARGETS = (
     ("fused relevance step / plain fused, >= 1024 tokens", "relevance_fused", "plain_fused", "median_s", 1.8,
@@ -37,8 +38,10 @@ ATTENTION_MATMULS = {
     "relevance_fused": 2 + 5 + 2 + 4 + 5,  # forward; map gradients (flash backward); kernel forward (q k^T,
     # dO v^T); kernel backward (both rebuilt, dS k, dS^T q); the model's flash backward
     "relevance_fused_floor": 2 + 5 + 5,  # the same without the kernel
+    "relevance_fused_products": 2 + 5 + 2 + 4 + 5,  # the floor and the kernel's products alone
 }
-LINEAR_PASSES = {"plain_fused": 3, "relevance": 4, "relevance_fused": 4, "relevance_fused_floor": 4}
+LINEAR_PASSES = {"plain_fused": 3, "relevance": 4, "relevance_fused": 4, "relevance_fused_floor": 4,
+                 "relevance_fused_products": 4}
 
 
 def matmul_floor(tokens: int, dim: int, mlp_ratio: float = 4.0) -> dict[str, float]:

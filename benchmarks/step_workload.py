@@ -17,9 +17,6 @@ CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
 Phase = Callable[[str], ContextManager]
 
 
-Phase = Callable[[str], ContextManager]
-
-
 def no_phase(name: str) -> ContextManager:
     """The phase marker of a plain timed step: does nothing."""
     return contextlib.nullcontext()

@@ -154,36 +154,55 @@ def chunk_rows(batch: int, heads: int, tokens: int, dtype: torch.dtype, device: 
 
 
 class _Chunks:
-    """One SDPA call's operands in the kernel's dtype, heads folded into the batch: (B * heads, N, d),
-    and two chunk buffers (the softmax, the cam product) that every chunk of rows reuses."""
+    """One SDPA call's operands in the kernel's dtype, heads folded into the batch, laid out for
+    the products (``scores = q_lse @ k_t`` gives ``scale q k^T - lse`` directly), and two chunk
+    buffers (the softmax, the cam product) that every chunk of rows reuses."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
                  bias: torch.Tensor | None, lse: torch.Tensor | None, scale: float, dtype: torch.dtype,
                  rows: int) -> None:
-        self.batch, self.heads, self.tokens, _ = q.shape
-        self.q, self.k, self.v, self.grad_out = (
-            t.detach().to(dtype).reshape(-1, *t.shape[-2:]).contiguous() for t in (q, k, v, grad_out))
+        self.batch, self.heads, self.tokens, dim = q.shape
+        folded = self.batch * self.heads
+        # (B * heads, N, d + 1): [scale q, -lse], the log-sum-exp column 0 where it is to be computed
+        self.q_lse = torch.zeros(self.batch, self.heads, self.tokens, dim + 1, dtype=dtype, device=q.device)
+        self.q_lse[..., :dim].copy_(q.detach()).mul_(scale)
+        if lse is not None:
+            self.q_lse[..., dim].copy_(lse.detach().reshape(self.batch, self.heads, self.tokens)).neg_()
+        self.q_lse = self.q_lse.view(folded, self.tokens, dim + 1)
+        # (B * heads, d + 1, N): [k, 1] transposed, the layout the products run fastest on
+        self.k_t = torch.ones(folded, dim + 1, self.tokens, dtype=dtype, device=q.device)
+        self.k_t[:, :dim].copy_(k.detach().reshape(folded, self.tokens, dim).transpose(1, 2))
+        self.v_t = v.detach().to(dtype).reshape(folded, self.tokens, dim).transpose(1, 2).contiguous()
+        self.grad_out = grad_out.detach().to(dtype).reshape(folded, self.tokens, dim).contiguous()
         self.bias = None if bias is None else bias.detach().to(dtype)
-        self.lse = None if lse is None else lse.detach().to(dtype).reshape(-1, self.tokens, 1)
+        self.known_lse = lse is not None
         self.scale = scale
         # one allocation each, not one per chunk: fresh allocations of this size cost page faults
-        size = self.q.shape[0] * min(rows, self.tokens) * self.tokens
+        size = folded * min(rows, self.tokens) * self.tokens
         self._buffers = [torch.empty(size, dtype=dtype, device=q.device) for _ in range(2)]
 
-    def _buffer(self, index: int, start: int, stop: int) -> torch.Tensor:
+    @property
+    def scaled_q(self) -> torch.Tensor:
+        """``scale q`` (B * heads, N, d)."""
+        return self.q_lse[..., :-1]
+
+    @property
+    def k(self) -> torch.Tensor:
+        """k (B * heads, N, d)."""
+        return self.k_t[:, :-1].transpose(1, 2)
+
+    def buffer(self, index: int, start: int, stop: int) -> torch.Tensor:
         """Chunk buffer ``index`` as a contiguous (B * heads, stop - start, N) tensor."""
-        shape = (self.q.shape[0], stop - start, self.tokens)
+        shape = (self.q_lse.shape[0], stop - start, self.tokens)
         return self._buffers[index][:math.prod(shape)].view(shape)
 
     def attention(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The softmax A of the query rows ``start:stop`` (B * heads, rows, N) and their log-sum-exp
         (B * heads, rows, 1): with a known log-sum-exp one product and one ``exp``, else the softmax."""
-        q, out = self.q[:, start:stop], self._buffer(0, start, stop)
-        if self.lse is not None:
-            lse = self.lse[:, start:stop]
-            scores = torch.baddbmm(-lse, q, self.k.transpose(1, 2), alpha=self.scale, out=out)
-            return self._add_bias(scores, start, stop).exp_(), lse
-        scores = self._add_bias(torch.bmm(q * self.scale, self.k.transpose(1, 2), out=out), start, stop)
+        scores = torch.bmm(self.q_lse[:, start:stop], self.k_t, out=self.buffer(0, start, stop))
+        scores = self._add_bias(scores, start, stop)
+        if self.known_lse:
+            return scores.exp_(), self.q_lse[:, start:stop, -1:].neg()
         high = scores.amax(dim=-1, keepdim=True)
         attn = scores.sub_(high).exp_()
         total = attn.sum(dim=-1, keepdim=True)
@@ -192,7 +211,7 @@ class _Chunks:
     def cam(self, start: int, stop: int, attn: torch.Tensor) -> torch.Tensor:
         """``P = relu(dO v^T) * A`` for the rows ``start:stop`` (GAE's ``relu(grad * attn)``, equal
         since A >= 0; the gradient of A is ``dO v^T``)."""
-        product = torch.bmm(self.grad_out[:, start:stop], self.v.transpose(1, 2), out=self._buffer(1, start, stop))
+        product = torch.bmm(self.grad_out[:, start:stop], self.v_t, out=self.buffer(1, start, stop))
         return product.clamp_(min=0).mul_(attn)
 
     def _add_bias(self, scores: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -262,8 +281,8 @@ class FusedIncrement(torch.autograd.Function):
         grad = grad.to(dtype)
         want_row, want_q, want_k, want_bias = ctx.needs_input_grad[:4]
         grad_row = torch.zeros_like(weights) if want_row else None
-        grad_q = torch.zeros_like(chunks.q) if want_q else None
-        grad_k = torch.zeros_like(chunks.k) if want_k else None
+        grad_q = torch.zeros_like(chunks.scaled_q) if want_q else None
+        grad_k = torch.zeros_like(chunks.scaled_q) if want_k else None
         grad_bias = torch.zeros_like(chunks.bias) if want_bias else None
         stop_at = chunks.tokens if want_row else _weighted_extent(weights)
         grad_column = grad[:, None, :, None]  # (B, 1, N, 1)
@@ -280,11 +299,11 @@ class FusedIncrement(torch.autograd.Function):
             negative = chunks.heads_of(attn).mul_(z).addcmul_(product, grad[:, None, None, :], value=-1)
             factor = weights[:, None, start:stop, None].neg()  # (B, 1, rows, 1): dS = negative * factor
             flat = negative.view(-1, stop - start, chunks.tokens)
-            scaled = (factor * ctx.scale).expand(-1, heads, -1, -1).reshape(-1, stop - start, 1)
+            folded = factor.expand(-1, heads, -1, -1).reshape(-1, stop - start, 1)
             if want_q:
-                grad_q[:, start:stop] = torch.bmm(flat, chunks.k).mul_(scaled)
-            if want_k:
-                grad_k.baddbmm_(flat.transpose(1, 2), chunks.q[:, start:stop] * scaled)
+                grad_q[:, start:stop] = torch.bmm(flat, chunks.k).mul_(folded * ctx.scale)
+            if want_k:  # scale dS^T q, from the scaled q
+                grad_k.baddbmm_(flat.transpose(1, 2), chunks.scaled_q[:, start:stop] * folded)
             if want_bias:
                 rows_grad = _rows(grad_bias, start, stop)
                 rows_grad += (negative * factor).sum_to_size(rows_grad.shape)
