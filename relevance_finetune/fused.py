@@ -37,9 +37,9 @@ _KERNEL_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64,
 # fused_increment calls that fell back to autograd through the chunks, per dtype of q
 FALLBACKS: Counter = Counter()
 # automatic chunks, bytes per (B, heads, rows, N) tensor: at most a sixteenth of the free memory
-# (the kernel holds two or three), and at most a cache-sized 4 MiB on CPU (larger chunks were
-# slower there: docs/performance.md) or 256 MiB on a GPU
-_CHUNK_BYTES = {"cpu": 2 ** 22, "cuda": 2 ** 28}
+# (the kernel holds two or three), and at most 8 MiB on CPU (the fastest in a full step at 1025
+# tokens; smaller and larger chunks were slower: docs/performance.md) or 256 MiB on a GPU
+_CHUNK_BYTES = {"cpu": 2 ** 23, "cuda": 2 ** 28}
 _FREE_SHARE = 16
 
 
