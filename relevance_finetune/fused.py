@@ -85,8 +85,8 @@ def _cpu_flash(bound: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
     directly so that the log-sum-exp is kept; None where SDPA would choose another kernel."""
     q, k, v, mask = bound["query"], bound["key"], bound["value"], bound["attn_mask"]
     if (_CPU_FLASH is None or q.device.type != "cpu" or q.dtype not in _KERNEL_DTYPES or bound["enable_gqa"]
-            or (mask is not None and mask.dtype == torch.bool)):
-        return None
+            or (mask is not None and mask.dtype == torch.bool) or torch.is_autocast_enabled("cpu")):
+        return None  # (autocast casts SDPA's inputs, not the kernel's)
     args = (q, k, v, mask, bound["dropout_p"], bound["is_causal"])
     if torch._fused_sdp_choice(*args, scale=bound["scale"]) != int(SDPBackend.FLASH_ATTENTION):
         return None
@@ -262,7 +262,8 @@ class FusedIncrement(torch.autograd.Function):
         # without a log-sum-exp to start from, the backward of the row needs it on every row
         stop_at = _weighted_extent(weights) if lse is not None or not ctx.needs_input_grad[0] else chunks.tokens
         increment = torch.zeros(row.shape, dtype=dtype, device=row.device)
-        saved_lse = torch.zeros(chunks.batch * chunks.heads, chunks.tokens, 1, dtype=dtype, device=q.device)
+        saved_lse = (torch.zeros(chunks.batch * chunks.heads, chunks.tokens, 1, dtype=dtype, device=q.device)
+                     if lse is None else lse.detach().to(dtype).reshape(-1, chunks.tokens, 1))
         for start in range(0, stop_at, rows):
             stop = min(start + rows, stop_at)
             attn, saved_lse[:, start:stop] = chunks.attention(start, stop)
@@ -281,8 +282,9 @@ class FusedIncrement(torch.autograd.Function):
         grad = grad.to(dtype)
         want_row, want_q, want_k, want_bias = ctx.needs_input_grad[:4]
         grad_row = torch.zeros_like(weights) if want_row else None
-        grad_q = torch.zeros_like(chunks.scaled_q) if want_q else None
-        grad_k = torch.zeros_like(chunks.scaled_q) if want_k else None
+        folded_shape = (chunks.batch * heads, chunks.tokens, q.shape[-1])
+        grad_q = torch.zeros(folded_shape, dtype=dtype, device=q.device) if want_q else None
+        grad_k = torch.zeros(folded_shape, dtype=dtype, device=q.device) if want_k else None
         grad_bias = torch.zeros_like(chunks.bias) if want_bias else None
         stop_at = chunks.tokens if want_row else _weighted_extent(weights)
         grad_column = grad[:, None, :, None]  # (B, 1, N, 1)

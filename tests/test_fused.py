@@ -48,6 +48,7 @@ def test_kernel_from_a_given_log_sum_exp_is_exact(bias_shape):
     """With the softmax's log-sum-exp given (as SDPA's CPU flash kernel returns it): the increment
     and every gradient equal autograd's (no gradcheck: a fixed log-sum-exp does not follow q, k)."""
     row, q, k, v, grad_out, bias = operands(bias_shape=bias_shape)
+    row[:, 5:] = 0  # rows the forward skips, which the row's gradient still needs
     scores = (q * 0.5) @ k.transpose(-2, -1)
     lse = (scores if bias is None else scores + bias).logsumexp(-1)
     leaves = [t.requires_grad_() for t in (row, q, k) + (() if bias is None else (bias,))]
@@ -85,7 +86,7 @@ def test_rows_the_readout_does_not_weight_are_skipped(monkeypatch):
 
 def test_capture_keeps_the_cpu_flash_log_sum_exp():
     """On CPU the capture runs the flash kernel SDPA would run: the same output, and its
-    log-sum-exp recorded; a boolean mask takes SDPA itself, without one."""
+    log-sum-exp recorded; a boolean mask or autocast takes SDPA itself, without one."""
     q, k, v = (torch.randn(2, 3, 11, 8) for _ in range(3))
     bias = torch.randn(1, 3, 11, 11)
     calls = []
@@ -96,6 +97,9 @@ def test_capture_keeps_the_cpu_flash_log_sum_exp():
     expected = ((q * 0.3) @ k.transpose(-2, -1) + bias).logsumexp(-1)
     torch.testing.assert_close(calls[0].lse, expected)
     assert calls[1].lse is None
+    with torch.autocast("cpu", dtype=torch.bfloat16), fused.SDPACapture(calls.append):  # SDPA casts, so runs
+        assert torch.nn.functional.scaled_dot_product_attention(q, k, v).dtype == torch.bfloat16
+    assert calls[2].lse is None
 
 
 def test_kernel_equals_autograd_in_float32_and_bfloat16():
