@@ -164,14 +164,17 @@ class _Chunks:
         self.batch, self.heads, self.tokens, dim = q.shape
         folded = self.batch * self.heads
         # (B * heads, N, d + 1): [scale q, -lse], the log-sum-exp column 0 where it is to be computed
-        self.q_lse = torch.zeros(self.batch, self.heads, self.tokens, dim + 1, dtype=dtype, device=q.device)
+        self.q_lse = torch.empty(self.batch, self.heads, self.tokens, dim + 1, dtype=dtype, device=q.device)
         self.q_lse[..., :dim].copy_(q.detach()).mul_(scale)
-        if lse is not None:
+        if lse is None:
+            self.q_lse[..., dim] = 0
+        else:
             self.q_lse[..., dim].copy_(lse.detach().reshape(self.batch, self.heads, self.tokens)).neg_()
         self.q_lse = self.q_lse.view(folded, self.tokens, dim + 1)
         # (B * heads, d + 1, N): [k, 1] transposed, the layout the products run fastest on
-        self.k_t = torch.ones(folded, dim + 1, self.tokens, dtype=dtype, device=q.device)
+        self.k_t = torch.empty(folded, dim + 1, self.tokens, dtype=dtype, device=q.device)
         self.k_t[:, :dim].copy_(k.detach().reshape(folded, self.tokens, dim).transpose(1, 2))
+        self.k_t[:, dim] = 1
         self.v_t = v.detach().to(dtype).reshape(folded, self.tokens, dim).transpose(1, 2).contiguous()
         self.grad_out = grad_out.detach().to(dtype).reshape(folded, self.tokens, dim).contiguous()
         self.bias = None if bias is None else bias.detach().to(dtype)
