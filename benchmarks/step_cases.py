@@ -125,7 +125,7 @@ def kernel_products(call: fused.SDPACall, grad_out: torch.Tensor, chunk_elements
     dtype = fused._KERNEL_DTYPES.get(call.q.dtype, call.q.dtype)
     rows = fused.chunk_rows(batch, heads, tokens, dtype, call.q.device, chunk_elements)
     chunks = fused._Chunks(call.q, call.k, call.v, grad_out, None, call.lse, call.scale, dtype, rows)
-    grad_k = torch.zeros_like(chunks.scaled_q)
+    grad_k = torch.zeros(chunks.scaled_q.shape, dtype=dtype, device=call.q.device)
     for start in range(0, tokens, rows):
         stop = min(start + rows, tokens)
         for _ in range(2):
