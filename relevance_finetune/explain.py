@@ -22,7 +22,8 @@ from torch import nn
 from .data import imagenet_class_index
 from .gae import UnsupportedModelError, attach_gae, normalize_relevance, upsample_relevance
 from .images import IMG_EXTENSIONS, model_data_config, read_image
-from .models import add_model_arguments, create_model, load_weights, merge_model_kwargs
+from .models import (add_model_arguments, add_weights_arguments, create_model, load_weights,
+                     merge_model_kwargs, unasked_random_weights)
 from .viz import before_after_grid, denormalize, prediction_title, save_overlay
 
 __all__ = [
@@ -174,8 +175,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS",
                         help="image files, or directories searched recursively for images")
     parser.add_argument("--model", required=True, help="any timm.create_model name, local-dir:DIR or hf-hub:ORG/NAME")
-    parser.add_argument("--pretrained", action="store_true", help="load the model name's pretrained weights")
-    parser.add_argument("--checkpoint", help="weights to load into the model (.safetensors, checkpoint or export dir)")
+    add_weights_arguments(parser)
     add_model_arguments(parser)
     parser.add_argument("--compare", metavar="CHECKPOINT",
                         help="a second checkpoint of the same architecture: write before/after grids")
@@ -189,6 +189,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _load_models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module | None]:
     try:
         model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                             random_weights=args.random_weights,
                              **merge_model_kwargs(args.model_kwargs, img_size=args.img_size))
         attach_gae(model).remove()  # fail now, before any image is read, if GAE cannot explain it
         compare = None
@@ -211,9 +212,9 @@ def run(args: argparse.Namespace) -> int:
             raise ExplainError(f"--batch-size must be positive, got {args.batch_size}")
         paths = find_images(args.images)
         model, compare = _load_models(args)
-        if not args.pretrained and args.checkpoint is None:
-            print(f"warning: {args.model} without --pretrained or --checkpoint has random weights",
-                  file=sys.stderr)
+        warning = unasked_random_weights(args.model, args.pretrained, args.checkpoint, args.random_weights)
+        if warning:
+            print(warning, file=sys.stderr)
         _check_target(args.target, model)
         args.out.mkdir(parents=True, exist_ok=True)
         records = explain_images(model, paths, args.out, args.target, compare, args.batch_size)

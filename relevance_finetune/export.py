@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import timm
+import torch
 from huggingface_hub.utils import validate_repo_id
 from timm.models import push_to_hf_hub
 from timm.models._hub import generate_readme
@@ -30,7 +31,7 @@ from torch import nn
 from ._files import give_umask_mode
 from ._version import __version__
 from .checkpoint import read_checkpoint_info
-from .models import create_model, create_model_from_spec, load_weights, merge_model_kwargs
+from .models import create_model, create_model_from_spec, load_weights, loads_source_weights, merge_model_kwargs
 
 __all__ = ["METADATA_KEY", "PushError", "add_arguments", "export_checkpoint", "finetune_metadata", "load_finetuned",
            "model_card", "run", "save_finetuned"]
@@ -38,6 +39,9 @@ __all__ = ["METADATA_KEY", "PushError", "add_arguments", "export_checkpoint", "f
 METADATA_KEY = "relevance_finetune"
 _HALF = (0.5, 0.5, 0.5)
 _EXPORT_FILES = ("model.safetensors", "config.json", "README.md")
+# pretrained_cfg entries that describe the base model's weights: claimed only when the finetune started from them
+_WEIGHTS_CLAIMS = ("tag", "license", "license_name", "license_link", "description", "origin_url", "paper_ids",
+                   "paper_name", "notes")
 # The settings of a run that make its recipe, in the order the model card lists them.
 _RECIPE_KEYS = ("preset", "recipe", "method", "classification", "temperature", "second_order", "lr", "weight_decay",
                 "lr_decay", "lr_decay_epochs", "epochs", "batch_size", "grad_accum", "amp", "normalization",
@@ -81,6 +85,29 @@ def _atomic_directory(path: Path, overwrite: bool = True) -> Iterator[Path]:
         if created:
             with contextlib.suppress(OSError):  # a failed export leaves no empty directory behind
                 path.rmdir()
+
+
+@contextlib.contextmanager
+def _claims(model: nn.Module, from_base: bool) -> Iterator[None]:
+    """Within the block, ``model.pretrained_cfg`` names the base's tag and licence only if ``from_base``:
+    timm keeps them whether or not those weights were loaded."""
+    cfg = model.pretrained_cfg
+    if not from_base:
+        model.pretrained_cfg = {k: v for k, v in cfg.items() if k not in _WEIGHTS_CLAIMS}
+    try:
+        yield
+    finally:
+        model.pretrained_cfg = cfg
+
+
+def _check_finite(model: nn.Module) -> None:
+    """Raise ``ValueError`` naming the tensors of ``model`` that hold NaN or inf."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        named = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"refusing to export weights with NaN or inf values ({len(bad)} tensor(s): {named}); "
+                         "the run diverged: export best.safetensors instead, or resume from an earlier "
+                         "checkpoint with a lower lr")
 
 
 def _base_model_name(model: nn.Module) -> str | None:
@@ -231,9 +258,10 @@ def save_finetuned(
         Created if missing; the files are written to a temporary directory inside it first and
         moved in (``out_dir`` may be a mount point).
     base_model:
-        The model the finetune started from, e.g. ``"vit_base_patch16_224.augreg_in21k"`` (default:
-        the architecture alone, since ``model.pretrained_cfg`` names its tag whether or not those
-        weights were loaded).
+        The model whose weights the finetune started from, e.g. ``"vit_base_patch16_224.augreg_in21k"``;
+        the export then keeps its tag and licence. Default: the architecture alone, without the tag
+        and licence of ``model.pretrained_cfg`` (timm names them whether or not those weights were
+        loaded), and the card's licence is ``unknown``.
     finetune_config:
         The run's settings (a dataclass such as ``TrainConfig``, or a JSON-serialisable mapping);
         its ``lambda_*`` entries are also listed under ``lambdas``.
@@ -257,12 +285,15 @@ def save_finetuned(
 
     Raises
     ------
+    ValueError
+        A weight holds NaN or inf (the run diverged); the error names the tensors.
     PushError
         The push failed (e.g. no network); the local export is complete.
     """
     if push_to_hub is not None:
         validate_repo_id(push_to_hub)
     model = unwrap_model(model)
+    _check_finite(model)
     if dataclasses.is_dataclass(finetune_config):
         finetune_config = dataclasses.asdict(finetune_config)
     finetune_config = dict(finetune_config or {})
@@ -282,15 +313,16 @@ def save_finetuned(
     if label_names and len(label_names) == model.num_classes:
         model_config["label_names"] = list(label_names)
     out_dir = Path(out_dir)
-    card = model_card(metadata, metrics, evaluations, probes,
-                      f"hf-hub:{push_to_hub}" if push_to_hub else f"local-dir:{out_dir}",
-                      (getattr(model, "pretrained_cfg", None) or {}).get("license"))
-    with _atomic_directory(out_dir, overwrite) as tmp:
-        timm.models.save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, **extra)
-        readme = generate_readme(card, (push_to_hub or out_dir.resolve().name).split("/")[-1])
-        (tmp / "README.md").write_text(readme, encoding="utf-8")
-    if push_to_hub is not None:
-        _push(model, push_to_hub, private, {"model_config": model_config, **extra}, card, out_dir)
+    with _claims(model, from_base=base_model is not None):
+        card = model_card(metadata, metrics, evaluations, probes,
+                          f"hf-hub:{push_to_hub}" if push_to_hub else f"local-dir:{out_dir}",
+                          (getattr(model, "pretrained_cfg", None) or {}).get("license"))
+        with _atomic_directory(out_dir, overwrite) as tmp:
+            timm.models.save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, **extra)
+            readme = generate_readme(card, (push_to_hub or out_dir.resolve().name).split("/")[-1])
+            (tmp / "README.md").write_text(readme, encoding="utf-8")
+        if push_to_hub is not None:
+            _push(model, push_to_hub, private, {"model_config": model_config, **extra}, card, out_dir)
     return out_dir
 
 
@@ -323,10 +355,15 @@ def export_checkpoint(
     stores (no access to the model's source: a ``local-dir:`` folder may have moved), else from
     the name its config records (older checkpoints, or models with arguments that JSON cannot
     hold). Weights that do not fit raise ``ValueError`` naming both models; an existing export is
-    replaced only with ``overwrite``. The card reports the metrics of the checkpoint's epoch;
+    replaced only with ``overwrite``. The export names the base model (its tag and licence) only
+    when the run started from its weights, as :func:`~relevance_finetune.models.loads_source_weights`
+    reads the run's settings. The card reports the metrics of the checkpoint's epoch;
     ``card_and_push`` (``evaluations``, ``probes``, ``push_to_hub``, ``private``) go to
     :func:`save_finetuned`.
     """
+    if not Path(checkpoint).exists():
+        raise FileNotFoundError(f"{checkpoint} does not exist: expected a training checkpoint "
+                                "(e.g. RUN/best.safetensors) or, with a model name, a weights file or export folder")
     info = read_checkpoint_info(checkpoint) or {}
     config = info.get("config", {})
     name = model_name or config.get("model")
@@ -339,7 +376,8 @@ def export_checkpoint(
         kwargs = merge_model_kwargs(config.get("model_kwargs"), img_size=config.get("img_size"),
                                     num_classes=config.get("num_classes"))
         model = create_model(name, checkpoint=checkpoint, **kwargs)
-    started_from_weights = model_name is not None or config.get("pretrained") or config.get("checkpoint")
+    started_from_weights = model_name is not None or config.get("checkpoint") is not None or (
+        name is not None and loads_source_weights(name, bool(config.get("pretrained"))))
     data_config = {"mean": _HALF, "std": _HALF} if config.get("normalization") == "half" else None
     metrics = (info.get("history") or [None])[-1]
     return save_finetuned(model, out_dir, base_model=name if started_from_weights else None,

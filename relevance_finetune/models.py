@@ -1,8 +1,13 @@
 """Model creation for the command line: any ``timm.create_model`` name plus optional weights.
 
 Every command turns ``--model`` / ``--checkpoint`` into a model here: :func:`create_model` (the name,
-pretrained or not, and a weights file) and :func:`build_model` (pretrained when no checkpoint is
+its weights or not, and a weights file) and :func:`build_model` (pretrained when no checkpoint is
 given; a checkpoint may be a training run or export folder, see :func:`find_weights`).
+
+One rule says which weights a name means (:func:`loads_source_weights`), the same in every command:
+a ``local-dir:DIR`` or ``hf-hub:ORG/NAME`` name always means its weights; a plain timm name means
+its pretrained weights when asked (``--pretrained``); ``--checkpoint`` replaces both; random weights
+only when asked (``--random-weights``).
 
 A model's *spec* (:func:`model_spec`) is what rebuilds it without its source: the timm
 architecture, the constructor arguments and the pretrained config (preprocessing, label names).
@@ -25,13 +30,16 @@ from torch import nn
 
 from .checkpoint import CHECKPOINT_FORMAT, TRAINER_STATE_PREFIX, open_safetensors
 
-__all__ = ["WEIGHT_FILES", "add_model_arguments", "build_model", "create_model", "create_model_from_spec",
-           "find_weights", "load_weights", "merge_model_kwargs", "model_spec", "parse_model_kwarg"]
+__all__ = ["HUB_PREFIXES", "WEIGHT_FILES", "add_model_arguments", "add_weights_arguments", "build_model",
+           "create_model", "create_model_from_spec", "find_weights", "load_weights", "loads_source_weights",
+           "merge_model_kwargs", "model_spec", "parse_model_kwarg", "unasked_random_weights"]
 
 # pretrained_cfg entries that point at the source of the weights, not at the model
 _SOURCE_KEYS = ("file", "source", "url", "hf_hub_id", "hf_hub_filename", "state_dict")
 # what find_weights looks for in a folder: an export, a training run
 WEIGHT_FILES = ("model.safetensors", "best.safetensors")
+# model names that carry their own weights (timm's hub layout, on disk or on the Hub)
+HUB_PREFIXES = ("local-dir:", "hf-hub:")
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
@@ -140,17 +148,50 @@ def _check_compatible(
             f"({type(model).__name__}): " + "; ".join(details))
 
 
+def loads_source_weights(
+        name: str,
+        pretrained: bool = False,
+        checkpoint: str | Path | None = None,
+        random_weights: bool = False,
+) -> bool:
+    """Whether ``name``'s own weights are loaded: the one rule of every ``--model`` flag.
+
+    A ``local-dir:`` or ``hf-hub:`` name always means its weights, a plain timm name its pretrained
+    weights when ``pretrained``; never when ``checkpoint`` replaces them or ``random_weights`` is asked
+    for. Raises ``ValueError`` when ``random_weights`` is combined with other weights.
+    """
+    if random_weights and (pretrained or checkpoint is not None):
+        raise ValueError("random weights exclude --pretrained and --checkpoint: pass one of them")
+    return checkpoint is None and not random_weights and (pretrained or name.startswith(HUB_PREFIXES))
+
+
+def unasked_random_weights(
+        name: str,
+        pretrained: bool = False,
+        checkpoint: str | Path | None = None,
+        random_weights: bool = False,
+) -> str | None:
+    """A warning when :func:`create_model` would give ``name`` random weights nobody asked for, else None."""
+    if random_weights or checkpoint is not None or loads_source_weights(name, pretrained):
+        return None
+    return (f"warning: {name} without --pretrained or --checkpoint has random weights "
+            "(pass --random-weights if that is meant)")
+
+
 def create_model(
         name: str,
         pretrained: bool = False,
         checkpoint: str | Path | None = None,
+        random_weights: bool = False,
         **kwargs,
 ) -> nn.Module:
-    """``timm.create_model(name, pretrained, **kwargs)``, then ``checkpoint`` if given.
+    """``timm.create_model(name, ...)`` with the weights :func:`loads_source_weights` says, then ``checkpoint``.
 
-    ``name`` takes whatever timm takes, ``local-dir:DIR`` and ``hf-hub:ORG/NAME`` included.
-    A pretrained download that fails raises ``RuntimeError`` saying how to load offline.
+    ``name`` takes whatever timm takes, ``local-dir:DIR`` and ``hf-hub:ORG/NAME`` included (their
+    weights are loaded unless ``checkpoint`` or ``random_weights`` is given). Weights that cannot be
+    read or fetched raise ``RuntimeError`` saying how to load offline.
     """
+    pretrained = loads_source_weights(name, pretrained, checkpoint, random_weights)
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as error:
@@ -162,6 +203,9 @@ def create_model(
             raise ValueError(f"timm has no model named {name!r}") from error
         raise
     except (OSError, ConnectionError) as error:
+        if name.startswith("local-dir:"):
+            raise RuntimeError(f"cannot load {name!r}: {error} (expected a folder written by timm's "
+                               "save_for_hf or relevance-finetune export)") from error
         raise RuntimeError(
             f"could not fetch pretrained weights for {name!r} ({error}). Without network access, "
             "pass a local directory as --model local-dir:DIR, or --checkpoint FILE") from error
@@ -188,10 +232,9 @@ def build_model(name: str, checkpoint: str | Path | None = None, device: str | t
     ``checkpoint`` may be a weights file, an export folder or a ``relevance-finetune train`` run folder;
     ``kwargs`` go to ``timm.create_model``.
     """
-    pretrained = checkpoint is None and (
-        name.startswith(("local-dir:", "hf-hub:")) or timm.is_model_pretrained(name))
     weights = None if checkpoint is None else find_weights(checkpoint)
-    return create_model(name, pretrained=pretrained, checkpoint=weights, **kwargs).to(device).eval()
+    return create_model(name, pretrained=timm.is_model_pretrained(name), checkpoint=weights,
+                        **kwargs).to(device).eval()
 
 
 def parse_model_kwarg(item: str) -> tuple[str, Any]:
@@ -235,6 +278,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> Non
     parser.add_argument("--img-size", type=_positive_int, metavar="N", **{"default": None, **defaults},
                         help="build the model for N x N images (timm resamples pretrained position "
                              "embeddings); the data follow the model")
+
+
+def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--checkpoint FILE``, ``--pretrained`` and ``--random-weights``: the weights of ``--model``
+    as :func:`loads_source_weights` reads them."""
+    parser.add_argument("--checkpoint", help="weights to load into the model (.safetensors, checkpoint or export "
+                                             "dir), instead of the name's own")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--pretrained", action="store_true",
+                        help="load a timm name's pretrained weights (local-dir: and hf-hub: names always load theirs)")
+    choice.add_argument("--random-weights", action="store_true",
+                        help="build the architecture with random weights, ignoring those of the name")
 
 
 def merge_model_kwargs(model_kwargs: Mapping[str, Any] | None = None, **named: Any) -> dict[str, Any]:

@@ -162,3 +162,45 @@ def test_unsupported_model_is_one_clear_error(tmp_path, capsys):
     assert main(list(map(str, args))) == 1
     err = capsys.readouterr().err
     assert err.startswith("relevance-finetune explain: error: SwinTransformer uses WindowAttention")
+
+
+def record_explained_weights(monkeypatch) -> list[dict[str, torch.Tensor]]:
+    """The state dicts of the models that ``explain`` runs, one per batch, as it runs them."""
+    used, explain_batch = [], explain._explain_batch
+
+    def recording(model, *args):
+        used.append(model.state_dict())
+        return explain_batch(model, *args)
+
+    monkeypatch.setattr(explain, "_explain_batch", recording)
+    return used
+
+
+def test_local_dir_model_means_its_weights_without_pretrained(workspace, tmp_path, monkeypatch, capsys):
+    """``local-dir:DIR`` loads DIR's weights in every command: no --pretrained needed, the same output twice."""
+    saved = timm.create_model(f"local-dir:{workspace / 'vit'}", pretrained=True).state_dict()
+    used = record_explained_weights(monkeypatch)
+    for seed in (0, 1):  # a random initialisation would differ between the two runs
+        torch.manual_seed(seed)
+        args = ["explain", "--model", f"local-dir:{workspace / 'vit'}", workspace / "images" / "a.png",
+                "--out", tmp_path / str(seed)]
+        assert main(list(map(str, args))) == 0
+    assert "random weights" not in capsys.readouterr().err
+    assert len(used) == 2 and all(torch.equal(state[k], saved[k]) for state in used for k in saved)
+    first, second = (json.loads((tmp_path / str(seed) / "predictions.json").read_text())["images"][0]["top5"]
+                     for seed in (0, 1))
+    assert first == second
+
+
+def test_random_weights_are_asked_for(workspace, tmp_path, monkeypatch, capsys):
+    """--random-weights ignores the folder's weights; it excludes --pretrained (argparse) and --checkpoint."""
+    used = record_explained_weights(monkeypatch)
+    base = ["explain", "--model", f"local-dir:{workspace / 'vit'}", str(workspace / "images" / "a.png"),
+            "--out", str(tmp_path / "out")]
+    assert main([*base, "--random-weights"]) == 0
+    saved = timm.create_model(f"local-dir:{workspace / 'vit'}", pretrained=True).state_dict()
+    assert not torch.equal(used[0]["head.weight"], saved["head.weight"])
+    assert main([*base, "--random-weights", "--checkpoint", str(workspace / "other.safetensors")]) == 1
+    assert "random weights exclude --pretrained and --checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--random-weights", "--pretrained"])

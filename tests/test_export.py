@@ -152,15 +152,61 @@ def test_export_needs_overwrite_to_replace_an_export(tmp_path, capsys):
 
 
 def test_checkpoints_are_self_contained(tmp_path):
-    """The run started from local-dir:hub; the export still works after hub moved, and a
-    random-init run names no pretrained tag."""
+    """The run started from local-dir:hub (its weights, --pretrained or not); the export still
+    works after hub moved, and names hub as its base."""
     hub, model, run = trained_checkpoint(tmp_path)
     (tmp_path / "hub").rename(tmp_path / "moved")
     out = export_module.export_checkpoint(run / "last.safetensors", tmp_path / "export")
     images = tiny_images(model)
     with torch.no_grad():
         assert torch.equal(load_finetuned(out).eval()(images), model.eval()(images))
+    assert finetune_metadata(out)["base_model"] == hub
+
+
+def card_claims(out: Path) -> tuple[str, dict]:
+    """The licence line of the model card and the pretrained_cfg of config.json."""
+    licence = next(line for line in (out / "README.md").read_text().splitlines() if line.startswith("license:"))
+    return licence, json.loads((out / "config.json").read_text())["pretrained_cfg"]
+
+
+def test_a_random_init_export_claims_no_base_licence_or_tag(tmp_path):
+    """A run from a plain timm name without --pretrained trained random weights: the export names
+    the architecture alone, and neither the tag nor the licence of timm's pretrained config."""
+    model = tiny_model(num_classes=4)
+    assert model.pretrained_cfg["tag"] and model.pretrained_cfg["license"] == "apache-2.0"
+    finetune(model, SyntheticMasked(4), None, config(out=str(tmp_path / "run"), model="vit_tiny_patch16_224"))
+    out = export_module.export_checkpoint(tmp_path / "run" / "last.safetensors", tmp_path / "export")
+    licence, pretrained_cfg = card_claims(out)
+    assert licence == "license: unknown" and "tag" not in pretrained_cfg and "license" not in pretrained_cfg
     assert finetune_metadata(out)["base_model"] == "vit_tiny_patch16_224"
+    assert model.pretrained_cfg["tag"]  # the model itself is left as it was
+    save_finetuned(model, tmp_path / "from_base", base_model="vit_tiny_patch16_224.augreg_in21k_ft_in1k")
+    licence, pretrained_cfg = card_claims(tmp_path / "from_base")
+    assert licence == "license: apache-2.0" and pretrained_cfg["tag"] == model.pretrained_cfg["tag"]
+
+
+def test_export_of_a_missing_file_says_it_does_not_exist(tmp_path, capsys):
+    missing = tmp_path / "run" / "best.safetensors"
+    error = cli_error(capsys, ["export", str(missing), "--out", str(tmp_path / "export")])
+    assert f"{missing} does not exist" in error and "does not record" not in error
+
+
+def test_non_finite_weights_are_refused(tmp_path, capsys):
+    """A diverged run: export names the tensors and says what to do; nothing is written."""
+    _, model, run = trained_checkpoint(tmp_path, pretrained=True)
+    from relevance_finetune.checkpoint import load_checkpoint, save_checkpoint
+
+    state, info, _ = load_checkpoint(run / "last.safetensors")
+    state["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    state["head.bias"][1] = float("inf")
+    model.load_state_dict(state)
+    save_checkpoint(run / "last.safetensors", model, info)
+    error = cli_error(capsys, ["export", str(run / "last.safetensors"), "--out", str(tmp_path / "export")])
+    assert "NaN or inf" in error and "blocks.0.attn.qkv.weight, head.bias" in error
+    assert "export best.safetensors" in error and "lower lr" in error
+    assert not (tmp_path / "export").exists()
+    with pytest.raises(ValueError, match=r"NaN or inf values \(2 tensor\(s\): blocks.0.attn.qkv.weight, head.bias\)"):
+        save_finetuned(model, tmp_path / "export")
 
 
 @pytest.mark.parametrize("command", ["export", "resume"])

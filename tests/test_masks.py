@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import scipy.ndimage
+import timm
 import torch
 from PIL import Image
 from timm.models import save_for_hf
@@ -485,3 +486,41 @@ def test_masks_command_refine_none_and_aspect_resize(tmp_path, dino_dir, capsys,
     assert "--resize aspect needs a model that takes dynamic_img_size" in cli_error(
         capsys, ["masks", "--model", "beit_base_patch16_224", "--images", str(images), "--out", str(tmp_path / "e"),
                  "--resize", "aspect"])
+
+
+def test_masks_command_uses_the_weights_of_a_local_dir_model(tmp_path, dino_dir, monkeypatch, capsys):
+    """``local-dir:DIR`` means DIR's weights without --pretrained: the same masks from two runs."""
+    from relevance_finetune.masks import command
+
+    images = make_images(tmp_path / "images")
+    saved = timm.create_model(f"local-dir:{dino_dir}", pretrained=True).state_dict()
+    used = []
+
+    def recording(model, batch):
+        used.append(model.state_dict())
+        return last_block_keys(model, batch)
+
+    monkeypatch.setattr(command, "last_block_keys", recording)
+    for seed in (0, 1):  # a random initialisation would differ between the two runs
+        torch.manual_seed(seed)
+        assert main(["masks", "--model", f"local-dir:{dino_dir}", "--images", str(images), "--out",
+                     str(tmp_path / str(seed)), "--workers", "0", "--min-pixels", "0", "--refine", "none"]) == 0
+    assert "random weights" not in capsys.readouterr().err
+    assert used and all(torch.equal(state[k], saved[k]) for state in used for k in saved)
+    written = [sorted(p.relative_to(tmp_path / str(seed)) for p in (tmp_path / str(seed)).rglob("*.png"))
+               for seed in (0, 1)]
+    assert written[0] == written[1] and written[0]
+    for path in written[0]:
+        first, second = (np.asarray(Image.open(tmp_path / seed / path)) for seed in "01")
+        assert np.array_equal(first, second)
+
+
+def test_masks_command_warns_of_random_weights_nobody_asked_for(tmp_path, capsys):
+    images = make_images(tmp_path / "images", sizes=((32, 32),))
+    _, kwargs = TINY_MODELS["vit_cls"]
+    args = ["masks", "--model", "vit_tiny_patch16_224", "--model-kwargs", *(f"{k}={v}" for k, v in kwargs.items()),
+            "--images", str(images), "--workers", "0", "--min-pixels", "0", "--refine", "none"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert "random weights (pass --random-weights if that is meant)" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "b"), "--random-weights"]) == 0
+    assert "random weights" not in capsys.readouterr().err

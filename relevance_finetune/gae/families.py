@@ -86,15 +86,25 @@ class AttentionFamily:
 
 
 ATTENTION_FAMILIES: tuple[AttentionFamily, ...] = (
-    AttentionFamily("timm Attention (ViT, AugReg, DeiT, DeiT3, register and CLIP ViTs)",
-                    "timm.layers.attention:Attention"),
-    AttentionFamily("BEiT Attention (relative position bias)", "timm.models.beit:Attention"),
-    AttentionFamily("EVA Attention (RoPE)", "timm.models.eva:EvaAttention"),
+    AttentionFamily("ViT, AugReg, DeiT, DeiT3, register and CLIP ViTs", "timm.layers.attention:Attention"),
+    AttentionFamily("BEiT, relative position bias", "timm.models.beit:Attention"),
+    AttentionFamily("EVA-02 and vit_*_rope_reg*_gap, RoPE", "timm.models.eva:EvaAttention"),
+    AttentionFamily("vit_*_rope_* ViTs, RoPE", "timm.layers.attention:AttentionRope"),
 )
 
 
 def _supported_names() -> str:
-    return "; ".join(family.name for family in ATTENTION_FAMILIES)
+    return "; ".join(f"{family.module_path.replace(':', '.')} ({family.name})" for family in ATTENTION_FAMILIES)
+
+
+def _attention_like(model: nn.Module) -> str:
+    """The attention-looking modules of ``model`` (by class name), each class once with its first path."""
+    first: dict[type, str] = {}
+    for name, module in model.named_modules():
+        if any(word in type(module).__name__ for word in ("Attention", "Attn")):
+            first.setdefault(type(module), name)
+    found = ", ".join(f"{kind.__module__}.{kind.__name__} at {name}" for kind, name in first.items())
+    return f"found {found}" if found else "found no module named like an attention"
 
 
 def find_attention(model: nn.Module) -> list[tuple[nn.Module, AttentionFamily]]:
@@ -110,8 +120,8 @@ def find_attention(model: nn.Module) -> list[tuple[nn.Module, AttentionFamily]]:
             found.append((module, family))
     if not found:
         raise UnsupportedModelError(
-            f"{type(model).__name__} has no supported attention module. "
-            f"Supported: {_supported_names()}.")
+            f"{type(model).__name__} has no attention module that GAE relevance supports "
+            f"({_attention_like(model)}). Supported: {_supported_names()}.")
     return found
 
 

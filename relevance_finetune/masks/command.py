@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -23,7 +24,8 @@ from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
 from ..images import list_images, model_input_size, read_image, write_mask
-from ..models import add_model_arguments, create_model, merge_model_kwargs
+from ..models import (add_model_arguments, add_weights_arguments, create_model, merge_model_kwargs,
+                      unasked_random_weights)
 from .bilateral import bilateral_refine
 from .tokencut import last_block_keys, tokencut_partition, upsample_mask
 
@@ -35,8 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="timm model name (a DINO ViT such as vit_small_patch16_224.dino), "
                              "local-dir:DIR or hf-hub:ORG/NAME")
-    parser.add_argument("--checkpoint", help="weights file (.safetensors or checkpoint) to load")
-    parser.add_argument("--pretrained", action="store_true", help="load the model's pretrained weights")
+    add_weights_arguments(parser)
     add_model_arguments(parser)
     parser.add_argument("--images", required=True, type=Path, help="folder of <class>/<name>.<ext> images")
     parser.add_argument("--out", required=True, type=Path, help="output folder for <class>/<name>.png masks")
@@ -133,12 +134,17 @@ def _create_model(args: argparse.Namespace) -> torch.nn.Module:
     if args.resize == "aspect":
         kwargs["dynamic_img_size"] = True
     try:
-        return create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs)
+        model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                             random_weights=args.random_weights, **kwargs)
     except (TypeError, ValueError) as error:  # the model's constructor, or create_model's message about it
         if "dynamic_img_size" not in str(error):
             raise
         raise ValueError(f"--resize aspect needs a model that takes dynamic_img_size=True; {args.model} "
                          "does not (use --resize model)") from error
+    warning = unasked_random_weights(args.model, args.pretrained, args.checkpoint, args.random_weights)
+    if warning:
+        print(warning, file=sys.stderr)
+    return model
 
 
 def run(args: argparse.Namespace) -> int:
