@@ -1,7 +1,8 @@
 """``relevance-finetune evaluate`` and the plumbing of the ``examples/table*.py`` scripts.
 
 The command runs one suite for one or two sets of weights and writes ``<suite>.json`` and
-``<suite>.md``; :func:`evaluate_grid` runs one suite for every row of a paper table.
+``<suite>.md`` (the folder suite also its pictures); :func:`evaluate_grid` runs one suite for every
+row of a paper table.
 """
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .._files import write_text_atomic
 from ..metrics import DEFAULT_FRACTIONS
 from ..models import add_model_arguments, build_model, merge_model_kwargs
 from .datasets import DATASETS, load_set_a
-from .report import suite_markdown
+from .figures import write_folder_figures
+from .folder import FolderSplit
+from .report import folder_changes, suite_markdown
 from .suites import PROTOCOLS, SUITES, EvalOptions, run_suite
 
-__all__ = ["add_arguments", "add_data_arguments", "add_table_arguments", "evaluate_grid", "options_from_args",
-           "run", "table_models"]
+__all__ = ["add_arguments", "add_data_arguments", "add_table_arguments", "evaluate_grid", "folder_splits",
+           "options_from_args", "run", "table_models"]
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """Dataset and loader options shared by ``evaluate`` and the example scripts."""
@@ -44,6 +48,27 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
+def _named_paths(items: Sequence[str], flag: str) -> dict[str, str]:
+    """``NAME=PATH`` items of ``flag`` as a dict; ``ValueError`` on a malformed or repeated name."""
+    named: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path or name in named:
+            raise ValueError(f"{flag} expects NAME=PATH with a new NAME each time, got {item!r}")
+        named[name] = path
+    return named
+
+
+def folder_splits(args: argparse.Namespace) -> dict[str, FolderSplit]:
+    """The folder suite's splits from ``--split NAME=DIR`` and ``--split-masks NAME=DIR``."""
+    images = _named_paths(getattr(args, "split", None) or [], "--split")
+    masks = _named_paths(getattr(args, "split_masks", None) or [], "--split-masks")
+    unknown = sorted(set(masks) - set(images))
+    if unknown:
+        raise ValueError(f"--split-masks names {unknown}, which no --split names (splits: {sorted(images)})")
+    return {name: FolderSplit(path, masks.get(name)) for name, path in images.items()}
+
+
 def options_from_args(args: argparse.Namespace, datasets: Sequence[str] | None = None) -> EvalOptions:
     """:class:`EvalOptions` from the flags of :func:`add_data_arguments` (and ``--fractions``)."""
     dirs = {}
@@ -59,7 +84,7 @@ def options_from_args(args: argparse.Namespace, datasets: Sequence[str] | None =
         si_labels=json.loads(Path(args.si_score_labels).read_text()) if args.si_score_labels else None,
         fractions=tuple(getattr(args, "fractions", None) or DEFAULT_FRACTIONS),
         batch_size=args.batch_size, num_workers=args.workers, max_images=args.max_images,
-        seed=args.seed, progress=not args.no_progress)
+        seed=args.seed, progress=not args.no_progress, splits=folder_splits(args))
 
 
 def add_table_arguments(parser: argparse.ArgumentParser, models: Mapping[str, str | None]) -> None:
@@ -125,6 +150,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "present; perturbation: imagenet)")
     parser.add_argument("--fractions", type=float, nargs="+", default=None,
                         help="perturbation: shares of pixels removed (default 0.1 .. 0.9)")
+    parser.add_argument("--split", action="append", default=[], metavar="NAME=DIR",
+                        help="folder suite: a split of your own images as DIR/<class>/<image> (repeat: e.g. "
+                             "id=data/val ood_night=data/night)")
+    parser.add_argument("--split-masks", action="append", default=[], metavar="NAME=DIR",
+                        help="folder suite: masks of split NAME as DIR/<class>/<stem>.png (adds the reliance "
+                             "probes and the relevance localisation)")
     parser.add_argument("--out", required=True, help="output folder for <suite>.json and <suite>.md")
     add_data_arguments(parser)
 
@@ -132,6 +163,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``relevance-finetune evaluate``."""
     options = options_from_args(args, args.datasets)
+    if (args.suite == "folder") != bool(options.splits):
+        raise ValueError("--suite folder needs --split NAME=DIR (your <class>/<image> folders)"
+                         if args.suite == "folder" else "--split and --split-masks are read by --suite folder only")
     weights = {args.labels[0]: args.checkpoint}
     if args.compare:
         weights[args.labels[1]] = args.compare
@@ -142,12 +176,16 @@ def run(args: argparse.Namespace) -> int:
         runs[label] = run_suite(model, args.suite, options)
         del model
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     report = {"suite": args.suite, "model": args.model, "protocols": list(options.protocols),
               "set_a": args.set_a, "weights": weights, "runs": runs}
-    (out / f"{args.suite}.json").write_text(json.dumps(report, indent=2))
+    if args.suite == "folder" and len(runs) == 2:
+        report["change"] = folder_changes(runs)
+    write_text_atomic(out / f"{args.suite}.json", json.dumps(report, indent=2))
     markdown = f"## {args.suite}: {args.model}\n\n" + suite_markdown(
         args.suite, runs, options.protocols, options.set_a is not None)
-    (out / f"{args.suite}.md").write_text(markdown)
+    write_text_atomic(out / f"{args.suite}.md", markdown)
     print(markdown)
+    if args.suite == "folder":
+        for path in write_folder_figures(runs, out):
+            print(f"wrote {path}")
     return 0

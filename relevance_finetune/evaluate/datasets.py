@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import ImageNetInfo
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 __all__ = [
     "CARTON_CLASS",
@@ -34,6 +34,7 @@ __all__ = [
     "DatasetSpec",
     "EvalSet",
     "ImageNetSegmentation",
+    "eval_loader",
     "imagenet_synsets",
     "in9_superclasses",
     "load_eval_set",
@@ -361,6 +362,14 @@ class ImageNetSegmentation(Dataset):
         mask = np.array(f[f[f["value/gt"][i, 0]][0, 0]]).T  # (W, H) -> (H, W)
         mask = Image.fromarray(mask.astype(np.uint8)).resize(self.size[::-1], Image.NEAREST)
         return self.transform(Image.fromarray(image.astype(np.uint8))), torch.from_numpy(np.array(mask))
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, max_images: int | None, seed: int) -> DataLoader:
+    """``dataset`` in order, or a random subset of at most ``max_images`` (seeded, kept in order)."""
+    if max_images is not None and max_images < len(dataset):
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+        dataset = Subset(dataset, sorted(order[:max_images].tolist()))
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
 
 
 def resolve_path(name: str, data_root: str | Path | None, overrides: Mapping[str, str | Path] | None = None) -> Path:

@@ -7,11 +7,20 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .datasets import DATASETS, IN9_VARIANTS
 
-__all__ = ["SEGMENTATION_METRICS", "metric_table", "robustness_table", "shortcut_rows", "suite_markdown",
-           "write_table"]
+__all__ = ["FOLDER_COLUMNS", "SEGMENTATION_METRICS", "folder_changes", "folder_markdown", "metric_table",
+           "robustness_table", "shortcut_rows", "suite_markdown", "write_table"]
 
 SEGMENTATION_METRICS = {"pixel_acc": "Pixel acc.", "miou": "mIoU", "map": "mAP", "mass_accuracy": "Mass acc.",
                         "rank_accuracy": "Rank acc.", "pointing_game": "Pointing game"}
+# the folder suite's columns: "section/key" of a split's result -> title (all but top-1 need masks)
+FOLDER_COLUMNS = {"top1": "Top-1", "probes/object_only": "Object-only", "probes/background_only": "Background-only",
+                  "probes/background_reliance": "BG reliance", "localisation/miou": "mIoU",
+                  "localisation/mass_accuracy": "Mass acc.", "localisation/pointing_game": "Pointing game"}
+_CLASSES_SHOWN = 20  # class folders the folder table lists with their model index
+_FOLDER_LEGEND = ("Object-only / background-only: top-1 with the background / the object replaced (mean over grey, "
+                  "mean-colour and blurred fills); BG reliance = background-only - object-only (lower: less use of "
+                  "the background). mIoU, mass accuracy, pointing game: the GAE map of the predicted class against "
+                  "the mask. Percent.")
 
 
 def _markdown(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -92,9 +101,61 @@ def _perturbation_rows(result: Mapping[str, Any]) -> dict[str, float]:
     return flat
 
 
+def _folder_values(split: Mapping[str, Any]) -> dict[str, float | None]:
+    """``{FOLDER_COLUMNS key: value}`` of one split's result; keys of what was not measured are absent."""
+    values = {}
+    for key in FOLDER_COLUMNS:
+        section, _, name = key.rpartition("/")
+        source = split.get(section) if section else split
+        if source is not None:
+            values[key] = source.get(name)
+    return values
+
+
+def folder_changes(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """``{split: {column key: second run - first run}}`` of two folder-suite runs (columns both measured)."""
+    (_, first), (_, second) = runs.items()
+    changes = {}
+    for split, result in second["splits"].items():
+        before, after = _folder_values(first["splits"][split]), _folder_values(result)
+        changes[split] = {key: after[key] - before[key] for key in after
+                          if before.get(key) is not None and after[key] is not None}
+    return changes
+
+
+def folder_markdown(runs: Mapping[str, Mapping[str, Any]]) -> str:
+    """The folder suite's table: a row per split and run, with a change row when two runs are compared.
+
+    The probe and localisation columns appear only when some split has masks; a split without
+    them shows "-" there, and a note below the table says why.
+    """
+    splits = list(next(iter(runs.values()))["splits"])
+    masked = any("probes" in run["splits"][s] for run in runs.values() for s in splits)
+    columns = {k: t for k, t in FOLDER_COLUMNS.items() if masked or "/" not in k}
+    changes = folder_changes(runs) if len(runs) == 2 else None
+    body = []
+    for split in splits:
+        for label, run in runs.items():
+            values = _folder_values(run["splits"][split])
+            body.append([split, label, str(run["splits"][split]["n"])] + [_fmt(values.get(k)) for k in columns])
+        if changes is not None:
+            body.append([split, "change", ""] + [f"{changes[split][k]:+.1f}" if k in changes[split] else "-"
+                                                 for k in columns])
+    first = next(iter(runs.values()))
+    notes = [f"Split `{s}`: {first['splits'][s]['note']}." for s in splits if "note" in first["splits"][s]]
+    classes = [f"{name}={index}" for name, index in first["classes"].items()]
+    shown = ", ".join(classes[:_CLASSES_SHOWN]) + (f", ... ({len(classes)} in all)" if len(classes) > _CLASSES_SHOWN
+                                                   else "")
+    parts = [_markdown(["Split", "Run", "Images"] + list(columns.values()), body).rstrip(),
+             *([_FOLDER_LEGEND] if masked else []), *notes, f"Classes (model index): {shown}."]
+    return "\n\n".join(parts) + "\n"
+
+
 def suite_markdown(suite: str, runs: Mapping[str, Mapping[str, Any]], protocols: Sequence[str],
                     split: bool) -> str:
     """The ``<suite>.md`` report of ``runs`` (``{column label: run_suite result}``); ``split``: set A/B tables."""
+    if suite == "folder":
+        return folder_markdown(runs)
     datasets = list(next(iter(runs.values())))
     if suite == "segmentation":
         results = {label: r["segmentation"] for label, r in runs.items()}

@@ -13,7 +13,8 @@ Two robustness protocols are scored from the same logits, and each result names 
 The segmentation test (Table 3) reads ImageNet-segmentation's ``gtsegs_ijcv.mat`` and the
 perturbation test (Appendix N) removes pixels by relevance order; both use
 :mod:`relevance_finetune.metrics`. The shortcut suite scores ImageNet-W (watermark) and the
-Backgrounds Challenge / ImageNet-9 (background). :func:`run_suite` runs one suite for one model.
+Backgrounds Challenge / ImageNet-9 (background). The folder suite (:mod:`.folder`) scores the user's
+own classes. :func:`run_suite` runs one suite for one model.
 """
 from __future__ import annotations
 
@@ -26,14 +27,15 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..gae import attach_gae
-from ..images import model_data_config
+from ..images import model_data_config, read_image
 from ..metrics import DEFAULT_FRACTIONS, SegmentationMeter, area_under_curve, perturbation_curve
 from .datasets import (CARTON_CLASS, ROBUSTNESS_DATASETS, SHORTCUT_DATASETS, EvalSet, ImageNetSegmentation,
-                       in9_superclasses, load_eval_set, load_imagenet9, load_wnid_folders, resolve_path)
+                       eval_loader, in9_superclasses, load_eval_set, load_imagenet9, load_wnid_folders, resolve_path)
+from .folder import FolderSplit, evaluate_folder
 
 __all__ = [
     "PAPER_NORMALIZATION",
@@ -55,7 +57,7 @@ __all__ = [
 PROTOCOLS = ("standard", "paper")
 
 
-SUITES = ("robustness", "segmentation", "perturbation", "shortcuts")
+SUITES = ("robustness", "segmentation", "perturbation", "shortcuts", "folder")
 PAPER_NORMALIZATION = (0.5, 0.5, 0.5)  # the reference's mean and std, for every model
 
 
@@ -70,19 +72,11 @@ class _ImageFiles(Dataset):
         return len(self.eval_set)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.eval_set.paths[i]) as image:
-            image = image.convert("RGB")
+        image = read_image(self.eval_set.paths[i])
         b = self.eval_set.border
         if b:
             image = image.crop((b, b, image.width - b, image.height - b))
         return self.transform(image), i
-
-
-def _loader(dataset: Dataset, batch_size: int, num_workers: int, max_images: int | None, seed: int) -> DataLoader:
-    if max_images is not None and max_images < len(dataset):
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-        dataset = Subset(dataset, sorted(order[:max_images].tolist()))
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -144,7 +138,7 @@ def evaluate_robustness(
         raise ValueError(f"robustness sets are scored on ImageNet-1k logits; the model has {num_classes} classes")
     config = dict(data_config or model_data_config(model))
     transform = create_transform(**config, is_training=False)
-    loader = _loader(_ImageFiles(eval_set, transform), batch_size, num_workers, max_images, seed)
+    loader = eval_loader(_ImageFiles(eval_set, transform), batch_size, num_workers, max_images, seed)
     device = _device_of(model)
     model.eval()
     positions, hits = [], {p: {1: [], 5: []} for p in protocols}
@@ -198,7 +192,7 @@ def evaluate_segmentation(
     if protocol == "paper":
         config["mean"] = config["std"] = PAPER_NORMALIZATION
     dataset = ImageNetSegmentation(path, config["input_size"][-2:], config["mean"], config["std"])
-    loader = _loader(dataset, batch_size, num_workers, max_images, seed)
+    loader = eval_loader(dataset, batch_size, num_workers, max_images, seed)
     device, meter = _device_of(model), SegmentationMeter()
     with attach_gae(model) as gae:
         for images, masks in tqdm(loader, desc="segmentation", disable=not progress):
@@ -227,7 +221,7 @@ def evaluate_perturbation(
     config = dict(data_config or model_data_config(model))
     fill = [-m / s for m, s in zip(config["mean"], config["std"])]
     transform = create_transform(**config, is_training=False)
-    loader = _loader(_ImageFiles(eval_set, transform), batch_size, num_workers, max_images, seed)
+    loader = eval_loader(_ImageFiles(eval_set, transform), batch_size, num_workers, max_images, seed)
     device = _device_of(model)
     totals = {mode: torch.zeros(len(fractions)) for mode in ("positive", "negative")}
     count = 0
@@ -306,7 +300,7 @@ def evaluate_imagenet_w(
     _require_imagenet_head(model, "ImageNet-W")
     config = dict(data_config or model_data_config(model))
     transform = _Pair(create_transform(**config, is_training=False), watermark_transform(config))
-    loader = _loader(_ImageFiles(eval_set, transform), batch_size, num_workers, max_images, seed)
+    loader = eval_loader(_ImageFiles(eval_set, transform), batch_size, num_workers, max_images, seed)
     device = _device_of(model)
     model.eval()
     hits, carton_prob, labels = {"clean": [], "watermarked": []}, {"clean": [], "watermarked": []}, []
@@ -361,7 +355,7 @@ def evaluate_imagenet9(
     model.eval()
     result: dict[str, Any] = {}
     for variant, eval_set in load_imagenet9(root).items():
-        loader = _loader(_ImageFiles(eval_set, transform), batch_size, num_workers, max_images, seed)
+        loader = eval_loader(_ImageFiles(eval_set, transform), batch_size, num_workers, max_images, seed)
         correct = []
         for images, index in tqdm(loader, desc=eval_set.name, disable=not progress):
             predicted = superclass[model(images.to(device)).argmax(dim=1).cpu()]
@@ -398,6 +392,7 @@ class EvalOptions:
     max_images: int | None = None
     seed: int = 0
     progress: bool = True
+    splits: Mapping[str, FolderSplit] = field(default_factory=dict)  # the folder suite's
 
 
 def _dataset_names(suite: str, options: EvalOptions) -> list[str]:
@@ -416,9 +411,12 @@ def _dataset_names(suite: str, options: EvalOptions) -> list[str]:
 
 
 def run_suite(model: nn.Module, suite: str, options: EvalOptions) -> dict[str, Any]:
-    """Run ``suite`` for one model: ``{dataset: result}`` (robustness: ``{dataset: {protocol: ...}}``)."""
+    """Run ``suite`` for one model: ``{dataset: result}`` (robustness: ``{dataset: {protocol: ...}}``;
+    folder: :func:`~relevance_finetune.evaluate.folder.evaluate_folder`'s result)."""
     common = dict(batch_size=options.batch_size, num_workers=options.num_workers,
                   max_images=options.max_images, seed=options.seed, progress=options.progress)
+    if suite == "folder":
+        return evaluate_folder(model, options.splits, **common)
     results = {}
     for name in _dataset_names(suite, options):
         path = resolve_path(name, options.data_root, options.dataset_dirs)
