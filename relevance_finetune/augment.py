@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal
+from collections import deque
+from typing import Any, Literal
 
 import torch
 import torchvision.transforms.functional as TF
@@ -21,6 +22,7 @@ import torchvision.transforms.functional as TF
 __all__ = ["BackgroundSwap", "fill_object"]
 
 Fill = Literal["inpaint", "mean"]
+_COUNTS = ("swapped", "object_only_count", "skipped", "unswapped")
 
 
 def _check(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -75,49 +77,67 @@ class BackgroundSwap:
         How a donor's own object hole is filled: ``"inpaint"`` or ``"mean"`` (see ``fill_object``).
     seed:
         Seeds the draws (a CPU generator); ``None`` uses torch's global generator.
+    buffer_size:
+        How many recent usable images (with their masks) are kept as donors for later calls;
+        0 keeps none.
 
-    Images whose mask is all background (no object to move) or all object (no background to
-    give) are left unchanged and counted in ``skipped``; ``swapped`` and ``object_only_count``
-    count the others. A batch with fewer than two usable images swaps nothing.
+    A donor is another usable image of the same batch (a random cycle, so nobody gets their own
+    background). When the batch has no second usable image (a batch of one, a micro-batch of one
+    under gradient accumulation, one image per process), the donor is drawn from the buffer of
+    the ``buffer_size`` most recent usable images of earlier calls (detached copies on the batch's
+    device), excluding any whose pixels equal the receiver's; so a batch of one swaps from the
+    second call on. Images whose mask is all background (no object to move) or all object (no
+    background to give) are left unchanged and counted in ``skipped``; moving images that find
+    no donor are left unchanged and counted in ``unswapped``; each case warns once, with its
+    count. ``swapped`` and ``object_only_count`` count the others. ``state_dict()`` and
+    ``load_state_dict()`` save and restore the generator, the buffer and the counts for an exact
+    resume.
     """
 
-    def __init__(self, p: float = 1.0, object_only: float = 0.0, fill: Fill = "inpaint", seed: int | None = None):
+    def __init__(self, p: float = 1.0, object_only: float = 0.0, fill: Fill = "inpaint", seed: int | None = None,
+                 buffer_size: int = 16):
         for name, value in (("p", p), ("object_only", object_only)):
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
         if fill not in ("inpaint", "mean"):
             raise ValueError(f"fill must be 'inpaint' or 'mean', got {fill!r}")
+        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 0:
+            raise ValueError(f"buffer_size must be an integer >= 0, got {buffer_size!r}")
         self.p, self.object_only, self.fill = p, object_only, fill
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
-        self.swapped = self.object_only_count = self.skipped = 0
+        self.buffer: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=buffer_size)
+        self.swapped = self.object_only_count = self.skipped = self.unswapped = 0
+        self._warned: set[str] = set()
 
     def __repr__(self) -> str:
-        return f"BackgroundSwap(p={self.p}, object_only={self.object_only}, fill={self.fill!r})"
+        return (f"BackgroundSwap(p={self.p}, object_only={self.object_only}, fill={self.fill!r}, "
+                f"buffer_size={self.buffer.maxlen})")
 
     def _uniform(self, n: int) -> torch.Tensor:
         return torch.rand(n, generator=self.generator)
+
+    def _warn_once(self, reason: str, message: str) -> None:
+        """Warn about ``reason`` the first time only (called from a method ``__call__`` calls)."""
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"BackgroundSwap: {message}; later ones are only counted", stacklevel=4)
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, masks) -> (counterfactual images, their masks); shapes and device kept."""
         masks_4d = _check(images, masks)
         area = masks_4d.sum(dim=(1, 2, 3)).cpu()
         usable = (area > 0) & (area < masks_4d[0].numel())
-        skipped = int((~usable).sum())
-        if skipped:
-            self.skipped += skipped
-            warnings.warn(f"BackgroundSwap: {skipped} of {len(area)} images have a mask that is all background "
-                          f"or all object and were left unchanged ({self.skipped} so far)", stacklevel=2)
+        self._count_skipped(int((~usable).sum()), len(area))
         draw = self._uniform(len(area))
         moving = usable & (draw < self.p)
         stripped = usable & ~moving & (self._uniform(len(area)) < self.object_only)
         out = images.clone()
-        if int(moving.sum()) and int(usable.sum()) >= 2:
-            donors = self._donors(moving, usable).to(images.device)
-            index = torch.nonzero(moving).squeeze(1).to(images.device)
-            backgrounds = fill_object(images[donors], masks_4d[donors], self.fill)
+        if int(moving.sum()):
+            index, backgrounds = self._backgrounds(images, masks_4d, moving, usable)
             keep = masks_4d[index]
             out[index] = images[index] * keep + backgrounds * (1 - keep)
             self.swapped += len(index)
+            self._count_unswapped(int(moving.sum()) - len(index))
         if int(stripped.sum()):
             index = torch.nonzero(stripped).squeeze(1).to(images.device)
             background = 1 - masks_4d
@@ -125,7 +145,39 @@ class BackgroundSwap:
             keep = masks_4d[index]
             out[index] = images[index] * keep + colour.view(1, -1, 1, 1) * (1 - keep)
             self.object_only_count += len(index)
+        self._remember(images, masks_4d, usable)
         return out, masks
+
+    def _backgrounds(self, images: torch.Tensor, masks: torch.Tensor, moving: torch.Tensor,
+                     usable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The moving images that find a donor (indices) and their donors' filled backgrounds."""
+        index = torch.nonzero(moving).squeeze(1)
+        if int(usable.sum()) >= 2:
+            donors = self._donors(moving, usable).to(images.device)
+            return index.to(images.device), fill_object(images[donors], masks[donors], self.fill)
+        self._buffer_to(images.device)
+        donors = {i: self._buffered_donor(images[i]) for i in index.tolist()}
+        found = [i for i, donor in donors.items() if donor is not None]
+        if not found:
+            return index[:0].to(images.device), images[:0]
+        donor_images = torch.stack([donors[i][0] for i in found]).to(images)
+        donor_masks = torch.stack([donors[i][1] for i in found]).to(images)
+        return torch.tensor(found, device=images.device), fill_object(donor_images, donor_masks, self.fill)
+
+    def _count_skipped(self, skipped: int, total: int) -> None:
+        if skipped:
+            self.skipped += skipped
+            self._warn_once("skipped", f"{skipped} of {total} images have a mask that is all background or all "
+                                       f"object and were left unchanged ({self.skipped} so far, in .skipped)")
+
+    def _count_unswapped(self, missing: int) -> None:
+        if missing:
+            self.unswapped += missing
+            reason = "empty" if not self.buffer else "buffer"
+            self._warn_once(reason, f"{missing} image(s) could not be swapped: no other image of the batch has a "
+                                    f"usable background and none of the {len(self.buffer)} buffered backgrounds "
+                                    f"(buffer_size={self.buffer.maxlen}) is another image of this size "
+                                    f"({self.unswapped} so far, in .unswapped)")
 
     def _donors(self, moving: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
         """For every moving image, another usable image whose background it takes."""
@@ -134,3 +186,42 @@ class BackgroundSwap:
         following = torch.empty_like(usable, dtype=torch.long)
         following[order] = order.roll(-1)  # a cycle: nobody gets their own background
         return following[moving]
+
+    def _buffered_donor(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A random buffered (image, mask) of ``image``'s size whose pixels differ from it, if any."""
+        candidates = [(donor, mask) for donor, mask in self.buffer
+                      if donor.shape == image.shape and not torch.equal(donor, image)]
+        if not candidates:
+            return None
+        return candidates[int(torch.randint(len(candidates), (1,), generator=self.generator))]
+
+    def _buffer_to(self, device: torch.device) -> None:
+        if self.buffer and self.buffer[0][0].device != device:
+            self.buffer = deque(((image.to(device), mask.to(device)) for image, mask in self.buffer),
+                                maxlen=self.buffer.maxlen)
+
+    def _remember(self, images: torch.Tensor, masks: torch.Tensor, usable: torch.Tensor) -> None:
+        """Keep detached copies of the newest usable images as donors for later calls."""
+        if self.buffer.maxlen:
+            for i in torch.nonzero(usable).squeeze(1)[-self.buffer.maxlen:].tolist():
+                self.buffer.append((images[i].detach().clone(), masks[i].detach().clone()))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator's state (``None`` for torch's global one), the buffer (on the CPU) and the counts."""
+        return {"generator": None if self.generator is None else self.generator.get_state(),
+                "buffer": [(image.cpu(), mask.cpu()) for image, mask in self.buffer],
+                "counts": {name: getattr(self, name) for name in _COUNTS},
+                "warned": sorted(self._warned)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (the buffer moves to the next batch's device)."""
+        missing = {"generator", "buffer", "counts", "warned"} - set(state)
+        if missing:
+            raise ValueError(f"not a BackgroundSwap state: missing {sorted(missing)}")
+        self.generator = None if state["generator"] is None else torch.Generator()
+        if self.generator is not None:
+            self.generator.set_state(state["generator"])
+        self.buffer = deque(((image, mask) for image, mask in state["buffer"]), maxlen=self.buffer.maxlen)
+        for name in _COUNTS:
+            setattr(self, name, int(state["counts"][name]))
+        self._warned = set(state["warned"])

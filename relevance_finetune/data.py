@@ -19,6 +19,7 @@ import math
 import os
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, NamedTuple, Sequence
@@ -211,6 +212,11 @@ class MaskedDataset(Dataset):
     files and mismatched masks when a sample is loaded. With ``skip_bad`` every pair is checked
     when the dataset is built, bad ones are left out with one warning, and their messages are
     kept in ``skipped``.
+
+    What was left out, for a run's summary: ``skipped`` (messages of bad inputs), ``unmasked``
+    and ``unmasked_by_class`` (images without a mask, in total and per class name, for layouts
+    that may leave them out) and ``dropped_classes`` (named classes with no sample left, which
+    a warning lists).
     """
 
     def __init__(self, transform: Transform | None = None, skip_bad: bool = False) -> None:
@@ -218,6 +224,9 @@ class MaskedDataset(Dataset):
         self.skip_bad = skip_bad
         self.skipped: list[str] = []
         self.samples: list[Sample] = []
+        self.unmasked = 0
+        self.unmasked_by_class: dict[str, int] = {}
+        self.dropped_classes: list[str] = []
 
     def _reject(self, error: Exception) -> None:
         if not self.skip_bad:
@@ -250,6 +259,20 @@ class MaskedDataset(Dataset):
         if not kept:
             raise ValueError(f"{type(self).__name__}: no usable samples in {source}")
         self.samples = kept
+        self._warn_dropped_classes(source)
+
+    def _warn_dropped_classes(self, source: str | os.PathLike) -> None:
+        """Set ``dropped_classes`` (named classes without a sample) and warn about them."""
+        labels = {sample.label for sample in self.samples}
+        mapping = getattr(self, "class_to_idx", None) or {}
+        self.dropped_classes = sorted(name for name, index in mapping.items() if index not in labels)
+        if self.dropped_classes:
+            shown = ", ".join(f"{name} ({self.unmasked_by_class.get(name, 0)} image(s) without a mask)"
+                              for name in self.dropped_classes[:10])
+            warnings.warn(f"{type(self).__name__}({source}): {len(self.dropped_classes)} of {len(mapping)} classes "
+                          f"have no usable image and are left out of training: {shown}"
+                          f"{', ...' if len(self.dropped_classes) > 10 else ''} (all in .dropped_classes)",
+                          stacklevel=4)
 
     def read_mask(self, sample: Sample) -> np.ndarray:
         """The (H, W) bool foreground of ``sample``."""
@@ -295,8 +318,13 @@ class MaskedImageFolder(MaskedDataset):
     skip_bad:
         Leave bad input out with a warning instead of raising.
     skip_unmasked:
-        Leave images without a mask out silently (e.g. TokenCut skipped them); counted in
-        ``unmasked``.
+        Leave images without a mask out (e.g. the ``masks`` command wrote none for them); counted
+        in ``unmasked`` and ``unmasked_by_class``. A class left with no image is listed in
+        ``dropped_classes`` and a warning. Without it, an image without a mask raises
+        ``FileNotFoundError`` naming it and the flag.
+
+    A ``masks`` folder that does not exist, or in which no image has a mask, raises
+    ``FileNotFoundError`` naming it.
     """
 
     def __init__(
@@ -317,10 +345,12 @@ class MaskedImageFolder(MaskedDataset):
         self.images_dir = Path(images) if images is not None else Path(root) / "images"
         self.masks_dir = Path(masks) if masks is not None else Path(root) / "masks"
         tree = list_images(self.images_dir, extensions)
+        if not self.masks_dir.is_dir():
+            raise FileNotFoundError(f"mask folder not found: {self.masks_dir} (expected "
+                                    f"{self.masks_dir}/<class>/<name>.png for the images in {self.images_dir})")
         self.class_to_idx = self._class_indices(sorted(tree), class_index, self.images_dir)
         self.classes = sorted(self.class_to_idx)
-        self.unmasked = 0
-        samples = []
+        samples, unmasked = [], []
         for name, paths in tree.items():
             if name not in self.class_to_idx:
                 continue
@@ -330,11 +360,23 @@ class MaskedImageFolder(MaskedDataset):
                 mask = self.masks_dir / name / f"{path.stem}.png"
                 if mask.is_file():
                     samples.append(Sample(path, mask, self.class_to_idx[name]))
-                elif skip_unmasked:
-                    self.unmasked += 1
                 else:
-                    self._reject(FileNotFoundError(f"no mask for image {path}: expected {mask}"))
+                    unmasked.append((name, path, mask))
+        self._leave_out_unmasked(unmasked, len(samples) + len(unmasked), skip_unmasked)
         self._set_samples(samples, self.images_dir)
+
+    def _leave_out_unmasked(self, unmasked: list[tuple[str, Path, Path]], total: int, skip_unmasked: bool) -> None:
+        """Count the (class, image, expected mask) without a mask file; reject them unless ``skip_unmasked``."""
+        if unmasked and len(unmasked) == total:
+            raise FileNotFoundError(f"none of the {total} images in {self.images_dir} has a mask in {self.masks_dir} "
+                                    f"(expected e.g. {unmasked[0][2]}): is that the masks folder?")
+        self.unmasked = len(unmasked)
+        self.unmasked_by_class = dict(Counter(name for name, _, _ in unmasked))
+        if not skip_unmasked:
+            for _, path, mask in unmasked:
+                self._reject(FileNotFoundError(
+                    f"no mask for image {path}: expected {mask} ({len(unmasked)} of {total} images have none; "
+                    "skip_unmasked=True, `train --skip-unmasked`, leaves them out)"))
 
 
 class MaskedCsvDataset(MaskedDataset):

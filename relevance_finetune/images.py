@@ -1,7 +1,9 @@
 """Image and mask files, and the input a model expects: the file layer under datasets and mask making.
 
-Images are read fully decoded as RGB; masks are single-channel PNGs of {0, 1} or {0, 255}, written
-atomically as 0/255. ``list_images`` reads a ``<root>/<class>/<name>.<ext>`` tree.
+Images are read fully decoded as 8-bit RGB (16-bit and float images scaled, transparency
+flattened onto white, other modes refused: ``read_image``); masks are single-channel PNGs of
+{0, 1} or {0, 255}, written atomically as 0/255. ``list_images`` reads a
+``<root>/<class>/<name>.<ext>`` tree.
 """
 from __future__ import annotations
 
@@ -20,17 +22,51 @@ __all__ = ["IMG_EXTENSIONS", "list_images", "model_data_config", "model_input_si
            "write_mask"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # more than 8 bits a channel
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:
-    """The fully decoded RGB image at ``path``; ``ValueError`` naming the file if unreadable."""
+    """The fully decoded image at ``path`` as 8-bit RGB; ``ValueError`` naming the file if unreadable.
+
+    ``RGB``, ``L``, ``1``, ``CMYK`` and ``P`` convert as PIL converts them; transparency (``RGBA``,
+    ``LA``, ``P`` with a transparent colour) is composited onto white; 16-bit greyscale (``I;16``,
+    ``I;16B``, ...) and 32-bit integers (``I``, values in [0, 65535], read as 16-bit) are divided by
+    257; floats (``F``, values in [0, 1]) are multiplied by 255, each rounded to the nearest 8-bit
+    value. Any other mode, or ``I``/``F`` values outside those ranges, raise ``ValueError`` naming
+    the mode and the file.
+    """
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return _to_rgb(image)
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB by the rules of :func:`read_image`."""
+    mode = image.mode
+    if mode in ("RGB", "L", "1", "CMYK") or (mode == "P" and "transparency" not in image.info):
+        return image.convert("RGB")
+    if mode in ("RGBA", "LA", "P"):
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    if mode in _WIDE_MODES:
+        return Image.fromarray(_to_8_bits(np.asarray(image), mode)).convert("RGB")
+    raise ValueError(f"image mode {mode!r} is not supported; expected one of "
+                     f"RGB, RGBA, L, LA, 1, P, CMYK, {', '.join(_WIDE_MODES)}")
+
+
+def _to_8_bits(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """(H, W) 16-bit, 32-bit integer or float ``pixels`` as uint8 (see :func:`read_image`)."""
+    low, high, expected = (0, 1, "floats in [0, 1]") if mode == "F" else (0, 65535, "16-bit values in [0, 65535]")
+    if pixels.size and not (np.isfinite(pixels).all() and pixels.min() >= low and pixels.max() <= high):
+        raise ValueError(f"image mode {mode!r} holds values in [{pixels.min():g}, {pixels.max():g}]; "
+                         f"expected {expected}")
+    if mode == "F":
+        return np.rint(pixels * 255).astype(np.uint8)
+    return ((pixels.astype(np.uint32) + 128) // 257).astype(np.uint8)
 
 
 def read_binary_mask(path: str | os.PathLike) -> np.ndarray:

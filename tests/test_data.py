@@ -1,6 +1,8 @@
 """Paired transforms, masked folder and CSV datasets, bad input; fixtures in real on-disk formats."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -105,6 +107,39 @@ def test_masked_image_folder_separate_dirs_and_unmasked(tmp_path):
         MaskedImageFolder(images=tmp_path / "images", masks=tmp_path / "masks")
     dataset = MaskedImageFolder(images=tmp_path / "images", masks=tmp_path / "masks", skip_unmasked=True)
     assert len(dataset) == 3 and dataset.unmasked == 1
+
+
+def test_missing_mask_names_skip_unmasked(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "masks" / "dog" / "1.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of 4 images have none; skip_unmasked=True, `train --skip-unm"):
+        MaskedImageFolder(tmp_path)
+
+
+@pytest.mark.parametrize("skip_unmasked", [False, True])
+def test_missing_or_wrong_masks_folder_is_named(tmp_path, skip_unmasked):
+    make_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"mask folder not found: .*maskz"):
+        MaskedImageFolder(images=tmp_path / "images", masks=tmp_path / "maskz", skip_unmasked=skip_unmasked)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"none of the 4 images in .*images has a mask in .*other"):
+        MaskedImageFolder(images=tmp_path / "images", masks=tmp_path / "other", skip_unmasked=skip_unmasked)
+
+
+def test_unmasked_counts_per_class_and_dropped_class_warning(tmp_path):
+    make_folder(tmp_path, classes=("bird", "cat", "dog"), per_class=2)
+    (tmp_path / "masks" / "cat" / "0.png").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a class that keeps an image: counted, no warning
+        partial = MaskedImageFolder(tmp_path, skip_unmasked=True)
+    assert (partial.unmasked, partial.unmasked_by_class, partial.dropped_classes) == (1, {"cat": 1}, [])
+    for i in range(2):
+        (tmp_path / "masks" / "dog" / f"{i}.png").unlink()
+    with pytest.warns(UserWarning, match=r"1 of 3 classes have no usable image .*: dog \(2 image\(s\) without a mask"):
+        dataset = MaskedImageFolder(tmp_path, skip_unmasked=True)
+    assert (dataset.unmasked, dataset.unmasked_by_class) == (3, {"cat": 1, "dog": 2})
+    assert dataset.dropped_classes == ["dog"] and dataset.class_to_idx == {"bird": 0, "cat": 1, "dog": 2}
+    assert len(dataset) == 3 and {s.label for s in dataset.samples} == {0, 1}
 
 
 def _corrupt_image(root):
