@@ -16,7 +16,7 @@ from relevance_finetune.data import ImageNetSDataset, MaskedImageFolder, imagene
 from relevance_finetune.masks import (
     MERGED_WNIDS, bilateral_refine, bilateral_solve, decode_imagenet_s_mask, imagenet_s_foreground,
     imagenet_s_split, last_block_keys, tokencut_masks, tokencut_partition, upsample_mask)
-from relevance_finetune.masks.command import patch_multiple_size
+from relevance_finetune.masks.automatic import patch_multiple_size
 
 WNIDS = sorted(imagenet_class_index())
 CATEGORIES = sorted(set(WNIDS) - set(MERGED_WNIDS))  # category file: sorted wnids, ids are 1-based rows
@@ -439,7 +439,7 @@ def test_patch_multiple_size():
 
 
 def test_masks_command_refines_then_filters(tmp_path, dino_dir, capsys, monkeypatch):
-    import relevance_finetune.masks.command as command
+    import relevance_finetune.masks.automatic as automatic
     images = make_images(tmp_path / "images")
     seen = []
 
@@ -451,7 +451,7 @@ def test_masks_command_refines_then_filters(tmp_path, dino_dir, capsys, monkeypa
         refined.flat[:10] = True
         return refined
 
-    monkeypatch.setattr(command, "bilateral_refine", refine)
+    monkeypatch.setattr(automatic, "bilateral_refine", refine)
     assert masks_command(dino_dir, images, tmp_path / "a", "--min-pixels", "11") == 0
     assert "0 masks written" in capsys.readouterr().out
     assert masks_command(dino_dir, images, tmp_path / "b", "--min-pixels", "10", "--component", "largest") == 0
@@ -466,7 +466,7 @@ def test_masks_command_refines_then_filters(tmp_path, dino_dir, capsys, monkeypa
 def test_masks_command_refine_none_and_aspect_resize(tmp_path, dino_dir, capsys, monkeypatch):
     images = make_images(tmp_path / "images")
     shapes = []
-    monkeypatch.setattr("relevance_finetune.masks.command.last_block_keys",
+    monkeypatch.setattr("relevance_finetune.masks.automatic.last_block_keys",
                         lambda model, batch: shapes.append(tuple(batch.shape)) or last_block_keys(model, batch))
     assert masks_command(dino_dir, images, tmp_path / "a", "--refine", "none") == 0
     assert "5 masks written" in capsys.readouterr().out and set(shapes) == {(2, 3, 32, 32), (1, 3, 32, 32)}
@@ -490,7 +490,7 @@ def test_masks_command_refine_none_and_aspect_resize(tmp_path, dino_dir, capsys,
 
 def test_masks_command_uses_the_weights_of_a_local_dir_model(tmp_path, dino_dir, monkeypatch, capsys):
     """``local-dir:DIR`` means DIR's weights without --pretrained: the same masks from two runs."""
-    from relevance_finetune.masks import command
+    from relevance_finetune.masks import automatic
 
     images = make_images(tmp_path / "images")
     saved = timm.create_model(f"local-dir:{dino_dir}", pretrained=True).state_dict()
@@ -500,7 +500,7 @@ def test_masks_command_uses_the_weights_of_a_local_dir_model(tmp_path, dino_dir,
         used.append(model.state_dict())
         return last_block_keys(model, batch)
 
-    monkeypatch.setattr(command, "last_block_keys", recording)
+    monkeypatch.setattr(automatic, "last_block_keys", recording)
     for seed in (0, 1):  # a random initialisation would differ between the two runs
         torch.manual_seed(seed)
         assert main(["masks", "--model", f"local-dir:{dino_dir}", "--images", str(images), "--out",

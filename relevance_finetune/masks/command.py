@@ -8,28 +8,19 @@ skipped) and shardable (``--shard i/n``, or torchrun's RANK/WORLD_SIZE).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-import warnings
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
-from PIL import Image
-from timm.data import resolve_model_data_config
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode
-from tqdm import tqdm
 
-from ..images import list_images, model_input_size, read_image, write_mask
+from ..images import list_images
 from ..models import (add_model_arguments, add_weights_arguments, create_model, merge_model_kwargs,
                       unasked_random_weights)
-from .bilateral import bilateral_refine
-from .tokencut import last_block_keys, tokencut_partition, upsample_mask
+from .automatic import TokenCutOptions, write_tokencut_masks
 
-__all__ = ["add_arguments", "parse_shard", "patch_multiple_size", "run"]
+__all__ = ["add_arguments", "parse_shard", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,57 +69,6 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     return index, count
 
 
-def patch_multiple_size(height: int, width: int, patch: tuple[int, int],
-                        short_side: int | None = None) -> tuple[int, int]:
-    """TokenCut's input size (H, W): each side rounded to the nearest multiple of the patch size
-    (at least one patch), after scaling the short side to ``short_side`` if given."""
-    scale = short_side / min(height, width) if short_side else 1
-    return tuple(max(1, round(side * scale / step)) * step for side, step in zip((height, width), patch))
-
-
-class _Item(NamedTuple):
-    image: torch.Tensor  # (3, h, w) normalised model input
-    original: np.ndarray | None  # (H, W, 3) uint8, kept for the refinement
-    index: int
-    size: tuple[int, int]  # (H, W) of the original image
-    error: str  # why the image could not be read, or ""
-
-
-class _Images(Dataset):
-    """Images resized for the model and normalised; a bad one yields its error message.
-
-    ``size`` None resizes each image to :func:`patch_multiple_size` for ``patch`` (Lanczos, as
-    TokenCut); ``keep_original`` keeps the RGB image for the refinement.
-    """
-
-    def __init__(self, paths: list[Path], config: dict, size: tuple[int, int] | None,
-                 patch: tuple[int, int] | None, short_side: int | None, keep_original: bool) -> None:
-        self.paths, self.config, self.size, self.patch = paths, config, size, patch
-        self.short_side, self.keep_original = short_side, keep_original
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> _Item:
-        try:
-            pil = read_image(self.paths[index])
-        except (ValueError, FileNotFoundError) as error:
-            return _Item(torch.zeros(0), None, index, (0, 0), str(error))
-        original = np.asarray(pil) if self.keep_original else None
-        if self.size is None:
-            height, width = patch_multiple_size(pil.height, pil.width, self.patch, self.short_side)
-            image = TF.pil_to_tensor(pil.resize((width, height), Image.Resampling.LANCZOS))
-        else:
-            image = TF.resize(TF.pil_to_tensor(pil), list(self.size), InterpolationMode(self.config["interpolation"]),
-                              antialias=True)
-        image = TF.normalize(image.float() / 255, list(self.config["mean"]), list(self.config["std"]))
-        return _Item(image, original, index, (pil.height, pil.width), "")
-
-
-def _as_list(batch: list[_Item]) -> list[_Item]:
-    return batch
-
-
 def _create_model(args: argparse.Namespace) -> torch.nn.Module:
     kwargs = merge_model_kwargs(args.model_kwargs, img_size=args.img_size)
     if args.resize == "aspect":
@@ -163,38 +103,10 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun process
     model = model.eval().to(device)
-    size = model_input_size(model) if args.resize == "model" else None
-    patch = tuple(model.patch_embed.patch_size) if size is None else None
-    dataset = _Images([items[i][1] for i in todo], resolve_model_data_config(model), size, patch,
-                      args.short_side, args.refine == "bilateral")
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=_as_list)
-    written, dropped, small, bad = 0, 0, 0, []
-    with tqdm(total=len(todo), desc=f"tokencut {index}/{count}", unit="img") as progress:
-        for batch in loader:
-            by_shape: dict[tuple[int, ...], list[_Item]] = {}  # one forward per input size
-            for item in batch:
-                if not item.error:
-                    by_shape.setdefault(tuple(item.image.shape), []).append(item)
-                elif args.skip_bad:
-                    warnings.warn(f"skipping: {item.error}")
-                    bad.append(item.error)
-                else:
-                    raise ValueError(item.error)
-            for group in by_shape.values():
-                keys, grid = last_block_keys(model, torch.stack([item.image for item in group]).to(device))
-                for key, item in zip(keys.float().cpu(), group):
-                    mask = upsample_mask(tokencut_partition(key, grid, args.tau, args.eps), item.size)
-                    if args.refine == "bilateral":
-                        mask = bilateral_refine(item.original, mask, component=args.component)
-                    if mask is None:
-                        dropped += 1
-                    elif mask.sum() < args.min_pixels:
-                        small += 1
-                    else:
-                        write_mask(mask, targets[todo[item.index]])
-                        written += 1
-            progress.update(len(batch))
-    print(f"shard {index}/{count}: {written} masks written to {args.out}, {len(items) - len(todo)} already "
-          f"there, {dropped} dropped by the refinement (IoU < 0.5), {small} under --min-pixels "
-          f"{args.min_pixels}, {len(bad)} bad images skipped")
+    options = TokenCutOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TokenCutOptions)})
+    counts = write_tokencut_masks(model, [items[i][1] for i in todo], [targets[i] for i in todo], device, options,
+                                  desc=f"tokencut {index}/{count}")
+    print(f"shard {index}/{count}: {counts.written} masks written to {args.out}, {len(items) - len(todo)} already "
+          f"there, {counts.dropped} dropped by the refinement (IoU < 0.5), {counts.small} under --min-pixels "
+          f"{args.min_pixels}, {len(counts.bad)} bad images skipped")
     return 0
