@@ -2,6 +2,7 @@
 from ._version import __version__
 from .gae import ATTENTION_FAMILIES, GAEHandle, UnsupportedModelError, attach_gae, explicit_attention
 from .export import load_finetuned, save_finetuned
+from .head import refit_head
 from .losses import InputGradientRegularizer, RegularizerOutput, RelevanceRegularizer
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "attach_gae",
     "explicit_attention",
     "load_finetuned",
+    "refit_head",
     "save_finetuned",
 ]

@@ -1,4 +1,4 @@
-"""Named finetuning recipes: the loss's settings, the counterfactual images and the selection rule.
+"""Named finetuning recipes: the loss's settings, the counterfactual images, the selection rule, the head refit.
 
 ``RelevanceRegularizer(gae)`` stays the paper's loss with the paper's defaults. A recipe bundles
 what else a finetune needs to change what the model relies on::
@@ -14,6 +14,10 @@ confidence loss does not rise; the checkpoint of lowest validation loss), ``"rel
 lowest background-only accuracy whose accuracy falls by at most the same limit) or
 ``"counterfactual"`` (the highest accuracy on the validation objects moved onto other validation
 images' backgrounds: an estimate of the accuracy once the shortcut stops agreeing, no limit).
+
+``finetune`` and ``head_refit`` name the stages: a finetune with the settings above, then (if
+``head_refit``) ``head.refit_head`` on the same masked images. ``"head"`` refits the head alone
+(its loss, swap and selection settings are unused); ``"two_stage_head"`` runs both.
 """
 from __future__ import annotations
 
@@ -51,6 +55,11 @@ class Recipe:
         ``"paper"``, ``"reliance"`` or ``"counterfactual"``: how the learning rate and checkpoint are chosen.
     evidence:
         One line: the measurement behind the recipe and the command that repeats it.
+    finetune:
+        Whether the recipe finetunes the model (with the settings above).
+    head_refit:
+        Whether the classifier head is then refit on counterfactual views of the masked images
+        (``relevance_finetune.head.refit_head``, Deep Feature Reweighting's procedure).
     """
 
     name: str
@@ -59,11 +68,15 @@ class Recipe:
     object_only: float = 0.0
     selection: Selection = "paper"
     evidence: str = ""
+    finetune: bool = True
+    head_refit: bool = False
     _swap: BackgroundSwap = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.selection not in get_args(Selection):
             raise ValueError(f"selection must be one of {get_args(Selection)}, got {self.selection!r}")
+        if not (self.finetune or self.head_refit):
+            raise ValueError(f"recipe {self.name!r} does nothing: finetune, head_refit or both must be true")
         object.__setattr__(self, "loss", MappingProxyType(dict(self.loss)))
         object.__setattr__(self, "_swap", self.swap())
 
@@ -86,22 +99,36 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
+# what the benchmark supports today; also the first stage of "two_stage_head"
+_RECOMMENDED = Recipe(
+    "recommended",
+    loss=dict(classification="ground_truth"),
+    background_swap=0.5,
+    selection="counterfactual",
+    evidence="`relevance-finetune demo --family hue mark texture --finetune-classes all --seeds 3 --methods swap "
+             "recommended` (benchmarks/results/ceiling_all_base.json), vs the original on hue: OOD +14.3, "
+             "background-only -35.1, ID -11.1 (1.6 above the oracle's): 39% of the OOD gap to the oracle (mark 15%, "
+             "texture 24%); the swap with p = 1 under the reliance rule: 13% (mark 33%, texture 34%). The relevance "
+             "terms add nothing measurable; no method closes more than 56% on any family (docs/benchmark.md)")
+
 RECIPES: Mapping[str, Recipe] = MappingProxyType({recipe.name: recipe for recipe in (
     Recipe(
         "paper",
         evidence="Chefer et al. 2022, Eq. 5 and Sec. 4 (bg 2.0, fg 0.3, relevance 0.8, confidence CE 0.2); "
                  "`relevance-finetune demo --full --family hue`, 3 seeds vs the original: OOD -0.3, "
                  "background-only -4.0, ID -0.5 (its rule keeps lr at 1e-5)"),
+    _RECOMMENDED,
     Recipe(
-        "recommended",
-        loss=dict(classification="ground_truth"),
-        background_swap=0.5,
-        selection="counterfactual",
-        evidence="`relevance-finetune demo --family hue mark texture --finetune-classes all --seeds 3 --methods swap "
-                 "recommended` (benchmarks/results/ceiling_all_base.json), vs the original on hue: OOD +14.3, "
-                 "background-only -35.1, ID -11.1 (1.6 above the oracle's): 39% of the OOD gap to the oracle (mark 15%, "
-                 "texture 24%); the swap with p = 1 under the reliance rule: 13% (mark 33%, texture 34%). The relevance "
-                 "terms add nothing measurable; no method closes more than 56% on any family (docs/benchmark.md)"),
+        "head",
+        finetune=False,
+        head_refit=True,
+        evidence="Deep Feature Reweighting (Kirichenko et al. 2023) on counterfactual views of the masked images; "
+                 "to be measured by the study in docs/benchmark.md (`--methods head`)"),
+    _RECOMMENDED.replace(
+        name="two_stage_head",
+        head_refit=True,
+        evidence="the recommended finetune, then the head refit on the same masked images; to be measured by the "
+                 "study in docs/benchmark.md (`--methods two_stage_head`)"),
 )})
 
 

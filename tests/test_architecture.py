@@ -14,7 +14,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("gae",),                                                        # the core
     ("losses", "metrics", "probes", "augment", "viz"),               # on relevance maps and images
     ("images", "imagenet_s", "checkpoint"),                          # files and formats
-    ("data", "masks", "models"),                                     # datasets, mask making, model building
+    ("data", "masks", "models", "head"),                             # datasets, masks, models, the head refit
     ("recipes",),                                                    # named finetuning recipes
     ("train", "evaluate", "export", "explain", "masks.command"),     # the commands
     ("bench",),                                                      # the demo: trains, evaluates, exports

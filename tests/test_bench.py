@@ -264,7 +264,7 @@ def test_finetune_classes_all_finetunes_and_validates_on_every_class():
     result = evaluate_model(create_original(config).eval(), data["tests"], config)
     assert "ood_acc" in result and "ood_acc_set_a" not in result  # no set B to compare with
     table = markdown_tables(summarize([{"original": result, "ours": {**result, "lr": 1e-5}}]))
-    assert "| ours | +0.0 ± 0.0 |" in table and "OOD set" not in table and "| pixel acc |" in table
+    assert "| ours | +0.0 |" in table and "OOD set" not in table and "| pixel acc |" in table  # one seed: no ± std
     with pytest.raises(ValueError, match="finetune_classes"):
         BenchConfig(finetune_classes="some")
 
@@ -288,3 +288,32 @@ def test_patch_masks_cover_every_patch_the_object_touches():
     assert set(sets["tests"]["id"].tensors[1].unique().tolist()) == {0.0, 1.0}
     with pytest.raises(ValueError, match="finetune_masks"):
         BenchConfig(finetune_masks="boxes")
+
+
+def test_head_methods_run_record_seconds_and_share_the_recommended_finetune():
+    from relevance_finetune.bench.runner import METHODS, BenchConfig, run_seed
+
+    config = BenchConfig(image_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=4,
+                         finetune_classes="all", finetune_per_class=3, val_per_class=2, test_images=8,
+                         perturbation_images=4, pretrain_images=16, pretrain_epochs=1, biased_images=16,
+                         biased_epochs=1, train_batch=8, original_attempts=1, finetune_epochs=1, lr_grid=(1e-3,),
+                         oracle=False, methods=("two_stage_head", "head", "recommended"))
+    results = run_seed(config, seed=0)
+    assert all(results[name]["seconds"] > 0 for name in config.methods)
+    head, two_stage, recommended = (results[name] for name in ("head", "two_stage_head", "recommended"))
+    assert head["lr"] == 0.0 and head["lr_trials"] == [] and head["head_C"] in (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
+    assert "head_C" not in recommended
+    # two_stage_head is recommended's chosen model (one finetune for both), then the refit
+    assert two_stage["lr"] == recommended["lr"] and two_stage["lr_trials"] is recommended["lr_trials"]
+    assert two_stage["seconds"] > recommended["seconds"]
+    models = results["models"]
+    backbone = [model.blocks[0].attn.qkv.weight for model in (models["two_stage_head"], models["recommended"])]
+    assert torch.equal(*backbone)
+    assert not torch.equal(models["two_stage_head"].head.weight, models["recommended"].head.weight)
+    assert torch.equal(models["head"].patch_embed.proj.weight, models["original"].patch_embed.proj.weight)
+    assert not torch.equal(models["head"].head.weight, models["original"].head.weight)
+    assert METHODS["two_stage_head"].finetune_settings() == METHODS["recommended"].finetune_settings()
+    with pytest.raises(ValueError, match=r"methods \['head'\] refit the head.*--finetune-classes all"):
+        run_seed(dataclasses.replace(config, finetune_classes="half", methods=("head",)), seed=0)
+    with pytest.raises(ValueError, match="does nothing"):
+        dataclasses.replace(METHODS["head"], head_refit=False)

@@ -85,7 +85,7 @@ def test_summary_pairs_the_id_against_each_seed_s_oracle():
     assert methods["oracle"]["seeds_ahead"] == []  # the same OOD in both seeds: no ceiling
     ahead = summarize([seed(90, 80, 84), {**seed(92, 78, 86), "oracle": {**seed(92, 78, 86)["oracle"], "ood_acc": 60.0}}])
     assert ahead["oracle"]["seeds_ahead"] == [1]
-    assert "in the runs 1 (0 = the first seed)" in _ceiling_table(ahead)
+    assert "ahead of the original on OOD by at least 1 point in seed 1 but not in seed 0;" in _ceiling_table(ahead)
 
 
 def _tiny_data(config):

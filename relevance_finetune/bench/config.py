@@ -9,7 +9,8 @@ from typing import Any
 from .methods import DEFAULT_METHODS, METHODS
 from .synthetic import FAMILIES, SpuriousConfig
 
-__all__ = ["ALL_CLASSES", "FAMILY_SETTINGS", "FINETUNE_CLASSES", "FINETUNE_MASKS", "BenchConfig", "config_dict"]
+__all__ = ["ALL_CLASSES", "FAMILY_SETTINGS", "FINETUNE_CLASSES", "FINETUNE_MASKS", "MASK_SOURCES", "BenchConfig",
+           "config_dict"]
 
 
 # Each family's schedule of the original where it differs from the defaults: measured so that the
@@ -20,9 +21,13 @@ FAMILY_SETTINGS: dict[str, dict[str, Any]] = {"texture": dict(biased_epochs=8)}
 # images of every class).
 FINETUNE_CLASSES = ("half", "all")
 # The masks the finetune and its validation see: the generator's exact ones, every patch the object
-# touches (a patch-level mask, as TokenCut gives), which carries background pixels along the outline, or
-# noisy ones (patch-level, grown or shrunk by 2 patches, a fifth of them another image's: see noisy_masks).
-FINETUNE_MASKS = ("exact", "patch", "noisy")
+# touches (a patch-level mask, as TokenCut gives), which carries background pixels along the outline,
+# noisy ones (patch-level, grown or shrunk by 2 patches, a fifth of them another image's: see noisy_masks),
+# or TokenCut's, made without annotation from a model's keys (automatic_masks.py).
+FINETUNE_MASKS = ("exact", "patch", "noisy", "tokencut")
+# The ViT whose last-block keys TokenCut cuts: the original itself, or its first phase (trained on images
+# whose background is independent of the class, before the shortcut; the stand-in for DINO).
+MASK_SOURCES = ("original", "first_phase")
 # "all" with the same 80 masked finetuning and 200 validation images as "half", spread over every class
 ALL_CLASSES: dict[str, Any] = dict(finetune_classes="all", finetune_per_class=8, val_per_class=20)
 
@@ -58,7 +63,8 @@ class BenchConfig:
     max_val_drop: float = 2.5  # both rules: val accuracy may fall by at most this much
     select_every: int = 5  # the reliance rule scores a checkpoint every this many epochs
     finetune_distribution: str = "biased"
-    finetune_masks: str = "exact"  # "exact", or "patch": every patch the object touches (TokenCut's resolution)
+    finetune_masks: str = "exact"  # one of FINETUNE_MASKS
+    mask_source: str = "original"  # finetune_masks="tokencut": the model TokenCut reads, one of MASK_SOURCES
     baseline_lambda: float = 1.0  # input-gradient penalty, relative to its initial CE ratio
     # evaluation
     test_images: int = 500
@@ -71,6 +77,11 @@ class BenchConfig:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
         if self.finetune_masks not in FINETUNE_MASKS:
             raise ValueError(f"finetune_masks must be one of {FINETUNE_MASKS}, got {self.finetune_masks!r}")
+        if self.mask_source not in MASK_SOURCES:
+            raise ValueError(f"mask_source must be one of {MASK_SOURCES}, got {self.mask_source!r}")
+        if min(self.finetune_per_class, self.val_per_class) < 1:
+            raise ValueError(f"finetune_per_class and val_per_class must be at least 1, got "
+                             f"{self.finetune_per_class} and {self.val_per_class}")
         if self.finetune_classes not in FINETUNE_CLASSES:
             raise ValueError(f"finetune_classes must be one of {FINETUNE_CLASSES}, got {self.finetune_classes!r}")
         unknown = sorted(set(self.methods) - set(METHODS))

@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from .._files import atomic_path, write_text_atomic
-from .ceiling import CEILING_COLUMNS, MIN_GAP, ceiling_columns, gap_closed, no_oracle_note, seeds_with_a_ceiling
+from .ceiling import (CEILING_COLUMNS, ceiling_columns, ceiling_note, format_stat, gap_closed, no_oracle_note,
+                      seed_count, seeds_with_a_ceiling)
+from .narration import StageReporter, caption, conclusion, elapsed, plan, seed_phrase
 from .runner import (ALL_CLASSES, DEFAULT_METHODS, FINETUNE_CLASSES, FINETUNE_MASKS, METHODS, BenchConfig,
                      config_dict, create_original, make_data, normalize, run_seed, train_original)
 from .synthetic import CLASS_NAMES, FAMILIES
@@ -58,6 +60,15 @@ COLUMNS = (
 METRICS = ("id_acc", "ood_acc", "adv_acc", "ood_acc_set_a", "ood_acc_set_b", "pixel_acc", "miou", "map",
            "perturbation_positive_auc", "perturbation_negative_auc")
 PROBES = ("object_only", "background_only", "background_reliance")
+# The tables of a summary beside the ceiling's: (header, metric or probe) per column.
+TABLES = {
+    "comparison": (("ID", "id_acc"), ("OOD", "ood_acc"), ("adversarial", "adv_acc"), ("mIoU", "miou"),
+                   ("object-only", "object_only"), ("background-only", "background_only")),
+    "details": (("OOD set A", "ood_acc_set_a"), ("OOD set B", "ood_acc_set_b"), ("pixel acc", "pixel_acc"),
+                ("mAP", "map"), ("background reliance", "background_reliance"),
+                ("perturbation AUC + (lower = faithful)", "perturbation_positive_auc"),
+                ("perturbation AUC − (higher = faithful)", "perturbation_negative_auc")),
+}
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -66,13 +77,14 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and std over seeds of every metric and probe, per method, and of the paired change
-    vs the same seed's original (``"change"``)."""
+    vs the same seed's original (``"change"``); ``"n_seeds"``: how many seeds they are over."""
     methods: dict[str, Any] = {}
     originals = [seed_result["original"] for seed_result in per_seed]
     metrics = [metric for metric in METRICS if metric in originals[0]]  # no set A/B when every class is finetuned
     for name in per_seed[0]:
         runs = [seed_result[name] for seed_result in per_seed]
         entry = {metric: _mean_std([r[metric] for r in runs]) for metric in metrics}
+        entry["n_seeds"] = len(runs)
         entry["probes"] = {probe: _mean_std([r["probes"][probe] for r in runs]) for probe in runs[0]["probes"]}
         entry["change"] = {metric: _mean_std([r[metric] - o[metric] for r, o in zip(runs, originals)])
                            for metric in metrics}
@@ -95,57 +107,50 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     return methods
 
 
-def _cell(stat: dict[str, float], change: dict[str, float] | None = None) -> str:
-    """``mean ± std``, or for a finetuned model the paired change vs the original ``+x ± s``."""
-    if change is not None:
-        return f"{change['mean']:+.1f} ± {change['std']:.1f}"
-    return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
-
-
-def _row(name: str, entry: dict[str, Any], keys: tuple[str, ...]) -> str:
-    change = entry["change"] if name != "original" else {}
-    cells = [_cell(entry["probes"][key] if key in PROBES else entry[key], change.get(key)) for key in keys]
+def _row(name: str, entry: dict[str, Any], keys: tuple[str, ...], n_seeds: int | None) -> str:
+    """The original's values, or another model's paired change vs the original (``+x``)."""
+    if name == "original":
+        cells = [format_stat(entry["probes"][key] if key in PROBES else entry[key], n_seeds) for key in keys]
+    else:
+        cells = [format_stat(entry["change"][key], n_seeds, signed=True) for key in keys]
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
-def markdown_tables(methods: dict[str, Any]) -> str:
-    """The comparison (accuracy under shift, map agreement, reliance), then the details. The
-    original's row holds mean ± std over seeds; every other row the change vs the same seed's
-    original, mean ± std."""
+def markdown_tables(methods: dict[str, Any], seeds: Sequence[int] | None = None) -> str:
+    """The comparison (accuracy under shift, map agreement, reliance), the ceiling, then the
+    details, each under a caption. The original's row holds its values; every other row the change
+    vs the same seed's original; ``mean ± std`` over several seeds, the values alone for one.
+    ``seeds``: the seeds' numbers (default 0, 1, ...), for the sentence on the ceiling."""
     tables = []
-    for columns in (
-            (("ID", "id_acc"), ("OOD", "ood_acc"), ("adversarial", "adv_acc"), ("mIoU", "miou"),
-             ("object-only", "object_only"), ("background-only", "background_only")),
-            (("OOD set A", "ood_acc_set_a"), ("OOD set B", "ood_acc_set_b"), ("pixel acc", "pixel_acc"),
-             ("mAP", "map"), ("background reliance", "background_reliance"),
-             ("perturbation AUC + (lower = faithful)", "perturbation_positive_auc"),
-             ("perturbation AUC − (higher = faithful)", "perturbation_negative_auc"))):
+    for kind, columns in TABLES.items():
         columns = [(name, key) for name, key in columns  # e.g. no set A/B when every class is finetuned
                    if any(key in entry or key in entry["probes"] for entry in methods.values())]
         names, keys = zip(*columns)
         lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        lines += [_row(name, entry, keys) for name, entry in methods.items()]
-        tables.append("\n".join(lines))
-    tables.insert(1, _ceiling_table(methods))
+        lines += [_row(name, entry, keys, seed_count(methods)) for name, entry in methods.items()]
+        number = 1 if kind == "comparison" else 2 + ("oracle" in methods)
+        tables.append(caption(number, kind, seed_count(methods), keys) + "\n\n" + "\n".join(lines))
+    tables.insert(1, _ceiling_table(methods, seeds))
     learning_rates = [f"{name} {', '.join(f'{lr:g}' for lr in entry['lr'])}"
                       for name, entry in methods.items() if "lr" in entry]
-    return "\n\n".join(tables) + "\n\nChosen learning rates per seed: " + "; ".join(learning_rates) + ".\n"
+    chosen = "Chosen learning rate" + (": " if seed_count(methods) == 1 else "s per seed: ")
+    return "\n\n".join(tables) + f"\n\n{chosen}" + "; ".join(learning_rates) + ".\n"
 
 
-def _ceiling_table(methods: dict[str, Any]) -> str:
-    """Each method against the oracle: the share of the original-to-oracle gap it closes (OOD,
-    background-only) and its ID accuracy minus the oracle's; a note instead without an oracle."""
+def _ceiling_table(methods: dict[str, Any], seeds: Sequence[int] | None = None) -> str:
+    """Table 2, each method against the oracle: the share of the original-to-oracle gap it closes
+    (OOD, background-only) and its ID accuracy minus the oracle's, under its caption and above the
+    sentence on which seeds have a ceiling; a note instead without an oracle."""
     note = no_oracle_note(methods)
     if note:
         return note
-    lines = ["| method | " + " | ".join(CEILING_COLUMNS) + " |", "|---|" + "---|" * len(CEILING_COLUMNS)]
+    lines = [caption(2, "ceiling", seed_count(methods)), "",
+             "| method | " + " | ".join(CEILING_COLUMNS) + " |", "|---|" + "---|" * len(CEILING_COLUMNS)]
     lines += [f"| {name} | " + " | ".join(ceiling_columns(methods, name)) + " |"
               for name in methods if name != "original"]
-    ahead = methods["oracle"].get("seeds_ahead")
-    if ahead is not None:
-        lines.append(f"\nThe oracle is ahead of the original on OOD (by at least {MIN_GAP:g} point) in the runs "
-                     f"{', '.join(map(str, ahead)) or 'none'} (0 = the first seed); a seed where it is not has no "
-                     "ceiling to close.")
+    ahead, count = methods["oracle"].get("seeds_ahead"), seed_count(methods)
+    if ahead is not None and (seeds is not None or count):
+        lines.append("\n" + ceiling_note(ahead, list(seeds) if seeds is not None else list(range(count))))
     return "\n".join(lines)
 
 
@@ -190,15 +195,26 @@ def write_reports(out: Path, families: dict[str, dict[str, Any]], note: str = ""
     text = ["# relevance-finetune demo\n", note] if note else ["# relevance-finetune demo\n"]
     for name, family in families.items():
         seeds = family["seeds"]
-        text.append(f"## Shortcut family: {name}\n\n{len(seeds)} seeds ({', '.join(map(str, seeds))}), "
+        count = seed_phrase(seeds)
+        text.append(f"## Shortcut family: {name}\n\n{count[0].upper()}{count[1:]}, "
                     + ("run time not recorded" if family["seconds"] is None else
-                       f"{family['seconds']:.0f} s of runs (each seed's wall time, summed)")
-                    + ". The original's row: mean ± std over seeds (percent); every other "
-                    "row: the change vs the same seed's original, mean ± std over seeds.\n\n"
-                    + markdown_tables(family["methods"]))
+                       f"{family['seconds']:.0f} s of runs (each seed's wall time, summed)") + ".\n\n"
+                    + _masks_line(family.get("masks"))
+                    + markdown_tables(family["methods"], seeds)
+                    + f"\n**Conclusion.** {conclusion(name, family['methods'], seeds)}\n")
     text.append("Columns:\n\n" + "\n".join(f"- {line}" for line in COLUMNS) + "\n")
     write_text_atomic(out / "results.md", "\n".join(text))
     return results
+
+
+def _masks_line(quality: list[dict[str, Any]] | None) -> str:
+    """One sentence on the automatic finetuning masks (none without them)."""
+    if not quality:
+        return ""
+    iou = statistics.fmean(q["iou"] for q in quality)
+    empty, full, images = (sum(q[key] for q in quality) for key in ("empty", "full", "images"))
+    return (f"Automatic ({quality[0]['source']}) finetuning and validation masks: mean IoU {iou:.1f} with the exact "
+            f"masks; {empty} empty and {full} covering the whole image, of {images} (all seeds).\n\n")
 
 
 def _seed_paths(config: BenchConfig, seed: int, cache: Path) -> tuple[Path, Path]:
@@ -211,14 +227,19 @@ def _seed_paths(config: BenchConfig, seed: int, cache: Path) -> tuple[Path, Path
     return cache / f"results-{config.family}-{key}.json", cache / f"shown-{config.family}-{key}.safetensors"
 
 
-def _seed_result(config: BenchConfig, seed: int, cache: Path, threads: int | None = None) -> None:
-    """Run one seed unless its results are cached (in ``cache``, with its shown finetuned model)."""
+def _seed_result(config: BenchConfig, seed: int, cache: Path, threads: int | None = None,
+                 since: float | None = None) -> None:
+    """Run one seed unless its results are cached (in ``cache``, with its shown finetuned model),
+    writing a line per stage (times from ``since``, the benchmark's start)."""
     if threads:
         torch.set_num_threads(threads)
     results_path, model_path = _seed_paths(config, seed, cache)
-    if not (results_path.is_file() and model_path.is_file()):
+    progress = StageReporter(config, seed, since or time.time())
+    if results_path.is_file() and model_path.is_file():
+        progress(f"found in {cache}: reused")
+    else:
         started = time.time()
-        result = run_seed(config, seed, cache)
+        result = run_seed(config, seed, cache, progress)
         result["seconds"] = round(time.time() - started, 1)
         with atomic_path(model_path) as temporary:
             save_file(result["models"][_shown_method(result)].state_dict(), str(temporary))
@@ -229,11 +250,11 @@ def _load_seed(config: BenchConfig, seed: int, cache: Path) -> dict[str, Any]:
     """A cached seed: its results, the original and the shown finetuned model, the OOD samples."""
     results_path, model_path = _seed_paths(config, seed, cache)
     result = json.loads(results_path.read_text())
-    shown = _shown_method({"models": {k: v for k, v in result.items() if k != "seconds"}})
+    shown = _shown_method({"models": {k: v for k, v in result.items() if k not in ("seconds", "masks")}})
     model = create_original(config)
     model.load_state_dict(load_file(str(model_path)))
     models = {"original": train_original(config, seed, cache), shown: model.eval()}
-    return {**result, "models": models, "samples": make_data(config, seed)["tests"]["ood"]}
+    return {**result, "models": models, "samples": make_data(config, seed, cache)["tests"]["ood"]}
 
 
 def run_benchmark(config: BenchConfig, seeds: list[int], out: Path, families: tuple[str, ...] = ("hue",),
@@ -245,25 +266,30 @@ def run_benchmark(config: BenchConfig, seeds: list[int], out: Path, families: tu
     cache.mkdir(parents=True, exist_ok=True)
     configs = {family: config.for_family(family) for family in families}
     tasks = [(configs[family], seed) for family in families for seed in seeds]
+    started = time.time()
     with tqdm(total=len(tasks), desc="benchmark (family, seed)") as bar:
         if jobs == 1:
             for family_config, seed in tasks:
                 bar.set_postfix_str(f"{family_config.family} seed {seed}")
-                _seed_result(family_config, seed, cache)
+                _seed_result(family_config, seed, cache, since=started)
                 bar.update(1)
         else:
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(jobs, mp_context=context) as pool:
-                for future in as_completed([pool.submit(_seed_result, c, s, cache, 1) for c, s in tasks]):
+                for future in as_completed([pool.submit(_seed_result, c, s, cache, 1, started) for c, s in tasks]):
                     future.result()
                     bar.update(1)
+    tqdm.write(f"{elapsed(started)} writing the figures, the finetuned weights and the tables")
     reports = {}
     for family, family_config in configs.items():
         loaded = [_load_seed(family_config, seed, cache) for seed in seeds]
-        per_seed = [{k: v for k, v in result.items() if k not in ("models", "samples", "seconds")} for result in loaded]
+        per_seed = [{k: v for k, v in result.items() if k not in ("models", "samples", "seconds", "masks")}
+                    for result in loaded]
         seconds = [result.get("seconds") for result in loaded]
         total = None if None in seconds else round(sum(seconds), 1)
         reports[family] = _family_results(config_dict(family_config), seeds, per_seed, total)
+        if "masks" in loaded[0]:  # automatic masks: their quality per seed
+            reports[family]["masks"] = [result["masks"] for result in loaded]
         suffix = "" if len(families) == 1 else f"_{family}"
         _figure(loaded[0], out / f"relevance_before_after{suffix}.png")
         if family == families[0]:
@@ -355,12 +381,17 @@ def run(args: argparse.Namespace) -> int:
         config = replace(config, methods=tuple(args.methods))
     config = replace(config, **_overrides(args.overrides))
     jobs = args.jobs or max(1, min(len(families) * seeds, os.cpu_count() or 1))
+    scale = "quick" if args.quick else "full" if args.full else "default"
+    print(plan(config, families, range(seeds), scale, bool(args.methods or args.overrides), str(args.out / "cache")),
+          flush=True)
     results = run_benchmark(config, list(range(seeds)), args.out, families, note, jobs)
-    for family, report in (results["families"] if "families" in results else {families[0]: results}).items():
-        print(f"\nShortcut family: {family}\n" + markdown_tables(report["methods"]))
-    print("\n".join(["Columns (the original's row in percent, the others the change vs the original):",
-                      *(f"  {line}" for line in COLUMNS)]))
+    reports = results["families"] if "families" in results else {families[0]: results}
+    for family, report in reports.items():
+        print(f"\nShortcut family: {family}\n\n" + markdown_tables(report["methods"], report["seeds"]))
+    print("\n".join(["Columns, in detail:", *(f"  {line}" for line in COLUMNS)]))
     if note:
         print("\n" + note.strip("*\n"))
-    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, the figures and the finetuned weights")
+    for family, report in reports.items():
+        print(f"\nConclusion ({family}): {conclusion(family, report['methods'], report['seeds'])}")
+    print(f"\nwrote {args.out / 'results.json'}, {args.out / 'results.md'}, the figures and the finetuned weights")
     return 0

@@ -1,12 +1,13 @@
 """The benchmark's finetuning methods: the paper's loss and its ablations, the baselines, the recipes.
 
 A ``Method`` names a loss (the relevance loss with settings, or an input-gradient baseline), the
-counterfactual images it trains on and the rule that chooses its learning rate and checkpoint;
+counterfactual images it trains on and the rule that chooses its learning rate and checkpoint, and
+its stages: the finetune, then (``head_refit``) the head refit of ``relevance_finetune.head``;
 ``METHODS`` is the table that ``relevance-finetune demo --methods`` chooses from.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, get_args
 
 from .. import recipes
@@ -36,10 +37,14 @@ class Method:
     paired: bool = False  # every batch holds each image and its counterfactual (twice the images per step)
     jsd: float = 0.0  # paired only: weight of the Jensen-Shannon divergence between the two views' predictions
     selection: str = "paper"  # lr (and checkpoint) rule on the validation set: one of SELECTIONS
+    finetune: bool = True  # finetune the model by the settings above (False: the original, unchanged)
+    head_refit: bool = False  # then refit the head on the finetuning images' counterfactual views (head.py)
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if not (self.finetune or self.head_refit):
+            raise ValueError(f"method {self.name!r} does nothing: finetune, head_refit or both must be true")
         if self.jsd < 0 or self.consistency < 0:
             raise ValueError(f"method {self.name!r}: consistency weights must be >= 0, got jsd={self.jsd}, "
                              f"consistency={self.consistency}")
@@ -54,7 +59,13 @@ class Method:
         if recipe.object_only:
             raise ValueError("the benchmark's methods take no object-only images")
         return cls(name, kwargs={**recipe.loss, **loss}, description=description, tune_lr=True,
-                   background_swap=recipe.background_swap, selection=recipe.selection)
+                   background_swap=recipe.background_swap, selection=recipe.selection, finetune=recipe.finetune,
+                   head_refit=recipe.head_refit)
+
+    def finetune_settings(self) -> "Method":
+        """This method's finetune alone (no name, description or head refit): two methods whose
+        finetunes are equal share one model per seed."""
+        return replace(self, name="", description="", head_refit=False)
 
 
 def _swap(name: str, description: str, background_swap: float = 1.0, selection: str = "reliance",
@@ -101,6 +112,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
           selection="counterfactual", paired=True, jsd=12.0),
     _swap("paired_relevance_cf", "paired_cf with the relevance terms (the paper's weights)",
           selection="counterfactual", paired=True, relevance=True),
+    # robustness per mask (issue 27): the head refit (Deep Feature Reweighting on counterfactual views)
+    Method.from_recipe("head", recipes.get("head"),
+                       description="the original's head refit on the finetuning images' counterfactual views, C "
+                                   "chosen on the validation images' views (recipes.get('head'))"),
+    Method.from_recipe("two_stage_head", recipes.get("two_stage_head"),
+                       description="recommended's chosen model, then the head refit (recipes.get('two_stage_head'))"),
 )}
 EXTENSIONS = tuple(name for name in METHODS if name.startswith("ext_"))
 # the comparison every family runs; the Table 4 ablations and extensions on request

@@ -18,7 +18,8 @@ from .._files import atomic_path
 from .config import BenchConfig
 from .synthetic import make_split
 
-__all__ = ["accuracy", "create_original", "normalize", "predict", "train_oracle", "train_original"]
+__all__ = ["accuracy", "create_original", "normalize", "predict", "train_first_phase", "train_oracle",
+           "train_original"]
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -78,7 +79,7 @@ def _save_cached(model: nn.Module, path: Path | None) -> None:
             save_file(model.state_dict(), str(temporary))
 
 
-def _train_objects(config: BenchConfig, seed: int, cache_dir: Path | None) -> nn.Module:
+def train_first_phase(config: BenchConfig, seed: int, cache_dir: Path | None = None) -> nn.Module:
     """The first phase, shared by the original and the oracle: images whose background is
     independent of the class. A ViT sits at chance for a few hundred steps before it finds the
     objects; a phase that ends there (accuracy below twice chance) is restarted from a new
@@ -106,7 +107,7 @@ def _train_two_phase(config: BenchConfig, seed: int, cache_dir: Path | None, kin
     model = _load_cached(path, config)
     if model is not None:
         return model
-    model = _train_objects(config, seed, cache_dir)
+    model = train_first_phase(config, seed, cache_dir)
     distribution = "biased" if kind == "original" else "independent"
     second = make_split(config.biased_images, distribution, config.p, config.spurious(), seed=1000 * seed + 2)
     _train_classifier(model, second, config.biased_epochs, 1e-3, config.train_batch, seed, f"{kind}: second phase")
@@ -120,7 +121,7 @@ def train_original(config: BenchConfig, seed: int, cache_dir: Path | None = None
     First on images whose background is independent of the class (it learns the objects, as
     far as their contrast lets it), then on the biased set (it learns the background shortcut
     for the objects it cannot read well): the way real pretrained models come to have both.
-    A first phase that never found the objects is restarted (``_train_objects``), since a model
+    A first phase that never found the objects is restarted (``train_first_phase``), since a model
     that never learnt them is no valid starting point.
     """
     return _train_two_phase(config, seed, cache_dir, "original")

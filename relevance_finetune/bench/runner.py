@@ -8,6 +8,7 @@ checkpoint) chosen on the masked validation set by the method's rule -> finetune
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,9 +20,11 @@ from torch.utils.data import TensorDataset
 
 from ..augment import BackgroundSwap
 from ..gae import attach_gae
+from ..head import HeadRefit, refit_head
 from ..losses import InputGradientRegularizer, RelevanceRegularizer
 from ..metrics import SegmentationMeter, area_under_curve, perturbation_curve
 from ..probes import reliance_probes, replace_region
+from .automatic_masks import tokencut_splits
 from .config import ALL_CLASSES, FAMILY_SETTINGS, FINETUNE_CLASSES, FINETUNE_MASKS, BenchConfig, config_dict
 from .methods import DEFAULT_METHODS, EXTENSIONS, METHODS, SELECTIONS, Method
 from .originals import accuracy, create_original, normalize, predict, train_oracle, train_original
@@ -29,8 +32,8 @@ from .synthetic import make_split
 
 __all__ = ["ALL_CLASSES", "DEFAULT_METHODS", "EXTENSIONS", "FAMILY_SETTINGS", "FINETUNE_CLASSES", "FINETUNE_MASKS",
            "METHODS", "SELECTIONS", "BenchConfig", "Method", "choose_lr", "config_dict", "counterfactual_images",
-           "create_original", "evaluate_model", "finetune", "jensen_shannon", "make_data", "noisy_masks",
-           "normalize", "patch_masks", "run_seed", "train_oracle", "train_original", "validation_score"]
+           "create_original", "evaluate_model", "finetune", "head_refit", "jensen_shannon", "make_data",
+           "noisy_masks", "normalize", "patch_masks", "run_seed", "train_oracle", "train_original", "validation_score"]
 
 
 def jensen_shannon(logits: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -166,7 +169,7 @@ def _test_accuracies(model: nn.Module, tests: dict) -> dict[str, float]:
 
 
 def choose_lr(original: nn.Module, method: Method, train, val, config: BenchConfig, seed: int,
-              tests: dict | None = None):
+              tests: dict | None = None, progress: Callable[[str], None] = lambda message: None):
     """The learning rate (and model) by ``method.selection``. Returns (lr, model, trials); the
     first trial (lr 0) is the original model. With ``tests`` (name -> split) every trial also
     records its test accuracies under ``"test"``, for the trade-off curve; the rules never read them.
@@ -178,7 +181,7 @@ def choose_lr(original: nn.Module, method: Method, train, val, config: BenchConf
     ``"counterfactual"``: among the same models, the highest accuracy on the validation objects
     moved onto each other's backgrounds (ties: the higher accuracy), with no accuracy limit. When
     nothing passes, the smallest lr's final model (its model is kept, not retrained). The chosen
-    trial is marked ``"chosen": True``.
+    trial is marked ``"chosen": True``. ``progress`` hears of each learning rate as it starts.
     """
     selection = method.selection
     every_checkpoint = selection in ("reliance", "counterfactual")
@@ -188,6 +191,7 @@ def choose_lr(original: nn.Module, method: Method, train, val, config: BenchConf
     if tests:
         trials[0]["test"] = _test_accuracies(original, tests)
     for lr in config.lr_grid:
+        progress(f"{method.name}: learning rate {lr:g}")
         for epoch, model in _finetune_epochs(original, method, train, lr, config, seed):
             last = epoch == config.finetune_epochs
             if not last and not (every_checkpoint and epoch % config.select_every == 0):
@@ -268,9 +272,11 @@ def noisy_masks(data: TensorDataset, patch_size: int, seed: int, grow: int = 2,
     return TensorDataset(images, F.interpolate(noisy, scale_factor=patch_size, mode="nearest")[:, 0], *rest)
 
 
-def make_data(config: BenchConfig, seed: int) -> dict[str, Any]:
+def make_data(config: BenchConfig, seed: int, cache_dir: Path | None = None) -> dict[str, Any]:
     """Finetuning, validation and test sets of ``seed`` (finetuning and validation masks as
-    ``config.finetune_masks``; test masks exact)."""
+    ``config.finetune_masks``; test masks exact). With ``"tokencut"`` also ``"masks"``, the automatic
+    masks' quality (``automatic_masks.tokencut_splits``), whose source model and masks are read from
+    (or trained and written to) ``cache_dir``."""
     spurious = config.spurious()
     base = 1000 * seed
     train_distribution = config.finetune_distribution
@@ -282,7 +288,11 @@ def make_data(config: BenchConfig, seed: int) -> dict[str, Any]:
         train, val = patch_masks(train, config.patch_size), patch_masks(val, config.patch_size)
     if config.finetune_masks == "noisy":
         train, val = (noisy_masks(split, config.patch_size, base + offset) for split, offset in ((train, 3), (val, 4)))
+    quality = {}
+    if config.finetune_masks == "tokencut":
+        (train, val), quality["masks"] = tokencut_splits((train, val), config, seed, cache_dir)
     return {
+        **quality,
         "train": train,
         "val": val,
         "tests": {
@@ -293,6 +303,41 @@ def make_data(config: BenchConfig, seed: int) -> dict[str, Any]:
     }
 
 
+def _finetuned(original: nn.Module, method: Method, data: dict[str, Any], config: BenchConfig, seed: int,
+               ours_lr: float | None, curve_tests: dict, done: list[tuple[Method, tuple]],
+               progress: Callable[[str], None]) -> tuple:
+    """``method``'s finetune as ``(lr, model, trials, seconds)``: by its rule, or at ours's lr for a
+    method that reuses it; the original itself (lr 0) for a method without a finetune; the outcome
+    in ``done`` of an equal finetune that ran this seed (its seconds with it)."""
+    if not method.finetune:
+        return 0.0, original, [], 0.0
+    settings = method.finetune_settings()
+    for earlier, outcome in done:
+        if earlier == settings:
+            return outcome
+    start = time.perf_counter()
+    if method.tune_lr or ours_lr is None:
+        lr, model, trials = choose_lr(original, method, data["train"], data["val"], config, seed, curve_tests,
+                                      progress)
+    else:
+        lr, trials = ours_lr, []
+        model = finetune(original, method, data["train"], lr, config, seed)
+    done.append((settings, (lr, model, trials, time.perf_counter() - start)))
+    return done[-1][1]
+
+
+def head_refit(model: nn.Module, data: dict[str, Any], seed: int) -> tuple[nn.Module, HeadRefit]:
+    """A copy of ``model`` whose head is refit (``head.refit_head``) on the finetuning images and
+    their counterfactual views, C chosen on the validation images' views (as the counterfactual
+    rule selects on them); and what the refit did."""
+    model = copy.deepcopy(model)
+    images, masks, labels, *_ = data["train"].tensors
+    val_images, val_masks, val_labels, *_ = data["val"].tensors
+    validation = (normalize(val_images), val_masks, val_labels)
+    refit = refit_head(model, normalize(images), masks, labels, validation=validation, seed=seed, progress=False)
+    return model, refit
+
+
 def run_seed(
         config: BenchConfig,
         seed: int,
@@ -300,11 +345,16 @@ def run_seed(
         progress: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
     """All methods for one seed: ``{"original": metrics, "oracle": metrics, method: metrics | {"lr",
-    "lr_trials"}}``
-    plus ``"models"`` (the finetuned models, for pictures and export)."""
+    "lr_trials", "seconds"}}`` (``"head_C"`` too for a head refit; ``"seconds"``: the method's wall time,
+    selection, finetune and refit, without the evaluation) plus ``"models"`` (the finetuned models,
+    for pictures and export)."""
+    refits = [name for name in config.methods if METHODS[name].head_refit]
+    if refits and config.set_b:
+        raise ValueError(f"methods {refits} refit the head, which needs masked images of every class: "
+                         "use --finetune-classes all")
     progress("original model")
     original = train_original(config, seed, cache_dir)
-    data = make_data(config, seed)
+    data = make_data(config, seed, cache_dir)
     results = {"original": evaluate_model(original, data["tests"], config)}
     models = {"original": original}
     if config.oracle:
@@ -313,19 +363,24 @@ def run_seed(
         results["oracle"] = evaluate_model(models["oracle"], data["tests"], config)
     ours_lr = None
     curve_tests = {split: data["tests"][split] for split in ("id", "ood")}  # recorded per trial, never selected on
+    finetunes: list[tuple[Method, tuple]] = []  # this seed's finetunes, shared by methods whose finetunes are equal
     for name in sorted(config.methods, key=lambda n: n != "ours"):  # ours first: others reuse its lr
         progress(name)
         method = METHODS[name]
-        if method.tune_lr or ours_lr is None:
-            lr, model, trials = choose_lr(original, method, data["train"], data["val"], config, seed, curve_tests)
-        else:
-            lr, trials = ours_lr, []
-            model = finetune(original, method, data["train"], lr, config, seed)
+        lr, model, trials, seconds = _finetuned(original, method, data, config, seed, ours_lr, curve_tests, finetunes,
+                                               progress)
         ours_lr = lr if name == "ours" else ours_lr
-        results[name] = {**evaluate_model(model, data["tests"], config), "lr": lr, "lr_trials": trials}
+        extra = {}
+        if method.head_refit:
+            model, refit = head_refit(model, data, seed)
+            seconds, extra["head_C"] = seconds + refit.seconds, refit.C
+        results[name] = {**evaluate_model(model, data["tests"], config), "lr": lr, "lr_trials": trials,
+                         "seconds": seconds, **extra}
         models[name] = model
     results["models"] = models
     results["samples"] = data["tests"]["ood"]
+    if "masks" in data:  # the automatic masks' quality, beside the methods
+        results["masks"] = data["masks"]
     return results
 
 
