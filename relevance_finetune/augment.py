@@ -55,7 +55,8 @@ def fill_object(images: torch.Tensor, masks: torch.Tensor, fill: Fill = "inpaint
     filler = mean.expand_as(images)
     if fill == "inpaint":
         sigma = max(images.shape[-2:]) / 8
-        kernel = 2 * math.ceil(2 * sigma) + 1
+        # torch's reflect padding (kernel // 2) must stay below the shorter side: a smaller kernel on thin images
+        kernel = min(2 * math.ceil(2 * sigma) + 1, 2 * min(images.shape[-2:]) - 1)
         blurred = TF.gaussian_blur(torch.cat([images * background, background], 1), [kernel, kernel], [sigma, sigma])
         weight = blurred[:, -1:]
         reach = weight > 1e-3
@@ -125,6 +126,8 @@ class BackgroundSwap:
     def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, masks) -> (counterfactual images, their masks); shapes and device kept."""
         masks_4d = _check(images, masks)
+        if not len(images):
+            return images.clone(), masks.clone()
         area = masks_4d.sum(dim=(1, 2, 3)).cpu()
         usable = (area > 0) & (area < masks_4d[0].numel())
         self._count_skipped(int((~usable).sum()), len(area))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gae import GAEHandle, normalize_relevance, upsample_relevance
+from .gae.rollout import resolve_target
 
 __all__ = ["RegularizerOutput", "RelevanceRegularizer", "InputGradientRegularizer", "prepare_masks"]
 
@@ -48,6 +49,8 @@ def prepare_masks(masks: torch.Tensor, batch_size: int) -> torch.Tensor:
         raise ValueError(f"masks must have shape (B, H, W) or (B, 1, H, W), got {tuple(masks.shape)}")
     if masks.shape[0] != batch_size:
         raise ValueError(f"masks hold {masks.shape[0]} images but the logits hold {batch_size}")
+    if masks.numel() == 0:
+        raise ValueError(f"masks are empty: shape {tuple(masks.shape)}")
     if masks.dtype == torch.bool:
         return masks.float()
     if masks.dtype == torch.uint8:
@@ -79,6 +82,21 @@ def _classification_loss(
     else:
         target = labels
     return F.cross_entropy(logits / temperature, target)
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    """Refuse anything but one (B, classes) tensor of logits.
+
+    Non-finite logits pass: the loss is then NaN or inf, which the training loop stops on in
+    every process at once (an error raised here in one process would leave the others waiting).
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"expected the logits as one tensor, got a {type(logits).__name__}: a distilled DeiT "
+            "with distilled training on returns (class, distillation) logits; pass their mean "
+            "(a + b) / 2, as timm does at inference, or call model.set_distilled_training(False)")
+    if logits.ndim != 2:
+        raise ValueError(f"expected logits of shape (B, classes), got {tuple(logits.shape)}")
 
 
 def _check_aspect(mask_size: tuple[int, int], grid: tuple[int, int]) -> None:
@@ -156,12 +174,10 @@ class RelevanceRegularizer(nn.Module):
             masks: torch.Tensor,
             labels: torch.Tensor | None = None,
     ) -> RegularizerOutput:
-        if not isinstance(logits, torch.Tensor):
-            raise TypeError(
-                f"expected the logits as one tensor, got a {type(logits).__name__}: a distilled DeiT "
-                "with distilled training on returns (class, distillation) logits; pass their mean "
-                "(a + b) / 2, as timm does at inference, or call model.set_distilled_training(False)")
+        _check_logits(logits)
         masks = prepare_masks(masks, logits.shape[0]).to(logits.device)
+        if labels is not None:
+            labels = resolve_target(logits, labels)
         out = RegularizerOutput(loss=logits.new_zeros(()))
         use_bg = self.lambda_relevance != 0 and self.lambda_bg != 0
         use_fg = self.lambda_relevance != 0 and self.lambda_fg != 0

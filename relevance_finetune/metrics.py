@@ -44,6 +44,10 @@ def _as_maps(x: torch.Tensor, name: str) -> torch.Tensor:
         x = x[:, 0]
     if x.ndim != 3:
         raise ValueError(f"{name} must have shape (B, H, W) or (B, 1, H, W), got {tuple(x.shape)}")
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(f"{name} are empty: shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contain NaN or inf")
     return x.detach().float().cpu()
 
 
@@ -80,6 +84,8 @@ def average_precision(scores: np.ndarray | torch.Tensor, targets: np.ndarray | t
     targets = np.asarray(targets).reshape(-1).astype(bool)
     if scores.shape != targets.shape:
         raise ValueError(f"scores and targets differ in size: {scores.size} vs {targets.size}")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or inf")
     positives = targets.sum()
     if positives == 0:
         return 0.0
@@ -221,7 +227,8 @@ def relevance_rank_accuracy(relevance: torch.Tensor, masks: torch.Tensor) -> tor
     k = truth.sum(dim=1)
     kth = relevance.sort(dim=1, descending=True).values.gather(1, (k - 1).clamp(min=0)[:, None])
     above, tied = relevance > kth, relevance == kth
-    hits = (above & truth).sum(dim=1) + (k - above.sum(dim=1)) * (tied & truth).sum(dim=1) / tied.sum(dim=1)
+    shared = (k - above.sum(dim=1)) * (tied & truth).sum(dim=1) / tied.sum(dim=1).double()
+    hits = (above & truth).sum(dim=1) + shared
     return _nan_without_foreground(hits / k.clamp(min=1), truth)
 
 
@@ -340,4 +347,6 @@ def area_under_curve(fractions: Sequence[float], accuracy: Sequence[float] | tor
     y = np.asarray(torch.as_tensor(accuracy).cpu(), dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"fractions and accuracy must be 1-d of equal length, got {x.shape} and {y.shape}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError(f"fractions and accuracy must be finite, got {x.tolist()} and {y.tolist()}")
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))

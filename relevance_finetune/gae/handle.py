@@ -124,6 +124,8 @@ class GAEHandle:
         if images.ndim != 4:
             hint = ": add the batch dimension with images[None]" if images.ndim == 3 else ""
             raise ValueError(f"explain expects a batch of images (B, C, H, W), got shape {tuple(images.shape)}{hint}")
+        if not torch.isfinite(images).all():
+            raise ValueError("explain got images that contain NaN or inf")
         was_training = self.model.training
         self.model.eval()
         try:

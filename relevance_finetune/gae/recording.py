@@ -10,6 +10,7 @@ import contextlib
 from typing import Iterator
 
 import torch
+from timm.layers import PatchEmbed
 from torch import nn
 
 from ..fused import SDPACall, SDPACapture
@@ -26,6 +27,21 @@ Record = torch.Tensor | SDPACall
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
+
+
+def _check_input_size(patch_embed: nn.Module, size: tuple[int, int]) -> None:
+    """Refuse, as a ValueError, an image size that timm's ``PatchEmbed`` would assert on."""
+    if not isinstance(patch_embed, PatchEmbed) or patch_embed.img_size is None:
+        return
+    model_size, patch = tuple(patch_embed.img_size), tuple(patch_embed.patch_size)
+    if patch_embed.strict_img_size:
+        if size != model_size:
+            raise ValueError(f"images of {size[0]}x{size[1]} do not match the model's input size "
+                             f"{model_size[0]}x{model_size[1]}: resize them, or create the model with "
+                             "dynamic_img_size=True")
+    elif not patch_embed.dynamic_img_pad and (size[0] % patch[0] or size[1] % patch[1]):
+        raise ValueError(f"images of {size[0]}x{size[1]} are not a multiple of the patch size "
+                         f"{patch[0]}x{patch[1]}: crop or resize them, or create the model with dynamic_img_pad=True")
 
 
 class AttentionRecorder:
@@ -91,6 +107,7 @@ class AttentionRecorder:
     def _on_forward_start(self, module: nn.Module, args: tuple) -> None:
         if _in_backward():  # a checkpointed patch_embed re-run: keep the first forward's maps
             return
+        _check_input_size(module, tuple(args[0].shape[-2:]))
         self._records = [None] * len(self.modules)
         self.input_size = tuple(args[0].shape[-2:])
         if self.attention == "auto":

@@ -13,7 +13,7 @@ import torch
 
 from ..fused import SDPACall, fused_increment
 
-__all__ = ["SECOND_ORDER_FUSED", "Readout", "rollout_gain"]
+__all__ = ["SECOND_ORDER_FUSED", "Readout", "resolve_target", "rollout_gain"]
 
 SECOND_ORDER_FUSED = (
     "second-order relevance differentiates through the attention's backward, which fused SDPA "
@@ -69,7 +69,7 @@ def rollout_gain(
         raise ValueError(
             f"expected logits of shape (B, classes) with B={batch} as in the "
             f"latest forward, got {tuple(logits.shape)}")
-    target = _resolve_target(logits, target)
+    target = resolve_target(logits, target)
     if fused:
         _check_fused(records, create_graph)
     with torch.enable_grad():  # the score is part of the graph even under no_grad
@@ -122,11 +122,15 @@ def _explicit_increment(
     return torch.einsum("bn,bnm->bm", row, cam.to(row.dtype))
 
 
-def _resolve_target(logits: torch.Tensor, target: int | torch.Tensor | None) -> torch.Tensor:
+def resolve_target(logits: torch.Tensor, target: int | torch.Tensor | None) -> torch.Tensor:
+    """The (B,) long class indices ``target`` names for (B, classes) ``logits``; None: the predicted class."""
     batch, classes = logits.shape
     if target is None:
         return logits.detach().argmax(dim=1)
-    target = torch.as_tensor(target, device=logits.device).long()
+    target = torch.as_tensor(target, device=logits.device)
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target classes must be integers, got a {target.dtype} tensor")
+    target = target.long()
     if target.ndim == 0:
         target = target.expand(batch)
     if target.shape != (batch,):
