@@ -44,6 +44,20 @@ def test_solver_matches_scikit_learn(C):
         assert torch.equal(coef == 0, reference == 0) and (coef == 0).any()
 
 
+def test_a_warm_start_reaches_the_same_optimum():
+    """Started near a solution (as the C path and the averaged fits are), the solver still descends
+    to this C's optimum, the penalty counted from the first step: the objective equals a cold start's."""
+    features, labels = _problem(seed=2)
+    for C in (1.0, 0.1):
+        cold = fit_l1_logistic(features, labels, C, 3, tol=1e-10, max_iter=100_000)
+        start = (0.8 * cold[0], 0.8 * cold[1])
+        warm = fit_l1_logistic(features, labels, C, 3, tol=1e-10, max_iter=100_000, init=start)
+        cold_value, warm_value, start_value = (l1_logistic_objective(features, labels, *fit, C)
+                                               for fit in (cold, warm, start))
+        assert warm_value < start_value  # it moved off the start
+        assert abs(warm_value - cold_value) <= 1e-8 * abs(cold_value)
+
+
 def test_solver_is_deterministic_and_warns_when_it_stops_early():
     features, labels = _problem(seed=1)
     first, second = fit_l1_logistic(features, labels, 0.3), fit_l1_logistic(features, labels, 0.3)
