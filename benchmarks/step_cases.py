@@ -7,7 +7,7 @@
 - ``second_order_floor``  the same with the map gradients in the graph and the loss through them
 - ``relevance``        ``attach_gae`` + ``RelevanceRegularizer``: constant gradients, one forward
 - ``relevance_fused``  the same with ``attach_gae(model, attention="fused")``: SDPA kept, the cam
-                       rows built by the chunked kernel (``relevance_finetune.fused``)
+                       rows built by the chunked kernel (``relevance_finetune.gae.fused``)
 - ``relevance_fused_autograd``  the same by autograd through checkpointed chunks (the fallback)
 - ``relevance_fused_floor``  the floor on fused attention: SDPA's forward, the gradient of the
                        target logits w.r.t. every attention output, the plain backward (no map)
@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers.attention import Attention
 
-from relevance_finetune import RelevanceRegularizer, attach_gae, fused
+from relevance_finetune import RelevanceRegularizer, attach_gae
+from relevance_finetune.gae import fused
 from step_reference import ReferenceGAE, reference_explain, reference_loss
 from step_workload import Phase, Workload
 

@@ -9,7 +9,7 @@ Every dataset yields ``(image, mask, label)``: a normalised float image (3, H, W
 
 The file helpers (``read_image``, ``read_binary_mask``, ``write_mask``, ``list_images``) and the
 model's input size live in :mod:`relevance_finetune.images` and are re-exported here; ImageNet-S
-decoding lives in :mod:`relevance_finetune.imagenet_s`.
+decoding lives in :mod:`relevance_finetune.masks.imagenet_s`.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
-from .imagenet_s import Merged, decode_imagenet_s_mask, imagenet_s_foreground, imagenet_s_split, read_categories
+from .masks.imagenet_s import Merged, decode_imagenet_s_mask, imagenet_s_foreground, imagenet_s_split, read_categories
 from .images import (IMG_EXTENSIONS, list_images, model_data_config, model_input_size, read_binary_mask, read_image,
                      write_mask)
 
@@ -438,7 +438,7 @@ class ImageNetSDataset(MaskedDataset):
     categories_file:
         ``ImageNetS_categories_im919.txt``; when given, a mask must hold its own class id.
     num_classes, images_per_class, val_per_class, class_seed, exclude, merged, list_file:
-        See :func:`relevance_finetune.imagenet_s.imagenet_s_split`.
+        See :func:`relevance_finetune.masks.imagenet_s.imagenet_s_split`.
 
     Labels are ImageNet-1k indices of the image's wnid.
     """

@@ -10,10 +10,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "relevance_finetune"
 # is listed ("masks.command" is a command; the rest of masks is mask making). "" is the package's
 # own __init__, which imports the public API from every layer.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("_files", "_version", "fused"),                                 # atomic writes; the version; fused-attention GAE
-    ("gae",),                                                        # the core
+    ("_files", "_version"),                                          # atomic writes; the version
+    ("gae",),                                                        # the core (gae.fused: its fused-attention path)
     ("losses", "metrics", "probes", "augment", "viz"),               # on relevance maps and images
-    ("images", "imagenet_s", "checkpoint"),                          # files and formats
+    ("images", "masks.imagenet_s", "checkpoint"),                    # files and formats (ImageNet-S's mask format)
     ("data", "masks", "models", "head"),                             # datasets, masks, models, the head refit
     ("recipes",),                                                    # named finetuning recipes
     ("train", "evaluate", "export", "explain", "masks.command"),     # the commands
@@ -93,10 +93,10 @@ def test_sideways_and_upward_imports_are_found(tmp_path):
     package = tmp_path / "relevance_finetune"
     (package / "masks").mkdir(parents=True)
     (package / "__init__.py").write_text("__version__ = '0'\nfrom .data import x\n")
-    (package / "data.py").write_text("from .masks.imagenet_s import x\n")
+    (package / "data.py").write_text("from .masks.tokencut import x\n")
     (package / "masks" / "__init__.py").write_text("from .command import y\n")
     (package / "masks" / "command.py").write_text("def f():\n    import relevance_finetune.train\n")
-    assert violations(package) == ["data imports masks.imagenet_s (layer 4 -> 4)",
+    assert violations(package) == ["data imports masks.tokencut (layer 4 -> 4)",
                                    "masks imports masks.command (layer 4 -> 6)",
                                    "masks.command imports train (layer 6 -> 6)"]
 

@@ -1,4 +1,4 @@
-"""relevance_finetune.fused: the chunked increment kernel against autograd, chunk sizes, fallbacks."""
+"""relevance_finetune.gae.fused: the chunked increment kernel against autograd, chunk sizes, fallbacks."""
 from __future__ import annotations
 
 import warnings
@@ -6,8 +6,9 @@ import warnings
 import pytest
 import torch
 
-from relevance_finetune import attach_gae, fused
-from relevance_finetune.fused import FusedIncrement, SDPACall, chunk_rows, fused_increment
+from relevance_finetune import attach_gae
+from relevance_finetune.gae import fused
+from relevance_finetune.gae.fused import FusedIncrement, SDPACall, chunk_rows, fused_increment
 
 from conftest import tiny_images, tiny_model
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import TINY_MODELS, tiny_images, tiny_model
 from relevance_finetune import RelevanceRegularizer, UnsupportedModelError, attach_gae, explicit_attention
 from relevance_finetune.gae import recording as gae_module
-from relevance_finetune.fused import SDPACall, SDPACapture, fused_increment
+from relevance_finetune.gae.fused import SDPACall, SDPACapture, fused_increment
 
 
 def naive_gae(model, images, target=None, second_order=None):

@@ -11,7 +11,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ..fused import SDPACall
+from .fused import SDPACall
 from .families import find_attention, readout_pool
 from .maps import normalize_relevance, upsample_relevance
 from .recording import AttentionRecorder
@@ -48,7 +48,7 @@ class GAEHandle:
     """
 
     # fused mode: the most elements of one (B, heads, rows, N) chunk of the rebuilt maps; None:
-    # chosen from the device and its free memory (relevance_finetune.fused.chunk_rows)
+    # chosen from the device and its free memory (relevance_finetune.gae.fused.chunk_rows)
     chunk_elements: int | None = None
 
     def __init__(self, model: nn.Module, second_order: bool = False, attention: str = "explicit") -> None:
@@ -72,7 +72,7 @@ class GAEHandle:
         """What the latest forward recorded per block, first block first.
 
         On the explicit path the post-softmax maps (B, heads, N, N); on the fused path the
-        :class:`~relevance_finetune.fused.SDPACall` of each block (q, k, v, bias, output).
+        :class:`~relevance_finetune.gae.fused.SDPACall` of each block (q, k, v, bias, output).
         """
         return self._recorder.records
 

@@ -1,7 +1,7 @@
 """Recording the attention calls of a model's forwards: what GAE needs from each block.
 
 On the explicit path a block records its post-softmax map (B, heads, N, N), read at the input of
-its family's ``map_source``; on the fused path the :class:`~relevance_finetune.fused.SDPACall` of its
+its family's ``map_source``; on the fused path the :class:`~relevance_finetune.gae.fused.SDPACall` of its
 SDPA (q, k, v, bias, output). ``attention="auto"`` picks the path at the start of each forward.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from timm.layers import PatchEmbed
 from torch import nn
 
-from ..fused import SDPACall, SDPACapture
+from .fused import SDPACall, SDPACapture
 from .families import AttentionFamily
 
 __all__ = ["AUTO_FUSED_TOKENS", "AttentionRecorder"]

@@ -3,7 +3,7 @@
 One ``torch.autograd.grad`` call over every block's map (explicit path) or attention output (fused
 path), then a row-vector rollout from the tokens the classifier reads, O(L N^2): each block adds
 ``row @ mean_h relu(grad * attn)`` (Chefer et al., 2021). The fused path rebuilds the maps in row
-chunks (:func:`relevance_finetune.fused.fused_increment`).
+chunks (:func:`relevance_finetune.gae.fused.fused_increment`).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..fused import SDPACall, fused_increment
+from .fused import SDPACall, fused_increment
 
 __all__ = ["SECOND_ORDER_FUSED", "Readout", "resolve_target", "rollout_gain"]
 

@@ -1,10 +1,10 @@
 """Foreground masks: TokenCut unsupervised masks and their refinement, and the ImageNet-S masks.
 
-ImageNet-S decoding and split live in :mod:`relevance_finetune.imagenet_s` (the datasets read
+ImageNet-S decoding and split live in :mod:`relevance_finetune.masks.imagenet_s` (the datasets read
 them too) and are re-exported here.
 """
 from .bilateral import bilateral_refine, bilateral_solve
-from ..imagenet_s import (
+from .imagenet_s import (
     IGNORE_ID,
     MERGED_WNIDS,
     ImageNetSRecord,
