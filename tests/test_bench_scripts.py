@@ -1,4 +1,4 @@
-"""benchmarks/tradeoff.py and headline.py: the figures and tables drawn from a demo's results.json."""
+"""benchmarks/tradeoff.py, headline.py and per_mask_study.py: the figures and tables drawn from a demo's results.json."""
 from __future__ import annotations
 
 import importlib.util
@@ -103,3 +103,27 @@ def test_headline_groups_runs_and_shows_paired_changes(tmp_path):
     (tmp_path / "more.json").write_text(json.dumps(more))
     with pytest.raises(ValueError, match="other originals"):
         headline.runs([tmp_path / "hue.json", tmp_path / "more.json"])
+
+
+def _study_seed(original_ood: float, oracle_ood: float, head_ood: float, seconds: float) -> dict:
+    def entry(ood: float, id_acc: float, background: float, **extra) -> dict:
+        return {"ood_acc": ood, "id_acc": id_acc, "probes": {"background_only": background}, **extra}
+    return {"original": entry(original_ood, 90.0, 60.0), "oracle": entry(oracle_ood, 80.0, 20.0),
+            "head": entry(head_ood, 84.0, 40.0, seconds=seconds)}
+
+
+def test_per_mask_study_averages_only_seeds_with_a_ceiling(tmp_path):
+    study = _load("per_mask_study")
+    per_seed = [_study_seed(40.0, 80.0, 60.0, 2.0),   # the oracle 40 points ahead: half the gap closed
+                _study_seed(40.0, 40.5, 10.0, 4.0)]   # the oracle not ahead: listed, not averaged in
+    report = {"config": {"family": "hue", "finetune_masks": "tokencut", "finetune_per_class": 8},
+              "seeds": [0, 1], "per_seed": per_seed}
+    (tmp_path / "results.json").write_text(json.dumps(report))
+    (row,) = [row for r in study.reports([tmp_path / "results.json"]) for row in study.study_rows(r, ("head", "swap"))]
+    assert row["ood_gap_closed"] == pytest.approx(50.0) and row["bg_only_gap_closed"] == pytest.approx(50.0)
+    assert row["id_vs_oracle"] == pytest.approx(4.0) and row["seeds"] == [0] and row["seeds_without_ceiling"] == [1]
+    assert row["seconds"] == pytest.approx(3.0)  # wall time over every seed
+    table = study.markdown([row])
+    assert "| hue | tokencut | 8 | head | 50% | 50% | +20.0 ± 0.0 | +4.0 ± 0.0 | 3.0 | 0 (1) |" in table
+    study.curve_figure([row], tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
