@@ -24,7 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("relevance_finetune.bench.demo", "run the built-in spurious-background benchmark"),
     "train": ("relevance_finetune.train", "finetune a timm model with the relevance loss"),
     "export": ("relevance_finetune.export", "export a checkpoint as model.safetensors + config.json"),
-    "evaluate": ("relevance_finetune.evaluate.command", "robustness, segmentation, perturbation and shortcut tests"),
+    "evaluate": ("relevance_finetune.evaluate.command",
+                 "robustness, segmentation, perturbation and shortcut tests; your own folders"),
     "masks": ("relevance_finetune.masks.command", "make foreground masks (TokenCut)"),
     "explain": ("relevance_finetune.explain", "write relevance overlays for images"),
 }

@@ -5,6 +5,7 @@
 - :mod:`.selection`: the rules that pick ``best.safetensors`` (``SELECTION_RULES``);
 - :mod:`.outputs`: the run directory, the trainer state in a checkpoint, resume;
 - :mod:`.distributed` and :mod:`.randomness`: processes under torchrun; seeds and RNG states;
+- :mod:`.stopping`: stop signals (a resumable checkpoint mid-epoch) and non-finite losses;
 - :mod:`.command`: ``relevance-finetune train``.
 
 Each epoch writes ``last.safetensors`` (with the trainer state, for an exact resume) and, when it
@@ -13,10 +14,13 @@ is the best so far, ``best.safetensors``, in the format of :mod:`relevance_finet
 from .command import add_arguments, run
 from .config import PRESETS, TrainConfig, read_config_file, resolve_config
 from .loop import build_criterion, finetune
+from .stopping import NonFiniteLossError, TrainingInterrupted
 
 __all__ = [
+    "NonFiniteLossError",
     "PRESETS",
     "TrainConfig",
+    "TrainingInterrupted",
     "add_arguments",
     "build_criterion",
     "finetune",

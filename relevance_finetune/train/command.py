@@ -15,15 +15,21 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from ..data import ImageNetSDataset, MaskedCsvDataset, MaskedDataset, MaskedImageFolder, paired_transforms
+from ..data import (ImageNetSDataset, MaskedCsvDataset, MaskedDataset, MaskedImageFolder, imagenet_class_index,
+                    paired_transforms)
 from ..gae import UnsupportedModelError
+from ..masks.automatic import tokencut_folder
 from ..models import add_model_arguments, create_model, merge_model_kwargs
 from .config import TrainConfig, field_kind, resolve_config
-from .distributed import init_distributed
+from .distributed import Processes, init_distributed
 from .loop import build_criterion, finetune
 from .outputs import LAST
+from .randomness import seeded
+from .stopping import TrainingInterrupted
 
 __all__ = ["add_arguments", "run"]
+
+_log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,10 +59,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("relevance-finetune train: --model (or a --preset naming one), --data and --out "
                          "are required")
     started = init_distributed()
+    main = Processes.current(config.device).is_main
     try:
         resuming = config.resume and (Path(config.out) / LAST).is_file()
+        torch.manual_seed(config.seed)  # a randomly initialised model repeats with --seed
         model = create_model(config.model, pretrained=config.pretrained and not resuming,
                              checkpoint=None if resuming else config.checkpoint,
+                             random_weights=resuming,  # the run's last checkpoint replaces them
                              **merge_model_kwargs(config.model_kwargs, img_size=config.img_size,
                                                   num_classes=config.num_classes))
         try:
@@ -66,8 +75,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"relevance-finetune train: cannot finetune {config.model}: {error}", file=sys.stderr)
             return 2
         train_set, val_set = _build_datasets(model, config)
-        _fit_classes(model, train_set, val_set)
+        _fit_classes(model, train_set, val_set, config, log=main)
+        if main:
+            _log.info("train: %s", _describe_data(train_set, val_set))
         finetune(model, train_set, val_set, config)
+    except TrainingInterrupted as stopped:
+        if main:
+            print(f"relevance-finetune train: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     finally:
         if started:
             dist.destroy_process_group()
@@ -86,6 +101,12 @@ def _build_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset, Dat
                      class_seed=config.class_seed, skip_bad=config.skip_bad)
         return (ImageNetSDataset(config.masks, config.data, "train", transform(train=True), **split),
                 ImageNetSDataset(config.masks, config.data, "val", transform(train=False), **split))
+    made = functools.partial(tokencut_folder, build=create_model, device=Processes.current(config.device).device,
+                             workers=config.workers, progress=config.progress, skip_bad=config.skip_bad)
+    masks = made(config.masks, config.data, Path(config.out) / "masks")  # tokencut:MODEL: made once into the run
+    val_masks = made(config.val_masks, config.val_data, Path(config.out) / "val_masks")
+    if (masks, val_masks) != (config.masks, config.val_masks):  # the images TokenCut gave no mask stay out
+        config = dataclasses.replace(config, masks=masks, val_masks=val_masks, skip_unmasked=True)
     train_set = _masked_dataset(config.data, config.masks, transform(train=True), config)
     if config.val_data is not None:
         return train_set, _masked_dataset(config.val_data, config.val_masks, transform(train=False), config)
@@ -100,11 +121,39 @@ def _build_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset, Dat
     return Subset(train_set, order[held_out:]), Subset(val_view, order[:held_out])
 
 
-def _fit_classes(model: nn.Module, train_set: Dataset, val_set: Dataset | None) -> None:
-    """Refuse labels beyond the classifier's outputs; record the training set's class names
-    (folder datasets) as timm's ``label_names``."""
+def _base(dataset: Dataset | None) -> Dataset | None:
+    return dataset.dataset if isinstance(dataset, Subset) else dataset
+
+
+def _named_classes(dataset: Dataset, config: TrainConfig) -> list[str] | None:
+    """The data's class names in index order when the indices are theirs (sorted folders or CSV
+    names); None for ImageNet wnids (indices of the 1000-class head) and integer labels."""
+    base = _base(dataset)
+    names = base.label_names if isinstance(base, MaskedDataset) else None
+    if names is None or (config.class_index != "folder" and all(n in imagenet_class_index() for n in names)):
+        return None
+    return names
+
+
+def _fit_classes(model: nn.Module, train_set: Dataset, val_set: Dataset | None, config: TrainConfig,
+                 log: bool = True) -> None:
+    """Fit the classifier to the data and record its class names as timm's ``label_names``.
+
+    Without ``--num-classes``, a head whose size differs from the classes the data names is
+    replaced (seeded by ``--seed``); a class index beyond the classifier, or validation classes
+    indexed unlike the training classes, is an error.
+    """
+    names = _named_classes(train_set, config)
+    chosen = config.num_classes is not None or "num_classes" in config.model_kwargs
+    if names is not None and len(names) != model.num_classes and not chosen:
+        if log:
+            _log.info("train: the data have %d classes and the model %d outputs: training a new %d-class head "
+                      "(seeded by --seed); --num-classes N keeps another size", len(names), model.num_classes,
+                      len(names))
+        with seeded(config.seed):
+            model.reset_classifier(len(names))
     for dataset in (train_set, val_set):
-        base = dataset.dataset if isinstance(dataset, Subset) else dataset
+        base = _base(dataset)
         if not isinstance(base, MaskedDataset):
             continue
         top = max(sample.label for sample in base.samples)
@@ -112,9 +161,41 @@ def _fit_classes(model: nn.Module, train_set: Dataset, val_set: Dataset | None) 
             raise ValueError(
                 f"the data ({type(base).__name__}) has class index {top} but the model has {model.num_classes} "
                 f"classes: pass --num-classes {top + 1} or more (or check --class-index)")
-        names = base.label_names
-        if dataset is train_set and names is not None and len(names) == model.num_classes:
-            model.pretrained_cfg = {**model.pretrained_cfg, "label_names": names}
+    _check_val_classes(_base(train_set), _base(val_set))
+    if names is not None and len(names) == model.num_classes:
+        cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "label_descriptions"}
+        model.pretrained_cfg = {**cfg, "num_classes": len(names), "label_names": names}
+
+
+def _check_val_classes(train_base: Dataset, val_base: Dataset | None) -> None:
+    """Refuse validation classes whose indices differ from the training set's (another folder set)."""
+    train_map, val_map = (getattr(base, "class_to_idx", None) for base in (train_base, val_base))
+    if not train_map or not val_map or val_map.items() <= train_map.items():
+        return
+    differ = sorted(name for name, index in val_map.items() if train_map.get(name) != index)
+    raise ValueError(f"the validation classes {differ[:5]} have other indices than in the training data "
+                     f"(validation: {sorted(val_map)[:8]}, training: {sorted(train_map)[:8]}): give both the "
+                     "same class folders (or names)")
+
+
+def _describe_data(train_set: Dataset, val_set: Dataset | None) -> str:
+    """One line: images and classes of the training set, validation images, what was left out."""
+    base = _base(train_set)
+    text = f"{len(train_set)} training images"
+    if isinstance(base, MaskedDataset):
+        names = base.label_names or []
+        classes = len({sample.label for sample in base.samples})
+        shown = f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""
+        text += f" of {classes} classes{shown}, each with its mask"
+    text += f"; {len(val_set)} validation images" if val_set is not None else "; no validation data"
+    left_out = []
+    for dataset in {id(b): b for b in (base, _base(val_set)) if isinstance(b, MaskedDataset)}.values():
+        unmasked, bad = getattr(dataset, "unmasked", 0), len(dataset.skipped)
+        if unmasked:
+            left_out.append(f"{unmasked} image(s) without a mask (--skip-unmasked)")
+        if bad:
+            left_out.append(f"{bad} bad file(s) (--skip-bad; first: {dataset.skipped[0]})")
+    return text + ("; left out: " + ", ".join(left_out) if left_out else "")
 
 
 def _masked_dataset(data: str, masks: str | None, transform, config: TrainConfig) -> MaskedDataset:

@@ -21,7 +21,7 @@ __all__ = ["PRESETS", "RESUMABLE_CHANGES", "TrainConfig", "field_kind", "read_co
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
 RESUMABLE_CHANGES = frozenset({"epochs", "resume", "progress", "workers", "device", "out", "data", "masks",
                                "val_data", "val_masks", "pretrained", "checkpoint", "preset", "skip_bad",
-                               "skip_unmasked", "deterministic", "recipe"})
+                               "skip_unmasked", "deterministic", "recipe", "overwrite"})
 
 
 # Per-model learning rates and temperatures of the paper's reference code (README).
@@ -58,11 +58,12 @@ class TrainConfig:
     data: str | None = _option(
         None, "training data: a folder with images/ and masks/ (or the images folder, with --masks), "
               "a CSV manifest image,mask,label, or the ImageNet root (with --data-format imagenet-s)")
-    masks: str | None = _option(None, "the masks folder (ImageNetS919 for --data-format imagenet-s)")
+    masks: str | None = _option(None, "the masks folder (ImageNetS919 for --data-format imagenet-s), or "
+                                      "tokencut:MODEL to make them into OUT/masks")
     data_format: Literal["auto", "folder", "csv", "imagenet-s"] = _option(
         "auto", "layout of --data (auto: csv for a .csv file, else folder)")
     val_data: str | None = _option(None, "validation data, as --data (folder and csv layouts)")
-    val_masks: str | None = _option(None, "the masks folder of --val-data")
+    val_masks: str | None = _option(None, "the masks folder of --val-data, or tokencut:MODEL (into OUT/val_masks)")
     val_fraction: float = _option(0.0, "hold out this fraction of --data for validation (seeded)")
     class_index: Literal["auto", "folder", "imagenet"] = _option(
         "auto", "class indices: sorted folders, ImageNet-1k indices of wnids, or auto")
@@ -77,6 +78,7 @@ class TrainConfig:
     # outputs
     out: str | None = _option(None, "run directory: config, metrics, checkpoints")
     resume: bool = _option(False, "continue the run in --out from its last checkpoint")
+    overwrite: bool = _option(False, "replace the run that --out holds (its config, metrics and checkpoints)")
     # objective
     method: Literal["ours", "gradmask", "rrr"] = _option("ours", "relevance loss (ours) or a baseline")
     lambda_bg: float = _option(2.0, "weight of the background term")
@@ -210,6 +212,10 @@ def _recipe_settings(name: str | None) -> dict[str, Any]:
     recipe = recipes.get(name)
     if recipe.object_only:
         raise ValueError(f"recipe {name!r} uses object-only images, which the train command does not offer")
+    if recipe.head_refit:
+        raise ValueError(f"recipe {name!r} refits the classifier head, which the train command does not do: train with "
+                         "the finetune's settings (for two_stage_head: --recipe recommended), then call "
+                         "relevance_finetune.head.refit_head")
     return {**recipe.loss, "background_swap": recipe.background_swap, "select": recipe.selection}
 
 

@@ -1,14 +1,15 @@
 """Seeds and random-number states: every stream a run draws from, saved and restored for an exact resume."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["rng_state", "seed_everything", "set_rng_state", "use_deterministic_kernels"]
+__all__ = ["rng_state", "seed_everything", "seeded", "set_rng_state", "use_deterministic_kernels"]
 
 
 def use_deterministic_kernels() -> None:
@@ -23,6 +24,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Inside the block torch's CPU generator starts from ``seed`` (new weights repeat); outside, its
+    state is as before."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 def rng_state(loader_generator: torch.Generator) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from .config import TrainConfig
 
-__all__ = ["SELECTION_RULES", "SelectionRule", "newest_is_best"]
+__all__ = ["SELECTION_RULES", "SelectionRule", "best_epoch", "newest_is_best"]
 
 History = list[dict[str, Any]]
 
@@ -22,6 +22,8 @@ class SelectionRule:
 
     Attributes
     ----------
+    summary:
+        What the rule picks, in a few words (the run's end summary says it).
     is_best:
         ``(history, config) -> bool``: whether the newest record beats every earlier one; called
         only for records that have validation metrics.
@@ -33,6 +35,7 @@ class SelectionRule:
         other images' backgrounds in the same batch (``val_counterfactual``).
     """
 
+    summary: str
     is_best: Callable[[History, TrainConfig], bool]
     background_only: bool = False
     counterfactual: bool = False
@@ -60,9 +63,11 @@ def _best_counterfactual_accuracy(history: History, config: TrainConfig) -> bool
 
 
 SELECTION_RULES: dict[str, SelectionRule] = {
-    "paper": SelectionRule(_lowest_val_loss),
-    "reliance": SelectionRule(_least_background_reliance, background_only=True),
-    "counterfactual": SelectionRule(_best_counterfactual_accuracy, counterfactual=True),
+    "paper": SelectionRule("the lowest validation loss", _lowest_val_loss),
+    "reliance": SelectionRule("the lowest background-only accuracy within --max-val-drop of the start",
+                              _least_background_reliance, background_only=True),
+    "counterfactual": SelectionRule("the highest accuracy on counterfactual validation images",
+                                    _best_counterfactual_accuracy, counterfactual=True),
 }
 
 
@@ -70,3 +75,12 @@ def newest_is_best(history: History, config: TrainConfig) -> bool:
     """Whether the newest epoch of ``history`` beats every earlier one by ``config.select``
     (never without validation metrics)."""
     return "val_loss" in history[-1] and SELECTION_RULES[config.select].is_best(history, config)
+
+
+def best_epoch(history: History, config: TrainConfig) -> int | None:
+    """The epoch (1-based) that ``best.safetensors`` holds after ``history``, or None."""
+    chosen = None
+    for end in range(1, len(history) + 1):
+        if newest_is_best(history[:end], config):
+            chosen = end
+    return chosen
