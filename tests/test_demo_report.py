@@ -182,3 +182,21 @@ def test_ceiling_note_names_the_seeds():
         ceiling_note([], [4])
     assert "in any of the 2 seeds" in ceiling_note([], [0, 1])
     assert "in seeds 5, 7 but not in seed 6;" in ceiling_note([0, 2], [5, 6, 7])
+
+
+@pytest.mark.parametrize("classes, expected", [("all", demo.DEMO_METHODS),
+                                                ("half", ("ours", "swap", "recommended"))])
+def test_default_methods_show_the_head_refit_where_every_class_is_masked(tmp_path, monkeypatch, classes, expected):
+    """The default demo runs the head refit beside the recommended recipe; with masks on half of the
+    classes (where a head refit cannot run) the default methods go without it."""
+    ran = {}
+
+    def fake_benchmark(config, seeds, out, families, note, jobs):
+        ran["methods"] = config.methods
+        return demo.write_reports(out, {families[0]: demo._family_results({}, seeds, [_seed()], 1.0)}, note)
+
+    monkeypatch.setattr(demo, "run_benchmark", fake_benchmark)
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    assert demo.run(parser.parse_args(["--out", str(tmp_path), "--finetune-classes", classes])) == 0
+    assert ran["methods"] == expected and ("head" in expected) == (classes == "all")
