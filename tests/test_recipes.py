@@ -194,7 +194,7 @@ def test_evidence_quotes_the_committed_benchmark_results():
             assert f"{change[metric]['mean']:+.1f}" in recipes.get(name).evidence, (name, metric)
 
 
-def test_head_recipes_name_their_stages_and_the_train_command_refuses_them():
+def test_head_recipes_name_their_stages_and_the_train_command_runs_them():
     head, two_stage, recommended = recipes.get("head"), recipes.get("two_stage_head"), recipes.get("recommended")
     assert (head.finetune, head.head_refit) == (False, True)
     assert (recommended.finetune, recommended.head_refit) == (True, False)
@@ -202,5 +202,11 @@ def test_head_recipes_name_their_stages_and_the_train_command_refuses_them():
     for recipe in (head, two_stage):  # not measured yet: the evidence says so and names the study
         assert "to be measured by the study in docs/benchmark.md" in recipe.evidence
         assert METHODS[recipe.name].head_refit and METHODS[recipe.name].finetune == recipe.finetune
-        with pytest.raises(ValueError, match=f"recipe '{recipe.name}' refits the classifier head"):
-            resolve_config({"recipe": recipe.name})
+    refit_alone, both = resolve_config({"recipe": "head"}), resolve_config({"recipe": "two_stage_head"})
+    assert (refit_alone.finetune, refit_alone.head_refit) == (False, True)
+    assert refit_alone.select == "paper" and refit_alone.background_swap == 0  # a finetune's settings stay unset
+    assert (both.finetune, both.head_refit, both.select, both.background_swap, both.classification) == (
+        True, True, "counterfactual", 0.5, "ground_truth")
+    assert resolve_config({"recipe": "recommended"}).head_refit is False
+    with pytest.raises(ValueError, match="finetune and head_refit are both off"):
+        resolve_config({"recipe": "head", "head_refit": False})

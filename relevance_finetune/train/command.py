@@ -15,9 +15,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from ..data import (ImageNetSDataset, MaskedCsvDataset, MaskedDataset, MaskedImageFolder, imagenet_class_index,
-                    paired_transforms)
+from ..data import (ImageNetSDataset, MaskedCsvDataset, MaskedDataset, MaskedImageFolder, PairedTransform,
+                    imagenet_class_index, paired_transforms)
 from ..gae import UnsupportedModelError
+from ..head import linear_classifier
 from ..masks.automatic import tokencut_folder
 from ..models import add_model_arguments, create_model, merge_model_kwargs
 from .config import TrainConfig, field_kind, resolve_config
@@ -25,6 +26,7 @@ from .distributed import Processes, init_distributed
 from .loop import build_criterion, finetune
 from .outputs import LAST
 from .randomness import seeded
+from .refit import check_refit_data, refit_stage
 from .stopping import TrainingInterrupted
 
 __all__ = ["add_arguments", "run"]
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     started = init_distributed()
     main = Processes.current(config.device).is_main
     try:
-        resuming = config.resume and (Path(config.out) / LAST).is_file()
+        resuming = config.resume and config.finetune and (Path(config.out) / LAST).is_file()
         torch.manual_seed(config.seed)  # a randomly initialised model repeats with --seed
         model = create_model(config.model, pretrained=config.pretrained and not resuming,
                              checkpoint=None if resuming else config.checkpoint,
@@ -69,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
                              **merge_model_kwargs(config.model_kwargs, img_size=config.img_size,
                                                   num_classes=config.num_classes))
         try:
-            with build_criterion(model, config):
-                pass
+            if config.finetune:
+                with build_criterion(model, config):
+                    pass
         except UnsupportedModelError as error:
             print(f"relevance-finetune train: cannot finetune {config.model}: {error}", file=sys.stderr)
             return 2
@@ -78,7 +81,13 @@ def run(args: argparse.Namespace) -> int:
         _fit_classes(model, train_set, val_set, config, log=main)
         if main:
             _log.info("train: %s", _describe_data(train_set, val_set))
-        finetune(model, train_set, val_set, config)
+        if config.head_refit:  # before a finetune: the refit's data problems stop the run now
+            refit_set = _eval_view(train_set, _transform(model, config, train=False))  # no random augmentation
+            check_refit_data(model, refit_set, val_set, config, _index_names(train_set))
+        if config.finetune:
+            finetune(model, train_set, val_set, config)
+        if config.head_refit and main:  # one process: the refit is seconds of features and small fits
+            refit_stage(model, refit_set, val_set, config, class_names=_index_names(train_set))
     except TrainingInterrupted as stopped:
         if main:
             print(f"relevance-finetune train: {stopped}", file=sys.stderr)
@@ -89,10 +98,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _transform(model: nn.Module, config: TrainConfig, train: bool) -> PairedTransform:
+    """The model's paired training or evaluation transform, with the run's normalisation and masks."""
+    return paired_transforms(model, train, normalization=config.normalization, soft_masks=config.soft_masks)
+
+
+def _eval_view(dataset: Dataset, transform: PairedTransform) -> Dataset:
+    """``dataset`` (a masked dataset or a ``Subset`` of one) read with ``transform`` instead of its own."""
+    if isinstance(dataset, Subset):
+        return Subset(_eval_view(dataset.dataset, transform), dataset.indices)
+    view = copy.copy(dataset)
+    view.transform = transform
+    return view
+
+
 def _build_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset, Dataset | None]:
     """The training and validation sets that ``config`` describes, with the model's paired transforms."""
-    transform = functools.partial(paired_transforms, model, normalization=config.normalization,
-                                  soft_masks=config.soft_masks)
+    transform = functools.partial(_transform, model, config)
     if config.data_format == "imagenet-s":
         if config.masks is None or config.val_data is not None or config.val_fraction:
             raise ValueError("imagenet-s: pass the ImageNet root as --data and ImageNetS919 as --masks; "
@@ -112,17 +134,21 @@ def _build_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset, Dat
         return train_set, _masked_dataset(config.val_data, config.val_masks, transform(train=False), config)
     if not config.val_fraction:
         return train_set, None
-    val_view = copy.copy(train_set)
-    val_view.transform = transform(train=False)
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed)).tolist()
     held_out = max(1, round(config.val_fraction * len(order)))
     if held_out >= len(order):
         raise ValueError(f"val_fraction {config.val_fraction} leaves no training images of {len(order)}")
+    val_view = _eval_view(train_set, transform(train=False))
     return Subset(train_set, order[held_out:]), Subset(val_view, order[:held_out])
 
 
 def _base(dataset: Dataset | None) -> Dataset | None:
     return dataset.dataset if isinstance(dataset, Subset) else dataset
+
+
+def _index_names(dataset: Dataset) -> dict[int, str]:
+    """Class index -> name of a masked dataset (folder or CSV names; ImageNet wnids included), else empty."""
+    return {index: name for name, index in (getattr(_base(dataset), "class_to_idx", None) or {}).items()}
 
 
 def _named_classes(dataset: Dataset, config: TrainConfig) -> list[str] | None:
@@ -152,6 +178,8 @@ def _fit_classes(model: nn.Module, train_set: Dataset, val_set: Dataset | None, 
                       len(names))
         with seeded(config.seed):
             model.reset_classifier(len(names))
+    if config.head_refit:
+        linear_classifier(model)  # before the data's class checks: a model without a linear head is the problem
     for dataset in (train_set, val_set):
         base = _base(dataset)
         if not isinstance(base, MaskedDataset):

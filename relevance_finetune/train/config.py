@@ -1,5 +1,8 @@
 """The settings of a finetuning run: ``TrainConfig``, the paper's presets, config files and recipes.
 
+A run has up to two stages: the finetune (``finetune``) and then the head refit (``head_refit``,
+``relevance_finetune.head.refit_head``); the recipes ``head`` and ``two_stage_head`` set them.
+
 Settings resolve in one order (last wins): defaults, ``--preset``, ``--recipe``, the config file,
 the flags.
 """
@@ -21,7 +24,7 @@ __all__ = ["PRESETS", "RESUMABLE_CHANGES", "TrainConfig", "field_kind", "read_co
 # Settings a resumed run may change; any other difference from the checkpoint is an error.
 RESUMABLE_CHANGES = frozenset({"epochs", "resume", "progress", "workers", "device", "out", "data", "masks",
                                "val_data", "val_masks", "pretrained", "checkpoint", "preset", "skip_bad",
-                               "skip_unmasked", "deterministic", "recipe", "overwrite"})
+                               "skip_unmasked", "deterministic", "recipe", "overwrite", "head_max_gib"})
 
 
 # Per-model learning rates and temperatures of the paper's reference code (README).
@@ -99,7 +102,19 @@ class TrainConfig:
                  "highest accuracy on validation objects moved onto other validation backgrounds (counterfactual)")
     max_val_drop: float = _option(2.5, "reliance selection: validation accuracy may fall by this many points")
     recipe: str | None = _option(None, f"a named recipe ({', '.join(recipes.names())}): its loss weights, "
-                                       "--background-swap and --select; flags and the config file win")
+                                       "--background-swap, --select and stages (--finetune, --head-refit); flags "
+                                       "and the config file win")
+    # stages
+    finetune: bool = _option(True, "finetune the model (--no-finetune --head-refit: refit the head alone)")
+    head_refit: bool = _option(
+        False, "then refit the linear head on the training images and counterfactual views of them (Deep Feature "
+               "Reweighting, relevance_finetune.head.refit_head; C chosen on the validation images' views if "
+               "any): best.safetensors")
+    head_views: int = _option(4, "head refit: counterfactual views per masked image")
+    head_fits: int = _option(20, "head refit: fits on class-balanced subsamples, their coefficients averaged")
+    head_max_gib: float = _option(
+        8.0, "head refit: the most memory (GiB) its images may take; it holds every training and validation "
+             "image and mask as float32 (N x 4 x H x W x 4 bytes)")
     # optimisation
     epochs: int = _option(50, "number of epochs")
     batch_size: int = _option(8, "global batch size (over all processes and accumulation steps)")
@@ -123,7 +138,7 @@ class TrainConfig:
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         if self.lambda_classification is None:
             self.lambda_classification = 0.2 if self.method == "ours" else 1.0
-        for name in ("epochs", "batch_size", "grad_accum", "lr_decay_epochs"):
+        for name in ("epochs", "batch_size", "grad_accum", "lr_decay_epochs", "head_views", "head_fits"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.background_swap <= 1:
@@ -132,6 +147,10 @@ class TrainConfig:
             raise ValueError(f"need workers >= 0, lr > 0, temperature > 0 and 0 <= val_fraction < 1, got "
                              f"workers={self.workers}, lr={self.lr}, temperature={self.temperature}, "
                              f"val_fraction={self.val_fraction}")
+        if not (self.finetune or self.head_refit):
+            raise ValueError("finetune and head_refit are both off: the run would do nothing")
+        if not self.head_max_gib > 0:
+            raise ValueError(f"head_max_gib must be positive, got {self.head_max_gib}")
         if self.img_size is not None and self.img_size < 1:
             raise ValueError(f"img_size must be positive, got {self.img_size}")
         try:  # as the checkpoint will hold them: tuples become lists, so a resumed run compares equal
@@ -212,11 +231,10 @@ def _recipe_settings(name: str | None) -> dict[str, Any]:
     recipe = recipes.get(name)
     if recipe.object_only:
         raise ValueError(f"recipe {name!r} uses object-only images, which the train command does not offer")
-    if recipe.head_refit:
-        raise ValueError(f"recipe {name!r} refits the classifier head, which the train command does not do: train with "
-                         "the finetune's settings (for two_stage_head: --recipe recommended), then call "
-                         "relevance_finetune.head.refit_head")
-    return {**recipe.loss, "background_swap": recipe.background_swap, "select": recipe.selection}
+    stages = {"finetune": recipe.finetune, "head_refit": recipe.head_refit}
+    if not recipe.finetune:  # its loss, swap and selection settings are unused
+        return stages
+    return {**recipe.loss, "background_swap": recipe.background_swap, "select": recipe.selection, **stages}
 
 
 def resolve_config(flags: dict[str, Any] | None = None, config_file: str | Path | None = None) -> TrainConfig:

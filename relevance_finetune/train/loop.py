@@ -378,8 +378,10 @@ def finetune(
         validation and no ``best`` checkpoint.
     config:
         The settings (default: the paper's recipe). With ``config.out`` set, the main process writes
-        ``config.yaml``, ``metrics.jsonl``, ``last.safetensors`` and ``best.safetensors`` there, and
-        ``config.resume`` continues the run saved there. Inside an initialised process group the
+        ``config.yaml``, ``metrics.jsonl``, ``last.safetensors`` and ``best.safetensors`` there
+        (``best_before_head.safetensors`` with ``config.head_refit``, whose ``refit_stage`` follows),
+        and ``config.resume`` continues the run saved there (``config.finetune`` is read by the
+        command, which skips this function without it). Inside an initialised process group the
         model runs under DistributedDataParallel.
 
     Returns

@@ -2,7 +2,9 @@
 
 ``config.yaml`` (the resolved settings), ``metrics.jsonl`` (one line per epoch), ``last.safetensors``
 (weights and trainer state) and ``best.safetensors`` (by the selection rule), in the format of
-:mod:`relevance_finetune.checkpoint`.
+:mod:`relevance_finetune.checkpoint`. A run that refits the head after its finetune keeps the
+finetune's best as ``best_before_head.safetensors`` and writes the refit model as ``best.safetensors``
+(and a head refit alone as ``last.safetensors`` too), with one more ``metrics.jsonl`` line.
 """
 from __future__ import annotations
 
@@ -27,12 +29,21 @@ from .distributed import Processes
 from .randomness import rng_state, set_rng_state
 from .selection import SELECTION_RULES, best_epoch, newest_is_best
 
-__all__ = ["BEST", "LAST", "METRICS", "RESOLVED_CONFIG", "RUN_FILES", "EpochProgress", "RunState", "check_out",
-           "resume", "run_summary", "start_outputs", "write_epoch", "write_progress"]
+__all__ = ["BEST", "BEST_BEFORE_HEAD", "CHECKPOINTS", "LAST", "METRICS", "RESOLVED_CONFIG", "RUN_FILES",
+           "EpochProgress", "RunState", "check_out", "check_resumable", "checkpoint_info", "files_written",
+           "finetune_best", "resume", "run_summary", "start_outputs", "write_epoch", "write_head_refit",
+           "write_progress"]
 
-LAST, BEST = "last.safetensors", "best.safetensors"
+LAST, BEST, BEST_BEFORE_HEAD = "last.safetensors", "best.safetensors", "best_before_head.safetensors"
 METRICS, RESOLVED_CONFIG = "metrics.jsonl", "config.yaml"
-RUN_FILES = (RESOLVED_CONFIG, METRICS, LAST, BEST)
+CHECKPOINTS = (LAST, BEST_BEFORE_HEAD, BEST)
+RUN_FILES = (RESOLVED_CONFIG, METRICS, *CHECKPOINTS)
+
+
+def finetune_best(config: TrainConfig) -> str:
+    """The file of the finetune's best epoch: ``best_before_head.safetensors`` when the head refit
+    follows (its result is ``best.safetensors``), else ``best.safetensors``."""
+    return BEST_BEFORE_HEAD if config.head_refit else BEST
 
 
 @dataclass
@@ -100,7 +111,8 @@ class RunState:
                                           progress["start_accuracy"], rng=state["rng"][procs.rank])
 
 
-def _checkpoint_info(model: nn.Module, config: TrainConfig, history: list[dict[str, Any]]) -> dict[str, Any]:
+def checkpoint_info(model: nn.Module, config: TrainConfig, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """A checkpoint's JSON ``info``: the epoch, the model (architecture and spec), the settings, the history."""
     return {"epoch": len(history), "architecture": _architecture(model), "model": model_spec(model),
             "config": dataclasses.asdict(config), "history": history, "library_version": __version__}
 
@@ -122,7 +134,7 @@ def check_out(out: Path, config: TrainConfig) -> None:
 def _same_run_without_epochs(out: Path, config: TrainConfig) -> bool:
     """Whether ``out`` holds only the ``config.yaml`` of ``config``'s settings and an empty metrics
     file: the same run, stopped before it finished an epoch."""
-    if (out / LAST).exists() or (out / BEST).exists() or not (out / RESOLVED_CONFIG).is_file():
+    if any((out / name).exists() for name in CHECKPOINTS) or not (out / RESOLVED_CONFIG).is_file():
         return False
     if (out / METRICS).is_file() and (out / METRICS).stat().st_size:
         return False
@@ -140,15 +152,20 @@ def resume(out: Path, model: nn.Module, run: RunState, config: TrainConfig, proc
         warnings.warn(f"--resume: {out / LAST} does not exist; starting a new run")
         return False
     model_state, info, trainer_state = load_checkpoint(out / LAST)
+    check_resumable(out, info, config)
+    model.load_state_dict(model_state)
+    run.restore(trainer_state, info["history"], procs)
+    return True
+
+
+def check_resumable(out: Path, info: dict[str, Any], config: TrainConfig) -> None:
+    """Refuse to resume the run of checkpoint ``info`` with settings that change its result."""
     changed = {k: (v, getattr(config, k, None)) for k, v in info["config"].items()
                if k not in RESUMABLE_CHANGES and getattr(config, k, None) != v}
     if changed:
         details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
         raise ValueError(f"cannot resume {out}: settings differ from its checkpoint ({details}); "
                          f"only {sorted(RESUMABLE_CHANGES)} may change")
-    model.load_state_dict(model_state)
-    run.restore(trainer_state, info["history"], procs)
-    return True
 
 
 def write_epoch(out: Path, model: nn.Module, config: TrainConfig, run: RunState, procs: Processes) -> None:
@@ -156,9 +173,9 @@ def write_epoch(out: Path, model: nn.Module, config: TrainConfig, run: RunState,
     processes = procs.all_gather(run.process_state())  # collective: every process takes part
     if not procs.is_main:
         return
-    info = _checkpoint_info(model, config, run.history)
+    info = checkpoint_info(model, config, run.history)
     if newest_is_best(run.history, config):
-        save_checkpoint(out / BEST, model, info)  # before last: a resumed epoch rewrites it
+        save_checkpoint(out / finetune_best(config), model, info)  # before last: a resumed epoch rewrites it
     save_checkpoint(out / LAST, model, info, run.trainer_state(processes))
     with (out / METRICS).open("a") as f:
         f.write(json.dumps(run.history[-1]) + "\n")
@@ -174,7 +191,7 @@ def write_progress(out: Path, model: nn.Module, config: TrainConfig, run: RunSta
     state = run.trainer_state(processes)
     state["progress"] = {"step": progress.step, "start_accuracy": progress.start_accuracy,
                          "processes": [{k: p[k] for k in ("loader_state", "meter")} for p in processes]}
-    save_checkpoint(out / LAST, model, _checkpoint_info(model, config, run.history), state)
+    save_checkpoint(out / LAST, model, checkpoint_info(model, config, run.history), state)
 
 
 def start_outputs(out: Path, config: TrainConfig, history: list[dict[str, Any]], fresh: bool) -> None:
@@ -182,7 +199,7 @@ def start_outputs(out: Path, config: TrainConfig, history: list[dict[str, Any]],
     a ``fresh`` run (no checkpoint resumed) removes the checkpoints of the run it replaces."""
     out.mkdir(parents=True, exist_ok=True)
     if fresh:
-        for name in (LAST, BEST):
+        for name in CHECKPOINTS:
             (out / name).unlink(missing_ok=True)
     with atomic_path(out / RESOLVED_CONFIG) as tmp:
         tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
@@ -193,12 +210,27 @@ def start_outputs(out: Path, config: TrainConfig, history: list[dict[str, Any]],
 def run_summary(out: Path, history: list[dict[str, Any]], config: TrainConfig) -> str:
     """One line: which epoch ``best`` holds and by which rule (or why there is none), and the files."""
     rule = f"--select {config.select}: {SELECTION_RULES[config.select].summary}"
-    chosen = best_epoch(history, config)
+    chosen, name = best_epoch(history, config), finetune_best(config)
     if chosen is not None:
-        best = f"{BEST} holds epoch {chosen} of {len(history)} ({rule})"
+        best = f"{name} holds epoch {chosen} of {len(history)} ({rule})"
     elif not any("val_loss" in record for record in history):
-        best = f"no {BEST}: no validation data (--val-data or --val-fraction)"
+        best = f"no {name}: no validation data (--val-data or --val-fraction)"
     else:
-        best = f"no {BEST}: no epoch met the rule ({rule})"
-    files = ", ".join(name for name in RUN_FILES if (out / name).is_file())
-    return f"{best}; wrote {files} in {out}"
+        best = f"no {name}: no epoch met the rule ({rule})"
+    return f"{best}; {files_written(out)}"
+
+
+def files_written(out: Path) -> str:
+    """``wrote config.yaml, ... in OUT``: the run's files that exist."""
+    return f"wrote {', '.join(name for name in RUN_FILES if (out / name).is_file())} in {out}"
+
+
+def write_head_refit(out: Path, model: nn.Module, info: dict[str, Any], record: dict[str, Any],
+                     head_only: bool) -> None:
+    """Write the refit model as ``best`` (and as ``last`` for a refit without finetune, which has
+    no trainer state to resume) and append ``record`` to the metrics."""
+    save_checkpoint(out / BEST, model, info)
+    if head_only:
+        save_checkpoint(out / LAST, model, info)
+    with (out / METRICS).open("a") as f:
+        f.write(json.dumps(record) + "\n")
