@@ -376,7 +376,7 @@ class MaskedImageFolder(MaskedDataset):
             for _, path, mask in unmasked:
                 self._reject(FileNotFoundError(
                     f"no mask for image {path}: expected {mask} ({len(unmasked)} of {total} images have none; "
-                    "skip_unmasked=True, `train --skip-unmasked`, leaves them out)"))
+                    "skip_unmasked=True, `train --skip-unmasked` (or `evaluate --skip-unmasked`), leaves them out)"))
 
 
 class MaskedCsvDataset(MaskedDataset):

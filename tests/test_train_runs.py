@@ -116,7 +116,7 @@ def test_the_command_summarises_the_data_and_the_chosen_epoch(tmp_path, caplog):
     assert cli.main(train_args(data, out, "--model", tiny_hub(tmp_path / "hub", num_classes=3), "--pretrained",
                                "--skip-unmasked", "--val-fraction", "0.25", "--epochs", "2")) == 0
     assert ("train: 6 training images of 3 classes (cat, dog, fox), each with its mask; 2 validation images; "
-            "left out: 1 image(s) without a mask (--skip-unmasked)") in caplog.text
+            "left out: 1 image(s) without a mask (--skip-unmasked)\n") in caplog.text  # once: val is a view
     losses = [r["val_loss"] for r in load_checkpoint(out / "last.safetensors")[1]["history"]]
     assert (f"best.safetensors holds epoch {1 + losses.index(min(losses))} of 2 (--select paper: the lowest "
             f"validation loss); wrote config.yaml, metrics.jsonl, last.safetensors, best.safetensors in {out}"

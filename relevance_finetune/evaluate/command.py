@@ -66,7 +66,8 @@ def folder_splits(args: argparse.Namespace) -> dict[str, FolderSplit]:
     unknown = sorted(set(masks) - set(images))
     if unknown:
         raise ValueError(f"--split-masks names {unknown}, which no --split names (splits: {sorted(images)})")
-    return {name: FolderSplit(path, masks.get(name)) for name, path in images.items()}
+    skip = bool(getattr(args, "skip_unmasked", False))
+    return {name: FolderSplit(path, masks.get(name), skip) for name, path in images.items()}
 
 
 def options_from_args(args: argparse.Namespace, datasets: Sequence[str] | None = None) -> EvalOptions:
@@ -156,6 +157,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-masks", action="append", default=[], metavar="NAME=DIR",
                         help="folder suite: masks of split NAME as DIR/<class>/<stem>.png (adds the reliance "
                              "probes and the relevance localisation)")
+    parser.add_argument("--skip-unmasked", action="store_true",
+                        help="folder suite: leave out the images of a masked split that have no mask (e.g. "
+                             "TokenCut made none) instead of stopping; the report counts them")
     parser.add_argument("--out", required=True, help="output folder for <suite>.json and <suite>.md")
     add_data_arguments(parser)
 

@@ -43,9 +43,14 @@ NO_MASKS_NOTE = "no masks: reliance probes and localisation not measured"
 
 @dataclass(frozen=True)
 class FolderSplit:
-    """One split: ``images/<class>/<image>``, and ``masks/<class>/<stem>.png`` or None."""
+    """One split: ``images/<class>/<image>``, and ``masks/<class>/<stem>.png`` or None.
+
+    ``skip_unmasked``: leave out the images that have no mask (TokenCut gives some none) instead of
+    refusing the split; the split's result counts them (``unmasked``) and its note says so.
+    """
     images: str
     masks: str | None = None
+    skip_unmasked: bool = False
 
 
 class _UnmaskedFolder(MaskedDataset):
@@ -82,7 +87,7 @@ def folder_datasets(splits: Mapping[str, FolderSplit], transform: PairedTransfor
             datasets[name] = _UnmaskedFolder(split.images, transform)
         else:
             datasets[name] = MaskedImageFolder(images=split.images, masks=split.masks, transform=transform,
-                                               class_index="folder")
+                                               class_index="folder", skip_unmasked=split.skip_unmasked)
     return datasets
 
 
@@ -150,6 +155,9 @@ def _evaluate_split(model: nn.Module, dataset: MaskedDataset, split: FolderSplit
     else:
         result["probes"] = {key: total / len(hits) for key, total in probes.items()}
         result["localisation"] = meter.compute()
+    if dataset.unmasked:
+        result["unmasked"] = dataset.unmasked
+        result["note"] = f"{dataset.unmasked} image(s) without a mask left out (--skip-unmasked)"
     return result
 
 
@@ -196,7 +204,8 @@ def evaluate_folder(
     folders, ``n``, ``top1`` and ``per_class`` ({folder: {n, top1}}); with masks, ``probes`` (as
     :func:`relevance_finetune.probes.reliance_probes` returns them, averaged over batches: the
     ``mean`` fill is each batch's mean colour) and ``localisation`` (as
-    :meth:`relevance_finetune.metrics.SegmentationMeter.compute`); without, a ``note``.
+    :meth:`relevance_finetune.metrics.SegmentationMeter.compute`); without, a ``note``. A split that
+    left out images without a mask (``skip_unmasked``) counts them in ``unmasked``, with a ``note``.
     ``examples``: :data:`EXAMPLES` images of the first masked split (one per class in turn) with
     the predicted class, its probability and the GAE map on the patch grid.
     """

@@ -217,7 +217,8 @@ def _describe_data(train_set: Dataset, val_set: Dataset | None) -> str:
         text += f" of {classes} classes{shown}, each with its mask"
     text += f"; {len(val_set)} validation images" if val_set is not None else "; no validation data"
     left_out = []
-    for dataset in {id(b): b for b in (base, _base(val_set)) if isinstance(b, MaskedDataset)}.values():
+    # a --val-fraction split views a copy of the training set: the same samples, counted once
+    for dataset in {id(b.samples): b for b in (base, _base(val_set)) if isinstance(b, MaskedDataset)}.values():
         unmasked, bad = getattr(dataset, "unmasked", 0), len(dataset.skipped)
         if unmasked:
             left_out.append(f"{unmasked} image(s) without a mask (--skip-unmasked)")
