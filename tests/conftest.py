@@ -48,3 +48,13 @@ def cli_error(capsys, argv: list[str]) -> str:
 @pytest.fixture(params=sorted(TINY_MODELS))
 def model_key(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and OpenMP spinning hurts on a shared machine; a module
+    takes it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,7 +18,9 @@ from relevance_finetune import export as export_module
 from relevance_finetune.export import finetune_metadata, load_finetuned, save_finetuned
 from relevance_finetune.models import load_weights
 from relevance_finetune.train import TrainConfig, finetune
-from test_train import SyntheticMasked, config, one_thread, tiny_hub  # noqa: F401  (one_thread: autouse fixture)
+from test_train import SyntheticMasked, config, tiny_hub
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturbed(model: torch.nn.Module) -> torch.nn.Module:

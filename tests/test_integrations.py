@@ -28,7 +28,9 @@ from relevance_finetune.data import model_data_config
 from relevance_finetune.export import PushError, finetune_metadata, save_finetuned
 from relevance_finetune.models import create_model, merge_model_kwargs, parse_model_kwarg
 from relevance_finetune.train import TrainConfig, finetune
-from test_train import SyntheticMasked, config, free_port, one_thread, write_masked_folder  # noqa: F401 (autouse)
+from test_train import SyntheticMasked, config, free_port, write_masked_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 

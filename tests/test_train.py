@@ -18,20 +18,13 @@ from torch.utils.data import Dataset
 
 from conftest import cli_error, tiny_model
 from relevance_finetune import UnsupportedModelError, cli
-from relevance_finetune import train as train_module
 from relevance_finetune import checkpoint as checkpoint_module
 from relevance_finetune.checkpoint import load_checkpoint, save_checkpoint
 from relevance_finetune.models import load_weights
 from relevance_finetune.train import PRESETS, TrainConfig, finetune, read_config_file, resolve_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and OpenMP spinning hurts on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SyntheticMasked(Dataset):

@@ -24,12 +24,7 @@ TINY_RANDOM = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--model-k
                "embed_dim=32", "num_heads=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_folder(root, classes=CLASSES, per_class: int = 2, size: int = 40) -> str:

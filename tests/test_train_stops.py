@@ -30,12 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FORWARD = loop._forward  # the loop's own forward, which signal_at wraps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def signal_at(forward_call: int, signum: int) -> None:
