@@ -103,6 +103,7 @@ def curve_figure(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     families = sorted({row["family"] for row in rows})
+    methods = list(dict.fromkeys(row["method"] for row in rows))  # one colour per method, a line style per source
     fig, axes = plt.subplots(1, len(families), figsize=(4.5 * len(families), 3.6), squeeze=False)
     for ax, family in zip(axes[0], families):
         lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
@@ -111,7 +112,8 @@ def curve_figure(rows: list[dict[str, Any]], path: Path) -> None:
                 lines.setdefault((row["method"], row["masks"]), []).append((row["per_class"], row["ood_gap_closed"]))
         for (method, masks), points in sorted(lines.items()):
             points.sort()
-            ax.plot(*zip(*points), marker="o", linestyle="-" if masks == "exact" else "--", label=f"{method} ({masks})")
+            ax.plot(*zip(*points), marker="o", linestyle="-" if masks == "exact" else "--",
+                    color=f"C{methods.index(method)}", label=f"{method} ({masks})")
         ax.axhline(100, color="grey", linewidth=0.8)
         ax.set(xscale="log", title=family, xlabel="masked images per class", ylabel="OOD gap closed (%)")
         if lines:
@@ -129,6 +131,7 @@ def main() -> None:
     parser.add_argument("--figure", type=Path, help="write the curve of gap closed against masks per class here (PNG)")
     args = parser.parse_args()
     rows = [row for report in reports(args.results) for row in study_rows(report, tuple(args.methods))]
+    rows.sort(key=lambda row: (row["family"], row["masks"], row["per_class"], args.methods.index(row["method"])))
     print(markdown(rows))
     if args.json:
         write_text_atomic(args.json, json.dumps(rows, indent=2))
