@@ -109,7 +109,10 @@ _RECOMMENDED = Recipe(
              "recommended` (benchmarks/results/ceiling_all_base.json), vs the original on hue: OOD +14.3, "
              "background-only -35.1, ID -11.1 (1.6 above the oracle's): 39% of the OOD gap to the oracle (mark 15%, "
              "texture 24%); the swap with p = 1 under the reliance rule: 13% (mark 33%, texture 34%). The relevance "
-             "terms add nothing measurable; no method closes more than 56% on any family (docs/benchmark.md)")
+             "terms add nothing measurable. At these 8 masks per class neither the head refit (22%, mark -3%, texture "
+             "-5%) nor the two-stage recipe (42% at ID 5.9 below the oracle's, mark 2%, texture 1%) beats it "
+             "(benchmarks/results/per_mask_exact8.json); with 32 per class two_stage_head closes more (hue 76% vs "
+             "71%, mark 57% vs 57%, texture 22% vs 14%; per_mask_exact32.json, docs/benchmark.md)")
 
 RECIPES: Mapping[str, Recipe] = MappingProxyType({recipe.name: recipe for recipe in (
     Recipe(
