@@ -24,16 +24,16 @@ from torch.utils.data import TensorDataset
 
 from .._files import atomic_path
 from .._version import __version__
+from ..masks.automatic import FULL_SHARE, WARN_SHARE
 from ..masks.bilateral import bilateral_refine
 from ..masks.tokencut import last_block_keys, tokencut_partition, upsample_mask
 from .config import BenchConfig
 from .originals import normalize, train_first_phase, train_original
 
-__all__ = ["FULL_SHARE", "WARN_SHARE", "automatic_masks", "mask_quality", "mask_source_model", "tokencut_splits",
+__all__ = ["automatic_masks", "mask_quality", "mask_source_model", "tokencut_splits",
            "warn_degenerate"]
 
-FULL_SHARE = 0.95  # a mask covering at least this share of the image counts as the whole image
-WARN_SHARE = 0.1  # warn when more than this share of the masks is empty or whole
+# FULL_SHARE and WARN_SHARE: what counts as a whole mask and when to warn, as for train --masks tokencut:MODEL
 _BATCH = 500
 
 
