@@ -203,6 +203,7 @@ def model_card(
             "Recipe": recipe or "not recorded",
             "Loss weights": metadata.get("lambdas") or "not recorded",
             "Foreground masks": _masks_source(config),
+            "Head refit": _head_refit(config),
             metrics_title: metrics_value,
         },
         "usage": f"```python\nimport timm\n\nmodel = timm.create_model({model_id or 'local-dir:DIR'!r}, "
@@ -213,6 +214,15 @@ def model_card(
         "tags": ["image-classification", "timm", "relevance-finetune", "robustvit"],
         "license": license or "unknown",
     }
+
+
+def _head_refit(config: Mapping[str, Any]) -> str:
+    """What a run did to the classifier besides the finetune (``--head-refit``, the head recipes)."""
+    if not config.get("head_refit"):
+        return "none"
+    when = "after the finetune" if config.get("finetune", True) else "without a finetune (the backbone unchanged)"
+    return (f"the linear head refit on counterfactual views of the masked images {when} "
+            "(Deep Feature Reweighting's procedure, `relevance_finetune.head.refit_head`)")
 
 
 def _push(

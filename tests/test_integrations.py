@@ -124,7 +124,7 @@ def test_every_export_has_a_model_card(tmp_path):
         assert expected in card, expected
     bare = (save_finetuned(tiny_model(), tmp_path / "bare") / "README.md").read_text()
     assert "**Base model:** vit_tiny_patch16_224" in bare and "**Run metrics:** not recorded" in bare
-    assert "No evaluation tables or reliance probes were given" in bare
+    assert "No evaluation tables or reliance probes were given" in bare and "**Head refit:** none" in bare
 
 
 def test_export_command_writes_the_runs_metrics_tables_and_probes(tmp_path, capsys):

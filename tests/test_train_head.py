@@ -60,6 +60,8 @@ def test_head_recipe_refits_only_the_head_and_exports_as_any_run(tmp_path, data,
     assert trainer_state is None and info["head_refit"]["C"] == record["C"] and info["config"]["finetune"] is False
 
     assert cli.main(["export", str(run / "best.safetensors"), "--out", str(tmp_path / "export")]) == 0
+    assert "**Head refit:** the linear head refit on counterfactual views of the masked images without a " \
+           "finetune" in (tmp_path / "export" / "README.md").read_text()
     exported = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
     refit = load_weights(create_model_from_spec(info["model"]), run / "best.safetensors").eval()
     images = torch.randn(2, 3, 32, 32)
