@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 import torchvision.transforms.functional as TF
 
-__all__ = ["BackgroundSwap", "fill_object"]
+__all__ = ["BackgroundSwap", "fill_object", "usable_masks"]
 
 Fill = Literal["inpaint", "mean"]
 _COUNTS = ("swapped", "object_only_count", "skipped", "unswapped")
@@ -38,6 +38,18 @@ def _check(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     if masks.numel() and (masks.min() < 0 or masks.max() > 1 or masks.isnan().any()):
         raise ValueError("masks must lie in [0, 1]")
     return masks
+
+
+def usable_masks(masks: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: which of the (B, [1,] H, W) ``masks`` in [0, 1] have both object (> 0) and background (< 1).
+
+    An empty mask has no object to move or score, a full one no background to give or replace:
+    the counterfactual views, the head refit and the reliance probes use only the others.
+    """
+    if masks.ndim not in (3, 4) or (masks.ndim == 4 and masks.shape[1] != 1):
+        raise ValueError(f"masks must have shape (B, H, W) or (B, 1, H, W), got {tuple(masks.shape)}")
+    flat = masks.flatten(1)
+    return (flat > 0).any(1) & (flat < 1).any(1)
 
 
 def fill_object(images: torch.Tensor, masks: torch.Tensor, fill: Fill = "inpaint") -> torch.Tensor:
@@ -128,12 +140,11 @@ class BackgroundSwap:
         masks_4d = _check(images, masks)
         if not len(images):
             return images.clone(), masks.clone()
-        area = masks_4d.sum(dim=(1, 2, 3)).cpu()
-        usable = (area > 0) & (area < masks_4d[0].numel())
-        self._count_skipped(int((~usable).sum()), len(area))
-        draw = self._uniform(len(area))
+        usable = usable_masks(masks_4d).cpu()
+        self._count_skipped(int((~usable).sum()), len(usable))
+        draw = self._uniform(len(usable))
         moving = usable & (draw < self.p)
-        stripped = usable & ~moving & (self._uniform(len(area)) < self.object_only)
+        stripped = usable & ~moving & (self._uniform(len(usable)) < self.object_only)
         out = images.clone()
         if int(moving.sum()):
             index, backgrounds = self._backgrounds(images, masks_4d, moving, usable)

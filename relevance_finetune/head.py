@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .augment import BackgroundSwap
+from .augment import BackgroundSwap, usable_masks
 
 __all__ = ["DFR_C", "HeadRefit", "fit_l1_logistic", "l1_logistic_objective", "linear_classifier", "pre_logits",
            "refit_head"]
@@ -191,8 +191,7 @@ def _movable(images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, nu
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}) (the head's classes); got "
                          f"{labels.min().item()}..{labels.max().item()}")
-    area = masks.flatten(1).float().sum(1).cpu()
-    movable = (area > 0) & (area < masks[0].numel())
+    movable = usable_masks(masks).cpu()
     if not movable.any():
         raise ValueError("every mask is empty or full: the refit needs objects with background around them")
     missing = sorted(set(range(num_classes)) - set(labels[movable].tolist()))

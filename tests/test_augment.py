@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from relevance_finetune.augment import BackgroundSwap, fill_object
+from relevance_finetune.augment import BackgroundSwap, fill_object, usable_masks
 from relevance_finetune.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -79,6 +79,19 @@ def test_unusable_masks_are_skipped_and_counted():
     with pytest.warns(UserWarning, match="could not be swapped.* 0 buffered"):
         out, _ = single(images[:1].clone(), masks[2:3])
     assert torch.equal(out, images[:1]) and single.swapped == 0 and single.unswapped == 1
+
+
+def test_usable_masks_need_object_and_background():
+    masks = torch.zeros(5, 1, 4, 4)
+    masks[1] = 1
+    masks[2, 0, :2] = 1
+    masks[3] = 0.5  # soft: a bit of both everywhere
+    masks[4, 0, 0, 0] = 0.01
+    assert usable_masks(masks).tolist() == [False, False, True, True, True]
+    assert usable_masks(masks[:, 0]).tolist() == [False, False, True, True, True]
+    assert usable_masks(masks[:0]).shape == (0,)
+    with pytest.raises(ValueError, match=r"\(B, H, W\) or \(B, 1, H, W\), got \(5, 2, 4, 4\)"):
+        usable_masks(masks.expand(5, 2, 4, 4))
 
 
 def test_soft_masks_composite_linearly():

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..augment import usable_masks
 from ..checkpoint import read_checkpoint_info
 from ..head import HeadRefit, linear_classifier, refit_head
 from ..models import load_weights
@@ -159,8 +160,7 @@ def _labels(dataset: Dataset | None) -> torch.Tensor | None:
 def _usable_labels(part: Masked) -> torch.Tensor:
     """The labels of the images whose masks have both object and background (those get views)."""
     _, masks, labels = part
-    area = masks.flatten(1).sum(1)
-    return labels[(area > 0) & (area < masks[0].numel())]
+    return labels[usable_masks(masks)]
 
 
 def _check_classes(train: torch.Tensor, validation: torch.Tensor | None, num_classes: int,
