@@ -6,6 +6,10 @@ Appendix N; the localisation scores follow the definitions of Quantus (Hedström
 2023). Pure tensor functions: no files, no data loading; the same functions serve
 ``relevance-finetune evaluate`` and the built-in benchmark.
 
+Group accuracy (``group_accuracy``) is the metric of group-labelled data (Waterbirds, CelebA, a
+user's own groups): per-group accuracy and counts, the worst group, the plain mean and the group
+accuracies weighted by the training split's group proportions (DFR's "mean accuracy").
+
 Segmentation test, per image: min-max normalise the relevance map, threshold it at its own
 mean (strictly greater = foreground); pixel accuracy and the (background, foreground) IoU are
 accumulated over the whole dataset, average precision of the continuous map is taken per image
@@ -15,7 +19,7 @@ of every metric.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +31,7 @@ __all__ = [
     "SegmentationMeter",
     "area_under_curve",
     "average_precision",
+    "group_accuracy",
     "perturb",
     "perturbation_curve",
     "pointing_game",
@@ -350,3 +355,64 @@ def area_under_curve(fractions: Sequence[float], accuracy: Sequence[float] | tor
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError(f"fractions and accuracy must be finite, got {x.tolist()} and {y.tolist()}")
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
+
+
+def _as_vector(x, name: str) -> np.ndarray:
+    """A 1-d int64 array of ``x`` (tensor, array or sequence)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.ndim != 1:
+        raise ValueError(f"{name} must be 1-d (N,), got shape {x.shape}")
+    if x.size and not np.issubdtype(x.dtype, np.integer):
+        raise TypeError(f"{name} must hold integers, got dtype {x.dtype}")
+    return x.astype(np.int64)
+
+
+def group_accuracy(
+        predictions: torch.Tensor | np.ndarray | Sequence[int],
+        labels: torch.Tensor | np.ndarray | Sequence[int],
+        groups: torch.Tensor | np.ndarray | Sequence[int],
+        train_group_counts: Mapping[int, int] | None = None,
+) -> dict:
+    """Per-group accuracy, worst-group accuracy and the two means, as fractions.
+
+    Parameters
+    ----------
+    predictions, labels, groups:
+        (N,) integer class predictions, true classes and group ids.
+    train_group_counts:
+        Group id -> number of training images. When given, ``weighted_mean_accuracy`` is the
+        group accuracies weighted by these proportions (DFR's and GroupDRO's "mean accuracy");
+        every group with a positive count must occur in ``groups``.
+
+    Returns
+    -------
+    ``{"groups": {group: {"accuracy", "count"}}, "worst_group_accuracy", "mean_accuracy"
+    (over all N), "weighted_mean_accuracy" (None without ``train_group_counts``)}``.
+    """
+    predictions = _as_vector(predictions, "predictions")
+    labels, groups = _as_vector(labels, "labels"), _as_vector(groups, "groups")
+    if not predictions.shape == labels.shape == groups.shape:
+        raise ValueError(f"predictions, labels and groups must have the same length, got "
+                         f"{len(predictions)}, {len(labels)} and {len(groups)}")
+    if not len(groups):
+        raise ValueError("group_accuracy got no samples")
+    correct = predictions == labels
+    per_group = {int(g): {"accuracy": float(correct[groups == g].mean()), "count": int((groups == g).sum())}
+                 for g in np.unique(groups)}
+    weighted = None
+    if train_group_counts is not None:
+        counts = {int(g): int(n) for g, n in train_group_counts.items()}
+        if any(n < 0 for n in counts.values()) or not sum(counts.values()):
+            raise ValueError(f"train_group_counts must be non-negative with a positive total, got {counts}")
+        absent = sorted(g for g, n in counts.items() if n and g not in per_group)
+        if absent:
+            raise ValueError(f"group(s) {absent} have training images but none here: the mean weighted by "
+                             "training groups is undefined")
+        total = sum(counts.values())
+        weighted = sum(n / total * per_group[g]["accuracy"] for g, n in counts.items() if n)
+    return {"groups": per_group,
+            "worst_group_accuracy": min(v["accuracy"] for v in per_group.values()),
+            "mean_accuracy": float(correct.mean()),
+            "weighted_mean_accuracy": None if weighted is None else float(weighted)}

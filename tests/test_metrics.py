@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from relevance_finetune.metrics import (
+    group_accuracy,
     SegmentationMeter, area_under_curve, average_precision, perturb, perturbation_curve, pointing_game,
     relevance_mass_accuracy, relevance_rank_accuracy)
 
@@ -200,3 +201,27 @@ def test_segmentation_meter_matches_the_reference_on_ties_constants_and_ignored_
     result, reference = meter.compute(), _reference_segmentation(maps, labels)
     for key in reference:
         assert result[key] == pytest.approx(reference[key], abs=1e-9), key
+
+
+def test_group_accuracy_hand_computed():
+    predictions = torch.tensor([0, 1, 1, 0, 1, 1, 0])
+    labels = torch.tensor([0, 1, 0, 0, 1, 0, 0])
+    groups = torch.tensor([0, 3, 1, 1, 3, 2, 0])
+    result = group_accuracy(predictions, labels, groups, train_group_counts={0: 6, 1: 2, 2: 1, 3: 1})
+    assert result["groups"] == {0: {"accuracy": 1.0, "count": 2}, 1: {"accuracy": 0.5, "count": 2},
+                                2: {"accuracy": 0.0, "count": 1}, 3: {"accuracy": 1.0, "count": 2}}
+    assert result["worst_group_accuracy"] == 0.0
+    assert result["mean_accuracy"] == pytest.approx(5 / 7)
+    assert result["weighted_mean_accuracy"] == pytest.approx(0.6 * 1.0 + 0.2 * 0.5 + 0.1 * 0.0 + 0.1 * 1.0)
+    assert group_accuracy(predictions.numpy(), labels.tolist(), groups)["weighted_mean_accuracy"] is None
+
+
+def test_group_accuracy_bad_input():
+    with pytest.raises(ValueError, match=r"group\(s\) \[5\]"):
+        group_accuracy([0, 1], [0, 1], [0, 1], train_group_counts={0: 1, 1: 1, 5: 3})
+    with pytest.raises(ValueError, match="no samples"):
+        group_accuracy([], [], [])
+    with pytest.raises(ValueError, match="same length"):
+        group_accuracy([0, 1], [0], [0, 1])
+    with pytest.raises(TypeError, match="integers"):
+        group_accuracy([0.5], [0], [0])
