@@ -177,6 +177,43 @@ def test_command_without_masks_omits_the_probe_columns(data, tmp_path):
     assert not list(tmp_path.glob("*.png"))
 
 
+def _blank_masks(split: FolderSplit, count: int | None = None) -> None:
+    """Make the first ``count`` masks (default all) empty."""
+    for path in sorted(Path(split.masks).glob("*/*.png"))[:count]:
+        Image.fromarray(np.zeros((SIZE, SIZE), dtype=np.uint8)).save(path)
+
+
+def test_empty_masks_give_no_localisation_figures(data, tmp_path):
+    split = _write_split(tmp_path / "data", 4)
+    _blank_masks(split)
+    argv = ["evaluate", "--model", data["model"], "--compare", data["compare"], "--suite", "folder",
+            "--split", f"blank={split.images}", "--split-masks", f"blank={split.masks}", *_common(tmp_path / "out")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "out/folder.json").read_text())
+    result = report["runs"]["after"]["splits"]["blank"]
+    assert result["probes"] is None and result["localisation"] is None and result["unusable_masks"] == 6
+    assert "no mask has both object and background (6 empty, 0 full)" in result["not_measured"]
+    assert set(report["change"]["blank"]) == {"top1"}
+    markdown = (tmp_path / "out/folder.md").read_text()
+    assert markdown.count("n/a (no usable mask)") == 2 * 6  # two runs, six probe and localisation columns
+    assert "Split `blank`: no mask has both object and background" in markdown
+    assert not (tmp_path / "out/folder_probes.png").exists()
+
+
+def test_images_with_unusable_masks_are_left_out_of_the_probes(data, tmp_path):
+    model = build_model(data["model"])
+    split = _write_split(tmp_path, 5)
+    _blank_masks(split, 2)
+    result = evaluate_folder(model, {"some": split}, num_workers=0, progress=False)["splits"]["some"]
+    assert result["unusable_masks"] == 2 and result["localisation"]["images"] == 4
+    assert "2 image(s) whose mask is empty or full (2 empty) left out" in result["note"]
+    kept = sorted(Path(split.images).glob("*/*.png"))[2:]  # the blanked masks are the first two (blue/0, blue/1)
+    with torch.no_grad():
+        predicted = model(_normalize(torch.stack([_tensor(f) for f in kept]))).argmax(dim=1).tolist()
+    correct = [p == LABEL_NAMES.index(f.parent.name) for p, f in zip(predicted, kept)]
+    assert result["probes"]["full"] == pytest.approx(100 * sum(correct) / 4)
+
+
 def _bad_split(root: Path, case: str) -> list[str]:
     """The ``--split``/``--split-masks`` flags of a broken split ``case``."""
     split = _write_split(root / "data", 3, counts={"red": 1, "blue": 1})

@@ -27,9 +27,9 @@ _HATCHES = ("", "//", "..", "xx")
 
 def probe_chart(runs: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
     """Bar chart of the reliance probes (top-1, percent) of every masked split: a bar per probe and run."""
-    splits = [s for s, result in next(iter(runs.values()))["splits"].items() if "probes" in result]
+    splits = [s for s, result in next(iter(runs.values()))["splits"].items() if result.get("probes")]
     if not splits:
-        raise ValueError("no split has masks: the reliance probes were not measured")
+        raise ValueError("no split has usable masks: the reliance probes were not measured")
     bars = [(label, r, key, m) for r, label in enumerate(runs) for m, key in enumerate(PROBE_BARS)]
     width = 0.8 / len(bars)
     figure = Figure(figsize=(max(6.0, 0.45 * len(bars) * len(splits) + 3), 3.4), layout="constrained")
@@ -86,12 +86,13 @@ def relevance_grid(runs: Mapping[str, Mapping[str, Any]], path: str | Path) -> P
 
 
 def write_folder_figures(runs: Mapping[str, Mapping[str, Any]], out: str | Path) -> list[Path]:
-    """``folder_probes.png`` (with masks) and ``folder_relevance.png`` (two runs, with masks) in ``out``."""
+    """``folder_probes.png`` (with usable masks) and ``folder_relevance.png`` (two runs, with masks) in ``out``."""
     out = Path(out)
     first = next(iter(runs.values()))
     if not first["examples"]:
         return []
-    written = [probe_chart(runs, out / "folder_probes.png")]
+    probed = any(result.get("probes") for result in first["splits"].values())
+    written = [probe_chart(runs, out / "folder_probes.png")] if probed else []
     if len(runs) == 2:
         written.append(relevance_grid(runs, out / "folder_relevance.png"))
     return written

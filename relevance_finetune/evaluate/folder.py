@@ -6,7 +6,8 @@ Images go through the ``train`` command's evaluation transform (:func:`relevance
 at the model's data config). Per split: top-1, overall and per class; with masks also the reliance
 probes of :func:`relevance_finetune.probes.reliance_probes` (top-1 with the background or the object
 replaced, as the built-in benchmark measures them) and the segmentation and localisation scores of
-the model's GAE map for its predicted class (:class:`relevance_finetune.metrics.SegmentationMeter`).
+the model's GAE map for its predicted class (:class:`relevance_finetune.metrics.SegmentationMeter`),
+both on the images whose mask has object and background.
 
 Class indices (:func:`folder_class_indices`): the model's ``label_names`` (which ``train`` records for
 folder datasets) matched to the folder names; else ImageNet-1k indices of wnid folders for a 1000-class
@@ -26,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..augment import usable_masks
 from ..data import (MaskedDataset, MaskedImageFolder, PairedTransform, Sample, class_indices, imagenet_class_index,
                     paired_transforms)
 from ..gae import attach_gae
@@ -132,7 +134,7 @@ def _evaluate_split(model: nn.Module, dataset: MaskedDataset, split: FolderSplit
     """Top-1 (overall, per class) of one split; with masks its probes and localisation scores."""
     device, meter = _device(model), SegmentationMeter()
     model.eval()
-    correct, targets, probes = [], [], {}
+    correct, targets, probes, empty, scored = [], [], {}, 0, 0
     for images, masks, labels in tqdm(loader, desc=desc, disable=desc is None):
         images = images.to(device)
         with torch.no_grad():
@@ -141,6 +143,12 @@ def _evaluate_split(model: nn.Module, dataset: MaskedDataset, split: FolderSplit
         if split.masks is None:
             continue
         masks = masks.to(device)
+        usable = usable_masks(masks)
+        empty += int((masks.flatten(1).amax(1) <= 0).sum())
+        if not usable.any():
+            continue
+        images, masks, labels = images[usable], masks[usable], labels[usable.cpu()]
+        scored += len(images)
         scores = reliance_probes(model, images, masks, labels, normalize, batch_size=len(images))
         for key, value in scores.items():
             probes[key] = probes.get(key, 0.0) + value * len(images)
@@ -150,14 +158,27 @@ def _evaluate_split(model: nn.Module, dataset: MaskedDataset, split: FolderSplit
     result: dict[str, Any] = {"images": split.images, "masks": split.masks, "n": len(hits), "top1": _top1(hits)}
     result["per_class"] = {name: {"n": int((targets == index[name]).sum()), "top1": _top1(hits[targets == index[name]])}
                            for name in dataset.classes}
+    notes = []
     if split.masks is None:
-        result["note"] = NO_MASKS_NOTE
+        notes.append(NO_MASKS_NOTE)
     else:
-        result["probes"] = {key: total / len(hits) for key, total in probes.items()}
-        result["localisation"] = meter.compute()
+        result["unusable_masks"] = len(hits) - scored
+        if scored:
+            result["probes"] = {key: total / scored for key, total in probes.items()}
+            result["localisation"] = meter.compute()
+        else:
+            result["probes"] = result["localisation"] = None
+            result["not_measured"] = (f"no mask has both object and background ({empty} empty, {len(hits) - empty} "
+                                      "full): reliance probes and localisation not measured")
+            notes.append(result["not_measured"])
+        if scored and result["unusable_masks"]:
+            notes.append(f"{result['unusable_masks']} image(s) whose mask is empty or full ({empty} empty) left out "
+                         "of the reliance probes and localisation")
     if dataset.unmasked:
         result["unmasked"] = dataset.unmasked
-        result["note"] = f"{dataset.unmasked} image(s) without a mask left out (--skip-unmasked)"
+        notes.append(f"{dataset.unmasked} image(s) without a mask left out (--skip-unmasked)")
+    if notes:
+        result["note"] = "; ".join(notes)
     return result
 
 
@@ -204,7 +225,10 @@ def evaluate_folder(
     folders, ``n``, ``top1`` and ``per_class`` ({folder: {n, top1}}); with masks, ``probes`` (as
     :func:`relevance_finetune.probes.reliance_probes` returns them, averaged over batches: the
     ``mean`` fill is each batch's mean colour) and ``localisation`` (as
-    :meth:`relevance_finetune.metrics.SegmentationMeter.compute`); without, a ``note``. A split that
+    :meth:`relevance_finetune.metrics.SegmentationMeter.compute`), both over the images whose mask
+    has object and background (:func:`relevance_finetune.augment.usable_masks`; the others are counted
+    in ``unusable_masks``); when no mask is usable both are None and ``not_measured`` says why; without
+    masks, a ``note``. A split that
     left out images without a mask (``skip_unmasked``) counts them in ``unmasked``, with a ``note``.
     ``examples``: :data:`EXAMPLES` images of the first masked split (one per class in turn) with
     the predicted class, its probability and the GAE map on the patch grid.

@@ -16,6 +16,7 @@ SEGMENTATION_METRICS = {"pixel_acc": "Pixel acc.", "miou": "mIoU", "map": "mAP",
 FOLDER_COLUMNS = {"top1": "Top-1", "probes/object_only": "Object-only", "probes/background_only": "Background-only",
                   "probes/background_reliance": "BG reliance", "localisation/miou": "mIoU",
                   "localisation/mass_accuracy": "Mass acc.", "localisation/pointing_game": "Pointing game"}
+_NOT_MEASURED = "n/a (no usable mask)"  # a masked split whose masks are all empty or full: its note says more
 _CLASSES_SHOWN = 20  # class folders the folder table lists with their model index
 _FOLDER_LEGEND = ("Object-only / background-only: top-1 with the background / the object replaced (mean over grey, "
                   "mean-colour and blurred fills); BG reliance = background-only - object-only (lower: less use of "
@@ -127,7 +128,8 @@ def folder_markdown(runs: Mapping[str, Mapping[str, Any]]) -> str:
     """The folder suite's table: a row per split and run, with a change row when two runs are compared.
 
     The probe and localisation columns appear only when some split has masks; a split without
-    them shows "-" there, and a note below the table says why.
+    them shows "-" there, one whose masks are all empty or full "n/a (no usable mask)", and a
+    note below the table says why.
     """
     splits = list(next(iter(runs.values()))["splits"])
     masked = any("probes" in run["splits"][s] for run in runs.values() for s in splits)
@@ -137,7 +139,9 @@ def folder_markdown(runs: Mapping[str, Mapping[str, Any]]) -> str:
     for split in splits:
         for label, run in runs.items():
             values = _folder_values(run["splits"][split])
-            body.append([split, label, str(run["splits"][split]["n"])] + [_fmt(values.get(k)) for k in columns])
+            missing = _NOT_MEASURED if run["splits"][split].get("not_measured") else "-"
+            body.append([split, label, str(run["splits"][split]["n"])]
+                        + [missing if "/" in k and values.get(k) is None else _fmt(values.get(k)) for k in columns])
         if changes is not None:
             body.append([split, "change", ""] + [f"{changes[split][k]:+.1f}" if k in changes[split] else "-"
                                                  for k in columns])
