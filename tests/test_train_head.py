@@ -1,6 +1,7 @@
 """``train --recipe head`` and ``--recipe two_stage_head``: the head refit as a stage of a run."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
@@ -14,7 +15,8 @@ from safetensors.torch import load_file
 from conftest import TINY_MODELS, cli_error, tiny_model
 from relevance_finetune import cli
 from relevance_finetune.checkpoint import load_checkpoint
-from relevance_finetune.head import DFR_C
+from relevance_finetune.head import DFR_C, refit_head
+from relevance_finetune.train import refit as refit_module
 from relevance_finetune.models import create_model_from_spec, load_weights
 from test_train import tiny_hub
 from test_train_runs import TINY_RANDOM, train_args, write_folder
@@ -99,6 +101,15 @@ def test_c_is_chosen_on_the_held_out_validation_images(tmp_path, caplog):
                                "--seed", "1")) == 0
     (record,) = records(tmp_path / "run")
     assert record["selected_on"] == "validation" and record["rows"] == 8 * 5
+
+
+def test_one_candidate_c_is_recorded_and_summarised(tmp_path, data, hub, caplog, monkeypatch):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(refit_module, "refit_head", functools.partial(refit_head, C=(0.1,)))
+    assert cli.main(train_args(data, tmp_path / "run", "--model", hub, "--recipe", "head")) == 0
+    (record,) = records(tmp_path / "run")
+    assert (record["C"], record["scores"], record["selected_on"]) == (0.1, [], None)
+    assert "head refit: C=0.1, the one candidate (nothing to choose); 45 images" in caplog.text
 
 
 def test_the_same_command_and_seed_give_the_same_refit(tmp_path, data, hub):

@@ -188,8 +188,8 @@ def _class_name(index: int, names: Mapping[int, str]) -> str:
 
 def _record(refit: HeadRefit, source: str, validation: bool, config: TrainConfig) -> dict[str, Any]:
     """The refit's ``metrics.jsonl`` line."""
-    return {"stage": "head_refit", "source": source, "C": refit.C,
-            "selected_on": "validation" if validation else "held_out",
+    selected_on = ("validation" if validation else "held_out") if refit.scores else None  # None: one C, no choice
+    return {"stage": "head_refit", "source": source, "C": refit.C, "selected_on": selected_on,
             "scores": [{"C": c, "worst_class_accuracy": worst, "mean_accuracy": mean}
                        for c, (worst, mean) in refit.scores.items()],
             "views": config.head_views, "fits": config.head_fits, "rows": refit.rows, "features": refit.features,
@@ -198,9 +198,16 @@ def _record(refit: HeadRefit, source: str, validation: bool, config: TrainConfig
 
 def _summary(refit: HeadRefit, record: dict[str, Any]) -> str:
     """One line: the chosen C and its score, the refit set, the time, what ``best`` holds."""
+    source = "the model given" if record["source"] == "model" else f"{record['source']}'s model"
+    return (f"head refit: {_choice(refit, record)}; {refit.rows} images with their views, "
+            f"{refit.seconds:.1f} s; {BEST} holds {source} with its head refit")
+
+
+def _choice(refit: HeadRefit, record: dict[str, Any]) -> str:
+    """How C was chosen, with its scores; or that it was the one candidate."""
+    if not refit.scores:
+        return f"C={refit.C:g}, the one candidate (nothing to choose)"
     where = "validation images'" if record["selected_on"] == "validation" else "held-out training images'"
     worst, mean = refit.scores[refit.C]
-    source = "the model given" if record["source"] == "model" else f"{record['source']}'s model"
-    return (f"head refit: C={refit.C:g} of {len(refit.scores)} by the worst-class accuracy on the {where} "
-            f"counterfactual views ({worst:.3f}, mean {mean:.3f}); {refit.rows} images with their views, "
-            f"{refit.seconds:.1f} s; {BEST} holds {source} with its head refit")
+    return (f"C={refit.C:g} of {len(refit.scores)} by the worst-class accuracy on the {where} "
+            f"counterfactual views ({worst:.3f}, mean {mean:.3f})")
