@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 import torchvision.transforms.functional as TF
 
-__all__ = ["BackgroundSwap", "fill_object", "usable_masks"]
+__all__ = ["BackgroundSwap", "fill_object", "paste_objects", "usable_masks"]
 
 Fill = Literal["inpaint", "mean"]
 _COUNTS = ("swapped", "object_only_count", "skipped", "unswapped")
@@ -74,6 +74,14 @@ def fill_object(images: torch.Tensor, masks: torch.Tensor, fill: Fill = "inpaint
         reach = weight > 1e-3
         filler = torch.where(reach, blurred[:, :-1] / weight.clamp(min=1e-3), filler)
     return images * background + filler * masks
+
+
+def paste_objects(images: torch.Tensor, masks: torch.Tensor, donors: torch.Tensor, donor_masks: torch.Tensor,
+                  fill: Fill = "inpaint") -> torch.Tensor:
+    """The objects of (B, C, H, W) ``images`` (``masks`` (B, [1,] H, W), as alpha) on the backgrounds of
+    ``donors`` of the same shape, whose own objects (``donor_masks``) are filled first (``fill_object``)."""
+    keep = _check(images, masks)
+    return images * keep + fill_object(donors, donor_masks, fill) * (1 - keep)
 
 
 class BackgroundSwap:
@@ -147,9 +155,8 @@ class BackgroundSwap:
         stripped = usable & ~moving & (self._uniform(len(usable)) < self.object_only)
         out = images.clone()
         if int(moving.sum()):
-            index, backgrounds = self._backgrounds(images, masks_4d, moving, usable)
-            keep = masks_4d[index]
-            out[index] = images[index] * keep + backgrounds * (1 - keep)
+            index, donors, donor_masks = self._donors_of(images, masks_4d, moving, usable)
+            out[index] = paste_objects(images[index], masks_4d[index], donors, donor_masks, self.fill)
             self.swapped += len(index)
             self._count_unswapped(int(moving.sum()) - len(index))
         if int(stripped.sum()):
@@ -162,21 +169,21 @@ class BackgroundSwap:
         self._remember(images, masks_4d, usable)
         return out, masks
 
-    def _backgrounds(self, images: torch.Tensor, masks: torch.Tensor, moving: torch.Tensor,
-                     usable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The moving images that find a donor (indices) and their donors' filled backgrounds."""
+    def _donors_of(self, images: torch.Tensor, masks: torch.Tensor, moving: torch.Tensor,
+                   usable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The moving images that find a donor (indices), and their donors' images and masks."""
         index = torch.nonzero(moving).squeeze(1)
         if int(usable.sum()) >= 2:
             donors = self._donors(moving, usable).to(images.device)
-            return index.to(images.device), fill_object(images[donors], masks[donors], self.fill)
+            return index.to(images.device), images[donors], masks[donors]
         self._buffer_to(images.device)
         donors = {i: self._buffered_donor(images[i]) for i in index.tolist()}
         found = [i for i, donor in donors.items() if donor is not None]
         if not found:
-            return index[:0].to(images.device), images[:0]
+            return index[:0].to(images.device), images[:0], masks[:0]
         donor_images = torch.stack([donors[i][0] for i in found]).to(images)
         donor_masks = torch.stack([donors[i][1] for i in found]).to(images)
-        return torch.tensor(found, device=images.device), fill_object(donor_images, donor_masks, self.fill)
+        return torch.tensor(found, device=images.device), donor_images, donor_masks
 
     def _count_skipped(self, skipped: int, total: int) -> None:
         if skipped:

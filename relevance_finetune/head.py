@@ -3,7 +3,8 @@
 Deep Feature Reweighting (Kirichenko, Izmailov & Wilson, ICLR 2023) keeps the backbone and refits
 the last layer on data where the shortcut no longer goes with the class. Here that data comes from
 the masks: every masked image and ``views`` copies of it with its object pasted onto other images'
-backgrounds (``BackgroundSwap(p=1)``), labels unchanged. The procedure, as in their code:
+backgrounds (``paste_objects``, as ``BackgroundSwap`` pastes them), labels unchanged. The procedure,
+as in their code:
 
 1. the refit set: the masked images and their counterfactual views;
 2. pre-logit features (``model.forward_head(model.forward_features(x), pre_logits=True)``);
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .augment import BackgroundSwap, usable_masks
+from .augment import paste_objects, usable_masks
 
 __all__ = ["DFR_C", "HeadRefit", "fit_l1_logistic", "l1_logistic_objective", "linear_classifier", "pre_logits",
            "refit_head"]
@@ -112,7 +113,8 @@ def refit_head(
         Optional masked (images, masks, labels): the candidates are scored on their views
         instead, and the fits use every image.
     batch_size, seed, progress:
-        Feature batches; the seed of the views, split and subsamples; a tqdm bar.
+        Images per forward (the views do not depend on it); the seed of the views, split and
+        subsamples; a tqdm bar.
     """
     start = time.perf_counter()
     classifier = linear_classifier(model)
@@ -120,8 +122,7 @@ def refit_head(
     _check_settings(views, candidates, fits, held_out)
     movable = _movable(images, masks, labels, num_classes)
     generator = torch.Generator().manual_seed(seed)
-    features = partial(_refit_set, model, views=views, swap=BackgroundSwap(p=1.0, seed=seed), generator=generator,
-                       batch_size=batch_size, progress=progress)
+    features = partial(_refit_set, model, views=views, generator=generator, batch_size=batch_size, progress=progress)
     choose = len(candidates) > 1
     val_movable = _movable(*validation, num_classes) if choose and validation is not None else None
     everything = torch.arange(len(labels))
@@ -222,11 +223,11 @@ def _split_by_image(labels: torch.Tensor, movable: torch.Tensor, held_out: float
 
 @torch.no_grad()
 def _refit_set(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
-               part: torch.Tensor, movable: torch.Tensor, *, views: int, swap: BackgroundSwap,
-               generator: torch.Generator, batch_size: int, progress: bool) -> RefitSet:
+               part: torch.Tensor, movable: torch.Tensor, *, views: int, generator: torch.Generator,
+               batch_size: int, progress: bool) -> RefitSet:
     """Features of the images ``part`` and of ``views`` counterfactual views of each movable one
     (its object on the background of another movable image of ``part``)."""
-    batches = list(_image_batches(images, masks, part, part[movable[part]], views, swap, generator, batch_size))
+    batches = list(_image_batches(images, masks, part, part[movable[part]], views, generator, batch_size))
     device = next(model.parameters()).device
     features, sources, view = [], [], []
     with tqdm(total=sum(len(index) for _, index, _ in batches), desc="head refit: features", unit="img",
@@ -240,20 +241,21 @@ def _refit_set(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, labe
 
 
 def _image_batches(images: torch.Tensor, masks: torch.Tensor, part: torch.Tensor, movable: torch.Tensor,
-                   views: int, swap: BackgroundSwap, generator: torch.Generator,
+                   views: int, generator: torch.Generator,
                    batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
     """(images, their indices, whether they are views): the images ``part``, then ``views`` rounds
-    of each ``movable`` one's object on another's background (random batches of at least two)."""
+    of each ``movable`` one's object on another's background. Each round's donors are a random
+    cycle over all of ``movable`` (nobody gets their own background), drawn before the batching,
+    so the views do not depend on ``batch_size``."""
     for index in part.split(batch_size):
         yield images[index], index, False
     if len(movable) < 2:
         raise ValueError(f"{len(movable)} image(s) with a usable mask: a counterfactual view needs another "
                          "image's background")
-    pieces = max(1, len(movable) // max(batch_size, 2))
     for _ in range(views):
-        shuffled = movable[torch.randperm(len(movable), generator=generator)]
-        for index in shuffled.tensor_split(pieces):
-            yield swap(images[index], masks[index])[0], index, True
+        order = movable[torch.randperm(len(movable), generator=generator)]
+        for index, donors in zip(order.split(batch_size), order.roll(-1).split(batch_size)):
+            yield paste_objects(images[index], masks[index], images[donors], masks[donors]), index, True
 
 
 def pre_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

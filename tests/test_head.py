@@ -171,6 +171,16 @@ def test_refit_moves_the_head_from_the_shortcut_to_the_object():
     assert model.head.weight[:, 0].abs().sum() > model.head.weight[:, 1].abs().sum()
 
 
+def test_the_views_do_not_depend_on_the_batch_size():
+    images, masks, labels = _shortcut_images(24, agreement=0.9, seed=0)
+    heads = []
+    for batch_size in (3, 8, 64):
+        model = PooledChannels()
+        refit_head(model, images, masks, labels, views=2, fits=2, batch_size=batch_size, progress=False)
+        heads.append(torch.cat([model.head.weight, model.head.bias[:, None]], 1))
+    assert all(torch.equal(head, heads[0]) for head in heads[1:])
+
+
 def test_models_without_one_linear_head_are_refused():
     images = torch.zeros(2, 3, 32, 32)
     masks, labels = torch.zeros(2, 32, 32), torch.tensor([0, 1])

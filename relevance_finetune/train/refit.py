@@ -29,7 +29,7 @@ __all__ = ["check_refit_data", "refit_stage"]
 
 _log = logging.getLogger(__name__)
 
-_BATCH = 64  # images per feature batch and per batch of views (refit_head's default; the views depend on it)
+_BATCH = 64  # images per forward of the refit and per batch read into memory (refit_head's default)
 _GIB = 2 ** 30
 
 Masked = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images (N, 3, H, W), masks (N, 1, H, W), labels (N,)
