@@ -14,6 +14,7 @@ from timm.models import save_for_hf
 from conftest import TINY_MODELS, cli_error, tiny_model
 from relevance_finetune.cli import main
 from relevance_finetune.evaluate import FolderSplit, evaluate_folder, folder_class_indices, imagenet_synsets
+from relevance_finetune.evaluate.folder import _relabel, folder_datasets, unit_transform
 from relevance_finetune.gae import attach_gae
 from relevance_finetune.models import build_model
 from relevance_finetune.probes import replace_region
@@ -125,6 +126,14 @@ def test_background_only_and_localisation_by_hand_on_one_image(data, tmp_path):
         100 * float(relevance[inside].sum() / relevance.sum()), rel=1e-5)
     peak = relevance == relevance.max()  # a hit when any pixel holding the maximum is on the object
     assert result["localisation"]["pointing_game"] == 100.0 * bool((peak & inside).any())
+
+
+def test_relabelling_moves_the_class_indices_with_the_labels(data):
+    dataset = folder_datasets({"id": data["id"]}, unit_transform(build_model(data["model"]).pretrained_cfg))["id"]
+    index = {"red": 0, "blue": 1, "green": 2}  # the model's order; the folders' sorted order is blue, green, red
+    _relabel(dataset, index)
+    assert dataset.class_to_idx == index and dataset.label_names == LABEL_NAMES
+    assert all(sample.label == index[Path(sample.image).parent.name] for sample in dataset.samples)
 
 
 def test_class_indices_rules():

@@ -118,7 +118,10 @@ def folder_class_indices(model: nn.Module, names: Sequence[str]) -> tuple[dict[s
 
 
 def _relabel(dataset: MaskedDataset, index: Mapping[str, int]) -> None:
-    dataset.samples = [sample._replace(label=index[dataset.classes[sample.label]]) for sample in dataset.samples]
+    """Give ``dataset``'s samples and its ``class_to_idx`` the model's index of each class folder."""
+    names = {label: name for name, label in dataset.class_to_idx.items()}
+    dataset.samples = [sample._replace(label=index[names[sample.label]]) for sample in dataset.samples]
+    dataset.class_to_idx = {name: index[name] for name in dataset.class_to_idx}
 
 
 def _device(model: nn.Module) -> torch.device:
