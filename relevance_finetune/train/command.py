@@ -9,15 +9,17 @@ import logging
 import sys
 import typing
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from ..data import (ImageNetSDataset, MaskedCsvDataset, MaskedDataset, MaskedImageFolder, PairedTransform,
+from ..data import (ImageNetSDataset, MaskedDataset, MaskedImageFolder, PairedTransform,
                     imagenet_class_index, paired_transforms)
 from ..gae import UnsupportedModelError
+from ..groups import GROUP_FORMATS, csv_dataset
 from ..head import linear_classifier
 from ..masks.automatic import tokencut_folder
 from ..models import add_model_arguments, create_model, merge_model_kwargs
@@ -125,6 +127,8 @@ def _build_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset, Dat
                 ImageNetSDataset(config.masks, config.data, "val", transform(train=False), **split))
     made = functools.partial(tokencut_folder, build=create_model, device=Processes.current(config.device).device,
                              workers=config.workers, progress=config.progress, skip_bad=config.skip_bad)
+    if config.data_format in GROUP_FORMATS:
+        return _group_splits(config, made, transform)
     masks = made(config.masks, config.data, Path(config.out) / "masks")  # tokencut:MODEL: made once into the run
     val_masks = made(config.val_masks, config.val_data, Path(config.out) / "val_masks")
     if (masks, val_masks) != (config.masks, config.val_masks):  # the images TokenCut gave no mask stay out
@@ -140,6 +144,23 @@ def _build_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset, Dat
         raise ValueError(f"val_fraction {config.val_fraction} leaves no training images of {len(order)}")
     val_view = _eval_view(train_set, transform(train=False))
     return Subset(train_set, order[held_out:]), Subset(val_view, order[:held_out])
+
+
+def _group_splits(config: TrainConfig, made: Callable, transform: Callable) -> tuple[Dataset, Dataset]:
+    """The training split of a Waterbirds or CelebA folder and the validation split of ``--val-data`` (default:
+    the same folder); ``tokencut:MODEL`` masks are made for every image of the folder."""
+    if config.masks is None or config.val_fraction:
+        raise ValueError(f"--data-format {config.data_format}: pass --masks (CUB_200_2011/segmentations for "
+                         "waterbirds, or tokencut:MODEL); the validation split is the data's own (no --val-fraction)")
+    reader = GROUP_FORMATS[config.data_format]
+    root = reader.locate(config.data)
+    val_root = reader.locate(config.val_data) if config.val_data is not None else root
+    masks = made(config.masks, root, Path(config.out) / "masks")
+    val_masks = (made(config.val_masks, val_root, Path(config.out) / "val_masks") if config.val_masks is not None
+                 else masks if val_root == root else made(config.masks, val_root, Path(config.out) / "val_masks"))
+    options = dict(skip_bad=config.skip_bad, skip_unmasked=config.skip_unmasked or masks != config.masks)
+    return (reader(root, "train", transform(train=True), masks=masks, **options),
+            reader(val_root, "val", transform(train=False), masks=val_masks, **options))
 
 
 def _base(dataset: Dataset | None) -> Dataset | None:
@@ -231,6 +252,6 @@ def _masked_dataset(data: str, masks: str | None, transform, config: TrainConfig
     """A CSV manifest or a masked-image folder (``data/images`` + ``data/masks``, or ``data`` + ``masks``)."""
     options = dict(class_index=config.class_index, skip_bad=config.skip_bad)
     if config.data_format == "csv" or (config.data_format == "auto" and Path(data).suffix == ".csv"):
-        return MaskedCsvDataset(data, transform, **options)
+        return csv_dataset(data, transform, **options)
     folders = dict(root=data) if masks is None else dict(images=data, masks=masks)
     return MaskedImageFolder(transform=transform, skip_unmasked=config.skip_unmasked, **folders, **options)

@@ -60,12 +60,15 @@ class TrainConfig:
     img_size: int | None = _option(None, "build the model for this image size; the data follow the model")
     data: str | None = _option(
         None, "training data: a folder with images/ and masks/ (or the images folder, with --masks), "
-              "a CSV manifest image,mask,label, or the ImageNet root (with --data-format imagenet-s)")
-    masks: str | None = _option(None, "the masks folder (ImageNetS919 for --data-format imagenet-s), or "
+              "a CSV manifest image,mask,label[,group], the ImageNet root (with --data-format imagenet-s), "
+              "or the Waterbirds or CelebA folder (--data-format waterbirds, celeba: their training split)")
+    masks: str | None = _option(None, "the masks folder (ImageNetS919 for --data-format imagenet-s, "
+                                      "CUB_200_2011/segmentations for waterbirds), or "
                                       "tokencut:MODEL to make them into OUT/masks")
-    data_format: Literal["auto", "folder", "csv", "imagenet-s"] = _option(
+    data_format: Literal["auto", "folder", "csv", "imagenet-s", "waterbirds", "celeba"] = _option(
         "auto", "layout of --data (auto: csv for a .csv file, else folder)")
-    val_data: str | None = _option(None, "validation data, as --data (folder and csv layouts)")
+    val_data: str | None = _option(None, "validation data, as --data (folder and csv layouts; waterbirds and "
+                                         "celeba: the validation split of this folder, default --data's)")
     val_masks: str | None = _option(None, "the masks folder of --val-data, or tokencut:MODEL (into OUT/val_masks)")
     val_fraction: float = _option(0.0, "hold out this fraction of --data for validation (seeded)")
     class_index: Literal["auto", "folder", "imagenet"] = _option(
