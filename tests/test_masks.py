@@ -386,7 +386,10 @@ def masks_command(dino_dir, images, out, *extra):
 def test_masks_command_round_trips_and_resumes(tmp_path, dino_dir, capsys):
     images = make_images(tmp_path / "images")
     assert masks_command(dino_dir, images, tmp_path / "out") == 0
-    assert "5 masks written" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "5 masks written" in out and f"outlined: {tmp_path / 'out' / 'preview.png'}" in out
+    with Image.open(tmp_path / "out" / "preview.png") as preview:
+        assert preview.format == "PNG"
     dataset = MaskedImageFolder(images=images, masks=tmp_path / "out")
     assert len(dataset) == 5 and dataset.classes == ["n01440764", "n01443537"]
     for sample in dataset.samples:
@@ -394,26 +397,26 @@ def test_masks_command_round_trips_and_resumes(tmp_path, dino_dir, capsys):
         assert mask.shape == (image.height, image.width) and mask.any()
     assert sorted(p.name for p in (tmp_path / "out" / "n01440764").iterdir()) == ["img_1.png", "img_3.png"]
 
-    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.png")}
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/*.png")}
     assert masks_command(dino_dir, images, tmp_path / "out") == 0
     out = capsys.readouterr().out
     assert "0 masks written" in out and "5 already there" in out
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.png")} == written
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/*.png")} == written
 
 
 def test_masks_command_shards_and_min_pixels(tmp_path, dino_dir, capsys, monkeypatch):
     images = make_images(tmp_path / "images")
     assert masks_command(dino_dir, images, tmp_path / "a", "--shard", "1/2") == 0
     # classes in sorted order: n01440764 (img_1, img_3), n01443537 (img_0, img_2, img_4); shard 1/2 takes [1::2]
-    assert sorted(p.name for p in (tmp_path / "a").rglob("*.png")) == ["img_2.png", "img_3.png"]
+    assert sorted(p.name for p in (tmp_path / "a").glob("*/*.png")) == ["img_2.png", "img_3.png"]
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert masks_command(dino_dir, images, tmp_path / "a") == 0
-    assert len(list((tmp_path / "a").rglob("*.png"))) == 5
+    assert len(list((tmp_path / "a").glob("*/*.png"))) == 5
     capsys.readouterr()
     assert masks_command(dino_dir, images, tmp_path / "b", "--min-pixels", "100000", "--shard", "0/1") == 0
     out = capsys.readouterr().out
-    assert "0 masks written" in out and "5 under --min-pixels" in out and not list((tmp_path / "b").rglob("*.png"))
+    assert "0 masks written" in out and "5 under --min-pixels" in out and not list((tmp_path / "b").glob("*/*.png"))
     with pytest.raises(ValueError, match="--shard must look like i/n"):
         masks_command(dino_dir, images, tmp_path / "b", "--shard", "2")
 
@@ -457,7 +460,7 @@ def test_masks_command_refines_then_filters(tmp_path, dino_dir, capsys, monkeypa
     assert masks_command(dino_dir, images, tmp_path / "b", "--min-pixels", "10", "--component", "largest") == 0
     out = capsys.readouterr().out
     assert "4 masks written" in out and "1 dropped by the refinement" in out and "0 under" in out
-    assert all(m.sum() == 10 for m in (np.array(Image.open(p)) > 0 for p in (tmp_path / "b").rglob("*.png")))
+    assert all(m.sum() == 10 for m in (np.array(Image.open(p)) > 0 for p in (tmp_path / "b").glob("*/*.png")))
     image, mask, component = seen[-1]
     np.testing.assert_array_equal(image, np.array(Image.open(images / "n01443537" / "img_4.JPEG")))
     assert mask.shape == (20, 60) and mask.dtype == bool and component == "largest"
@@ -474,7 +477,7 @@ def test_masks_command_refine_none_and_aspect_resize(tmp_path, dino_dir, capsys,
     assert masks_command(dino_dir, images, tmp_path / "b", "--resize", "aspect", "--refine", "none") == 0
     # (H, W) 30x40 -> 32x40, 50x33 -> 48x32, 32x32, 41x45 -> 40x48, 20x60 -> 16x64, one forward per size
     assert sorted(s[2:] for s in shapes) == [(16, 64), (32, 32), (32, 40), (40, 48), (48, 32)]
-    for path in (tmp_path / "b").rglob("*.png"):
+    for path in (tmp_path / "b").glob("*/*.png"):
         image = Image.open(images / path.parent.name / f"{path.stem}.JPEG")
         assert Image.open(path).size == image.size
     shapes.clear()
@@ -507,7 +510,7 @@ def test_masks_command_uses_the_weights_of_a_local_dir_model(tmp_path, dino_dir,
                      str(tmp_path / str(seed)), "--workers", "0", "--min-pixels", "0", "--refine", "none"]) == 0
     assert "random weights" not in capsys.readouterr().err
     assert used and all(torch.equal(state[k], saved[k]) for state in used for k in saved)
-    written = [sorted(p.relative_to(tmp_path / str(seed)) for p in (tmp_path / str(seed)).rglob("*.png"))
+    written = [sorted(p.relative_to(tmp_path / str(seed)) for p in (tmp_path / str(seed)).glob("*/*.png"))
                for seed in (0, 1)]
     assert written[0] == written[1] and written[0]
     for path in written[0]:

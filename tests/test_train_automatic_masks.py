@@ -62,7 +62,7 @@ def count_images(monkeypatch) -> list[int]:
 
 
 def masks_of(run) -> dict:
-    return {p.relative_to(run / "masks"): p.stat().st_mtime_ns for p in (run / "masks").rglob("*.png")}
+    return {p.relative_to(run / "masks"): p.stat().st_mtime_ns for p in (run / "masks").glob("*/*.png")}
 
 
 def test_train_makes_masks_resumes_after_a_crash_and_trains(tmp_path, dino, train_args, monkeypatch, capsys):
@@ -92,6 +92,8 @@ def test_train_makes_masks_resumes_after_a_crash_and_trains(tmp_path, dino, trai
     assert sum(seen) == 2 * PER_CLASS - 2  # only the images without a mask yet
     assert {k: v for k, v in masks_of(run).items() if k in first} == first
     assert summary["model"] == dino and summary["images"] == 2 * PER_CLASS
+    with Image.open(run / "masks" / "preview.png") as preview:  # a look at them before training
+        assert preview.format == "PNG"
     assert summary["masks"] + summary["empty"] == 2 * PER_CLASS and summary["masks"] == len(masks_of(run)) > 2
     assert {p.parent.name for p in masks_of(run)} <= set(CLASSES)
     assert read_config_file(run / "config.yaml")["masks"] == f"tokencut:{dino}"  # which model made them
@@ -108,7 +110,7 @@ def test_validation_masks_go_to_their_own_folder(tmp_path, dino, train_args):
     run = tmp_path / "run"
     assert cli.main([*train_args, "--masks", f"tokencut:{dino}", "--val-data", str(tmp_path / "images"),
                      "--val-masks", f"tokencut:{dino}"]) == 0
-    assert masks_of(run).keys() == {p.relative_to(run / "val_masks") for p in (run / "val_masks").rglob("*.png")}
+    assert masks_of(run).keys() == {p.relative_to(run / "val_masks") for p in (run / "val_masks").glob("*/*.png")}
     assert json.loads((run / "val_masks" / "summary.json").read_text())["model"] == dino
     assert "val_loss" in json.loads((run / "metrics.jsonl").read_text())
 

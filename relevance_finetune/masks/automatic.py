@@ -3,7 +3,7 @@
 :func:`write_tokencut_masks` is the work of ``relevance-finetune masks``; :func:`tokencut_folder`
 is what ``relevance-finetune train --masks tokencut:MODEL`` makes of it: the masks of a labelled
 folder, made once into the run's folder (the layout ``MaskedImageFolder(images=..., masks=...)``
-reads), resumed where they stopped, and summed up in ``summary.json``.
+reads), resumed where they stopped, summed up in ``summary.json`` and shown in ``preview.png``.
 
 An image gets no mask where the bilateral refinement is discarded (IoU < 0.5 with the coarse mask)
 or the mask has under ``min_pixels`` foreground pixels: such a mask counts as *empty*. A mask
@@ -34,6 +34,7 @@ from tqdm import tqdm
 from .._files import write_text_atomic
 from ..images import list_images, model_input_size, read_binary_mask, read_image, write_mask
 from .bilateral import bilateral_refine
+from .preview import PREVIEW, write_preview
 from .tokencut import last_block_keys, tokencut_partition, upsample_mask
 
 __all__ = ["FULL_SHARE", "PREFIX", "SUMMARY", "WARN_SHARE", "MaskCounts", "TokenCutOptions", "patch_multiple_size",
@@ -276,6 +277,8 @@ def _make(name: str, images: Path, folder: Path, build: Callable[..., nn.Module]
     if todo or summary.get("images") != len(pairs):
         summary = _summarise(name, images, pairs, unmasked, bad)
         write_text_atomic(folder / SUMMARY, json.dumps(summary, indent=1))
+    if todo or not (folder / PREVIEW).is_file():
+        write_preview(images, folder)
     _warn_degenerate(summary, folder)
 
 

@@ -19,6 +19,7 @@ from ..images import list_images
 from ..models import (add_model_arguments, add_weights_arguments, create_model, merge_model_kwargs,
                       unasked_random_weights)
 from .automatic import TokenCutOptions, write_tokencut_masks
+from .preview import write_preview
 
 __all__ = ["add_arguments", "parse_shard", "run"]
 
@@ -109,4 +110,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"shard {index}/{count}: {counts.written} masks written to {args.out}, {len(items) - len(todo)} already "
           f"there, {counts.dropped} dropped by the refinement (IoU < 0.5), {counts.small} under --min-pixels "
           f"{args.min_pixels}, {len(counts.bad)} bad images skipped")
+    print(f"a sample of the masks, outlined: {write_preview(args.images, args.out)}")
     return 0
