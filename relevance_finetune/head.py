@@ -1,4 +1,4 @@
-"""Last-layer retraining: refit a model's linear head on counterfactual views of masked images.
+"""Last-layer retraining: refit a model's linear head on counterfactual views of masked images, or on groups.
 
 Deep Feature Reweighting (Kirichenko, Izmailov & Wilson, ICLR 2023) keeps the backbone and refits
 the last layer on data where the shortcut no longer goes with the class. Here that data comes from
@@ -13,6 +13,13 @@ as in their code:
 5. ``fits`` fits on class-balanced subsamples with that ``C``, coefficients averaged;
 6. the standardisation folded into the model's own ``nn.Linear`` head, so the model stays an
    ordinary timm model for export, explanation and evaluation.
+
+``refit_head_groups`` is Deep Feature Reweighting's own protocol, for data with group labels
+(Waterbirds' bird x background) instead of masks: the features of held-out images (a validation
+split), ``C`` chosen by the worst-group accuracy on a held-out half of each group after a fit on a
+group-balanced subsample of the other half, then ``fits`` fits on group-balanced subsamples of
+every image, averaged and folded into the head as above. Both share the solver, the
+standardisation, the subsamples and the fold, so a user with masks and groups compares them on one split.
 
 The solver is L1-regularised multinomial logistic regression with scikit-learn's objective
 (``C * sum(cross-entropy) + |W|_1``, intercept unpenalised), solved in torch by FISTA with
@@ -36,7 +43,7 @@ from tqdm import tqdm
 from .augment import paste_objects, usable_masks
 
 __all__ = ["DFR_C", "HeadRefit", "fit_l1_logistic", "l1_logistic_objective", "linear_classifier", "pre_logits",
-           "refit_head"]
+           "refit_head", "refit_head_groups"]
 
 # Deep Feature Reweighting's grid of inverse L1 strengths
 DFR_C: tuple[float, ...] = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
@@ -52,11 +59,12 @@ class HeadRefit:
         The chosen inverse L1 strength.
     scores:
         Per candidate ``C``: (worst-class accuracy, mean accuracy) on the held-out counterfactual
-        views, as fractions; empty when only one ``C`` was given.
+        views (``refit_head``), or (worst-group accuracy, mean accuracy) on the held-out images
+        (``refit_head_groups``), as fractions; empty when only one ``C`` was given.
     features:
         The width of the pre-logit features (the head's ``in_features``).
     rows:
-        Images in the refit set (masked images and their views).
+        Images in the refit set (masked images and their views, or the group-labelled images).
     seconds:
         Wall time of the whole refit.
     """
@@ -119,7 +127,7 @@ def refit_head(
     start = time.perf_counter()
     classifier = linear_classifier(model)
     num_classes, candidates = classifier.out_features, tuple(float(c) for c in C)
-    _check_settings(views, candidates, fits, held_out)
+    _check_settings(candidates, fits, held_out, views)
     movable = _movable(images, masks, labels, num_classes)
     generator = torch.Generator().manual_seed(seed)
     features = partial(_refit_set, model, views=views, generator=generator, batch_size=batch_size, progress=progress)
@@ -136,18 +144,80 @@ def refit_head(
             refit = fit_part = features(images, masks, labels, everything, movable)
             if val_movable is not None:
                 scored = features(*validation, torch.arange(len(validation[2])), val_movable)
-    if classifier.in_features != refit.features.shape[1]:
-        raise ValueError(f"the head reads {classifier.in_features} features but forward_head(pre_logits=True) "
-                         f"gives {refit.features.shape[1]}: refit_head needs the head to read the pre-logits")
+    _check_width(classifier, refit.features)
     mean, std = _standardisation(refit.features)
     chosen, scores = candidates[0], {}
     if choose:
-        chosen, scores = _choose_c(_standardised(fit_part, mean, std), _standardised(scored, mean, std),
-                                   candidates, num_classes, generator)
-    coef, intercept = _averaged_fits(_standardised(refit, mean, std), chosen, fits, num_classes, generator)
+        fit_part, scored = _standardised(fit_part, mean, std), _standardised(scored, mean, std)
+        fit_part = _rows(fit_part, _balanced_subsample(fit_part.labels, generator))
+        scored = _rows(scored, scored.view)
+        chosen, scores = _choose_c(fit_part, scored, scored.labels, candidates, num_classes)
+    refit = _standardised(refit, mean, std)
+    coef, intercept = _averaged_fits(refit, refit.labels, chosen, fits, num_classes, generator)
     _fold_into_head(classifier, coef, intercept, mean, std)
     return HeadRefit(chosen, MappingProxyType(scores), refit.features.shape[1], len(refit.labels),
                      time.perf_counter() - start)
+
+
+def refit_head_groups(
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        groups: torch.Tensor,
+        *,
+        num_groups: int | None = None,
+        C: Sequence[float] = DFR_C,
+        fits: int = 20,
+        held_out: float = 0.5,
+        batch_size: int = 64,
+        seed: int = 0,
+        progress: bool = True,
+) -> HeadRefit:
+    """Refit ``model``'s linear head in place on group-labelled held-out images (DFR's own protocol).
+
+    Parameters
+    ----------
+    model:
+        A timm model with one ``nn.Linear`` classifier (``model.get_classifier()``).
+    images, labels, groups:
+        (N, C, H, W) images as the model takes them (held-out data, e.g. a validation split),
+        (N,) class indices and (N,) group indices (Waterbirds: ``2 * y + place``); every class of
+        the head and every group needs an image.
+    num_groups:
+        Groups G: ``groups`` lie in [0, G) (default: ``groups.max() + 1``).
+    C:
+        Candidate inverse L1 strengths (scikit-learn's ``C``); one value skips the choice.
+    fits:
+        Fits on group-balanced subsamples of every image (as many per group as the smallest
+        group has), whose coefficients are averaged.
+    held_out:
+        Share of each group's images that scores the candidates (by worst-group accuracy); each
+        candidate fits a group-balanced subsample of the rest.
+    batch_size, seed, progress:
+        Feature batches; the seed of the split and subsamples; a tqdm bar.
+    """
+    start = time.perf_counter()
+    classifier = linear_classifier(model)
+    num_classes, candidates = classifier.out_features, tuple(float(c) for c in C)
+    _check_settings(candidates, fits, held_out)
+    groups = _check_groups(images, labels, groups, num_classes, num_groups)
+    generator = torch.Generator().manual_seed(seed)
+    choose = len(candidates) > 1
+    fit_images, held_images = _split_by_group(groups, held_out, generator) if choose else (None, None)
+    with _eval_mode(model):
+        features = _pre_logits_of(model, images.split(batch_size), progress)
+    _check_width(classifier, features)
+    mean, std = _standardisation(features)
+    no_views = torch.zeros(len(labels), dtype=torch.bool, device=features.device)
+    refit = _standardised(RefitSet(features, labels.to(features.device), no_views), mean, std)
+    chosen, scores = candidates[0], {}
+    if choose:
+        fit_part = _rows(refit, fit_images[_balanced_subsample(groups[fit_images], generator)])
+        chosen, scores = _choose_c(fit_part, _rows(refit, held_images), groups[held_images].to(features.device),
+                                   candidates, num_classes)
+    coef, intercept = _averaged_fits(refit, groups, chosen, fits, num_classes, generator)
+    _fold_into_head(classifier, coef, intercept, mean, std)
+    return HeadRefit(chosen, MappingProxyType(scores), features.shape[1], len(labels), time.perf_counter() - start)
 
 
 def linear_classifier(model: nn.Module) -> nn.Linear:
@@ -169,13 +239,59 @@ def linear_classifier(model: nn.Module) -> nn.Linear:
     return classifier
 
 
-def _check_settings(views: int, candidates: tuple[float, ...], fits: int, held_out: float) -> None:
+def _check_settings(candidates: tuple[float, ...], fits: int, held_out: float, views: int = 1) -> None:
     if views < 1 or fits < 1:
         raise ValueError(f"views and fits must be at least 1, got views={views}, fits={fits}")
     if not candidates or any(not c > 0 or math.isinf(c) for c in candidates):
         raise ValueError(f"C must hold positive finite values, got {candidates}")
     if not 0 < held_out < 1:
         raise ValueError(f"held_out must lie strictly between 0 and 1, got {held_out}")
+
+
+def _check_width(classifier: nn.Linear, features: torch.Tensor) -> None:
+    if classifier.in_features != features.shape[1]:
+        raise ValueError(f"the head reads {classifier.in_features} features but forward_head(pre_logits=True) "
+                         f"gives {features.shape[1]}: the head refit needs the head to read the pre-logits")
+
+
+def _check_groups(images: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, num_classes: int,
+                  num_groups: int | None) -> torch.Tensor:
+    """``groups`` on the CPU, or an error for bad shapes, labels or groups outside their range, and
+    a class or group without an image (named)."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
+    for name, values in (("labels", labels), ("groups", groups)):
+        if values.shape != images.shape[:1] or values.dtype.is_floating_point or values.dtype == torch.bool:
+            raise ValueError(f"{name} must be (N,) integer indices for {images.shape[0]} images; got {values.dtype} "
+                             f"{tuple(values.shape)}")
+    labels, groups = labels.cpu(), groups.cpu()
+    count = int(groups.max()) + 1 if num_groups is None and len(groups) else num_groups or 0
+    for name, values, size in (("labels", labels, num_classes), ("groups", groups, count)):
+        if len(values) and (values.min() < 0 or values.max() >= size):
+            raise ValueError(f"{name} must lie in [0, {size}); got {values.min().item()}..{values.max().item()}")
+        missing = sorted(set(range(size)) - set(values.tolist()))
+        if missing or not len(values):
+            what = "class(es)" if name == "labels" else "group(s)"
+            raise ValueError(f"no image of {what} {missing}: the group refit needs every class the head predicts "
+                             f"({num_classes}) and every group ({count})")
+    return groups
+
+
+def _split_by_group(groups: torch.Tensor, held_out: float,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, held-out) image indices: ``held_out`` of each group's images are held out."""
+    held = []
+    for group in groups.unique().tolist():
+        members = torch.nonzero(groups == group).squeeze(1)
+        if len(members) < 2:
+            raise ValueError(f"group {group} has one image: choosing C on a held-out half needs two per group "
+                             "(or pass one value of C)")
+        count = min(max(round(held_out * len(members)), 1), len(members) - 1)
+        held.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    held = torch.cat(held).sort().values
+    kept = torch.ones(len(groups), dtype=torch.bool)
+    kept[held] = False
+    return torch.nonzero(kept).squeeze(1), held
 
 
 def _movable(images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -228,16 +344,10 @@ def _refit_set(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, labe
     """Features of the images ``part`` and of ``views`` counterfactual views of each movable one
     (its object on the background of another movable image of ``part``)."""
     batches = list(_image_batches(images, masks, part, part[movable[part]], views, generator, batch_size))
-    device = next(model.parameters()).device
-    features, sources, view = [], [], []
-    with tqdm(total=sum(len(index) for _, index, _ in batches), desc="head refit: features", unit="img",
-              disable=not progress) as bar:
-        for batch, index, is_view in batches:
-            features.append(pre_logits(model, batch.to(device)))
-            sources.append(index)
-            view.append(torch.full((len(index),), is_view))
-            bar.update(len(index))
-    return RefitSet(torch.cat(features), labels.cpu()[torch.cat(sources)].to(device), torch.cat(view).to(device))
+    features = _pre_logits_of(model, [batch for batch, _, _ in batches], progress)
+    sources = torch.cat([index for _, index, _ in batches])
+    view = torch.cat([torch.full((len(index),), is_view) for _, index, is_view in batches])
+    return RefitSet(features, labels.cpu()[sources].to(features.device), view.to(features.device))
 
 
 def _image_batches(images: torch.Tensor, masks: torch.Tensor, part: torch.Tensor, movable: torch.Tensor,
@@ -256,6 +366,19 @@ def _image_batches(images: torch.Tensor, masks: torch.Tensor, part: torch.Tensor
         order = movable[torch.randperm(len(movable), generator=generator)]
         for index, donors in zip(order.split(batch_size), order.roll(-1).split(batch_size)):
             yield paste_objects(images[index], masks[index], images[donors], masks[donors]), index, True
+
+
+@torch.no_grad()
+def _pre_logits_of(model: nn.Module, batches: Sequence[torch.Tensor], progress: bool) -> torch.Tensor:
+    """The pre-logits of every batch, concatenated, on the model's device."""
+    device = next(model.parameters()).device
+    features = []
+    with tqdm(total=sum(len(batch) for batch in batches), desc="head refit: features", unit="img",
+              disable=not progress) as bar:
+        for batch in batches:
+            features.append(pre_logits(model, batch.to(device)))
+            bar.update(len(batch))
+    return torch.cat(features)
 
 
 def pre_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -292,42 +415,46 @@ def _standardised(part: RefitSet, mean: torch.Tensor, std: torch.Tensor) -> Refi
     return part._replace(features=(part.features.to(mean.dtype) - mean) / std)
 
 
-def _choose_c(fit: RefitSet, scored: RefitSet, candidates: tuple[float, ...], num_classes: int,
-              generator: torch.Generator) -> tuple[float, dict[float, tuple[float, float]]]:
-    """The ``C`` whose fit on a class-balanced subsample of ``fit`` has the best worst-class accuracy
-    on ``scored``'s counterfactual views (ties: the mean accuracy, then the order of ``candidates``)."""
-    rows = _balanced_subsample(fit.labels, num_classes, generator)
-    views = scored.view
+def _rows(part: RefitSet, rows: torch.Tensor) -> RefitSet:
+    """The rows ``rows`` (indices or a bool mask) of ``part``."""
+    return RefitSet(*(values[rows.to(values.device)] for values in part))
+
+
+def _choose_c(fit: RefitSet, scored: RefitSet, scored_by: torch.Tensor, candidates: tuple[float, ...],
+              num_classes: int) -> tuple[float, dict[float, tuple[float, float]]]:
+    """The ``C`` whose fit on ``fit`` has the best worst accuracy over the strata ``scored_by`` (the
+    classes or the groups) of ``scored`` (ties: the mean accuracy, then the order of ``candidates``)."""
     scores, start = {}, None
     for c in sorted(candidates):  # the sparsest first, each fit warm-starting the next C's
-        coef, intercept = start = fit_l1_logistic(fit.features[rows], fit.labels[rows], c, num_classes, init=start)
-        scores[c] = _class_accuracies(scored.features[views] @ coef.T + intercept, scored.labels[views])
+        coef, intercept = start = fit_l1_logistic(fit.features, fit.labels, c, num_classes, init=start)
+        scores[c] = _worst_and_mean_accuracy(scored.features @ coef.T + intercept, scored.labels, scored_by)
     best = max(candidates, key=lambda c: scores[c])  # max keeps the first of equals
     return best, scores
 
 
-def _class_accuracies(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(worst-class accuracy over the classes present, mean accuracy)."""
+def _worst_and_mean_accuracy(logits: torch.Tensor, labels: torch.Tensor, strata: torch.Tensor) -> tuple[float, float]:
+    """(worst accuracy over the strata present, mean accuracy)."""
     correct = (logits.argmax(1) == labels).double()
-    per_class = [correct[labels == label].mean().item() for label in labels.unique().tolist()]
-    return min(per_class), correct.mean().item()
+    per_stratum = [correct[strata == value].mean().item() for value in strata.unique().tolist()]
+    return min(per_stratum), correct.mean().item()
 
 
-def _balanced_subsample(labels: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
-    """Row indices: as many random rows of every class as the rarest class has."""
-    labels = labels.cpu()
-    members = [torch.nonzero(labels == label).squeeze(1) for label in range(num_classes)]
+def _balanced_subsample(strata: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Row indices: as many random rows of every stratum present (class or group) as the rarest has."""
+    strata = strata.cpu()
+    members = [torch.nonzero(strata == value).squeeze(1) for value in strata.unique().tolist()]
     size = min(len(rows) for rows in members)
     picked = [rows[torch.randperm(len(rows), generator=generator)[:size]] for rows in members]
     return torch.cat(picked).sort().values
 
 
-def _averaged_fits(refit: RefitSet, C: float, fits: int, num_classes: int,
+def _averaged_fits(refit: RefitSet, strata: torch.Tensor, C: float, fits: int, num_classes: int,
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean coefficients and intercepts of ``fits`` fits on class-balanced subsamples of ``refit``."""
+    """Mean coefficients and intercepts of ``fits`` fits on subsamples of ``refit`` balanced over
+    ``strata`` (its classes, or its groups)."""
     coefs, intercepts = [], []
     for _ in range(fits):
-        rows = _balanced_subsample(refit.labels, num_classes, generator)
+        rows = _balanced_subsample(strata, generator)
         start = (coefs[0], intercepts[0]) if coefs else None  # the first fit warm-starts the others
         coef, intercept = fit_l1_logistic(refit.features[rows], refit.labels[rows], C, num_classes, init=start)
         coefs.append(coef)

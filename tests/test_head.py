@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import tiny_images, tiny_model
 from relevance_finetune.head import (DFR_C, HeadRefit, _fold_into_head, fit_l1_logistic, l1_logistic_objective,
-                                     linear_classifier, pre_logits, refit_head)
+                                     linear_classifier, pre_logits, refit_head, refit_head_groups)
 
 
 def _problem(seed: int = 0, n: int = 150, width: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,6 +179,74 @@ def test_the_views_do_not_depend_on_the_batch_size():
         refit_head(model, images, masks, labels, views=2, fits=2, batch_size=batch_size, progress=False)
         heads.append(torch.cat([model.head.weight, model.head.bias[:, None]], 1))
     assert all(torch.equal(head, heads[0]) for head in heads[1:])
+
+
+def _grouped_images(per_group: tuple[int, int, int, int], seed: int):
+    """Waterbirds in miniature for ``PooledChannels``: class y (+-1 in channel 0) and place (+-1 in
+    channel 1, the shortcut its head reads), group ``2 * y + place``, ``per_group[g]`` images of group g."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = torch.cat([torch.full((count,), group) for group, count in enumerate(per_group)])
+    labels, place = groups // 2, groups % 2
+    images = 0.3 * torch.randn(len(groups), 2, 8, 8, generator=generator)
+    images[:, 0] += (2.0 * labels - 1).view(-1, 1, 1)
+    images[:, 1] += (2.0 * place - 1).view(-1, 1, 1)
+    return images, labels, groups
+
+
+def _worst_group_accuracy(model: nn.Module, images, labels, groups) -> float:
+    correct = model(images).argmax(1) == labels
+    return min(correct[groups == group].float().mean().item() for group in groups.unique().tolist())
+
+
+def test_the_group_refit_raises_the_worst_group_accuracy():
+    """DFR's protocol on held-out images whose minority groups are rare (as Waterbirds' validation
+    is not, but its training split is): the refit head reads the class, not the place."""
+    model = PooledChannels()
+    test = _grouped_images((100, 100, 100, 100), seed=1)
+    before = _worst_group_accuracy(model, *test)
+    refit = refit_head_groups(model, *_grouped_images((40, 4, 4, 40), seed=0), fits=5, progress=False)
+    assert before < 0.05 and _worst_group_accuracy(model, *test) > 0.95
+    assert model.head.weight[:, 0].abs().sum() > model.head.weight[:, 1].abs().sum()
+    assert set(refit.scores) == set(DFR_C) and refit.C in DFR_C and refit.rows == 88 and refit.features == 2
+    assert all(0 <= worst <= mean <= 1 for worst, mean in refit.scores.values())
+
+
+def test_the_group_refit_is_deterministic_and_changes_only_the_head():
+    model = tiny_model(num_classes=2).train()
+    before = copy.deepcopy(model.state_dict())
+    images = tiny_images(model, batch=16)
+    labels, groups = torch.arange(16) % 2, torch.arange(16) % 4
+    refit = refit_head_groups(model, images, labels, groups, C=(1.0, 0.1), fits=3, progress=False)
+    assert model.training and set(refit.scores) == {1.0, 0.1}
+    after = model.state_dict()
+    assert {name for name in before if not torch.equal(before[name], after[name])} == {"head.weight", "head.bias"}
+    again = tiny_model(num_classes=2)
+    refit_head_groups(again, images, labels, groups, C=(1.0, 0.1), fits=3, progress=False)
+    assert torch.equal(again.head.weight, model.head.weight) and torch.equal(again.head.bias, model.head.bias)
+    assert refit_head_groups(again, images[:4], labels[:4], groups[:4], C=(0.3,), fits=1,
+                             progress=False).scores == {}  # one image per group: fine without a choice of C
+
+
+def test_the_group_refit_names_bad_groups_and_labels():
+    model = tiny_model(num_classes=2)
+    images = tiny_images(model, batch=8)
+    labels, groups = torch.arange(8) % 2, torch.arange(8) % 4
+    head = model.head.weight.clone()
+    with pytest.raises(ValueError, match=r"no image of group\(s\) \[4\]"):
+        refit_head_groups(model, images, labels, groups, num_groups=5, progress=False)
+    with pytest.raises(ValueError, match=r"no image of group\(s\) \[1\]"):
+        refit_head_groups(model, images, labels, torch.where(groups == 1, 3, groups), progress=False)
+    with pytest.raises(ValueError, match=r"no image of class\(es\) \[1\]"):
+        refit_head_groups(model, images, torch.zeros_like(labels), groups, progress=False)
+    with pytest.raises(ValueError, match="group 3 has one image"):
+        refit_head_groups(model, images[:7], labels[:7], groups[:7], progress=False)
+    with pytest.raises(ValueError, match=r"groups must lie in \[0, 3\)"):
+        refit_head_groups(model, images, labels, groups, num_groups=3, progress=False)
+    with pytest.raises(ValueError, match="groups must be"):
+        refit_head_groups(model, images, labels, groups.float(), progress=False)
+    with pytest.raises(ValueError, match="labels must be"):
+        refit_head_groups(model, images, labels[:4], groups, progress=False)
+    assert torch.equal(model.head.weight, head)  # refused before any work
 
 
 def test_models_without_one_linear_head_are_refused():
