@@ -13,7 +13,9 @@ images: ``"paper"`` (the highest rate whose accuracy falls by at most 2.5 points
 confidence loss does not rise; the checkpoint of lowest validation loss), ``"reliance"`` (the
 lowest background-only accuracy whose accuracy falls by at most the same limit) or
 ``"counterfactual"`` (the highest accuracy on the validation objects moved onto other validation
-images' backgrounds: an estimate of the accuracy once the shortcut stops agreeing, no limit).
+images' backgrounds: an estimate of the accuracy once the shortcut stops agreeing, no limit); on
+validation data with group labels (Waterbirds, CelebA), ``"worst_group"`` (the highest worst-group
+accuracy).
 
 ``finetune`` and ``head_refit`` name the stages: a finetune with the settings above, then (if
 ``head_refit``) ``head.refit_head`` on the same masked images. ``"head"`` refits the head alone
@@ -34,7 +36,7 @@ from .losses import RelevanceRegularizer
 
 __all__ = ["RECIPES", "Recipe", "Selection", "get", "names"]
 
-Selection = Literal["paper", "reliance", "counterfactual"]
+Selection = Literal["paper", "reliance", "counterfactual", "worst_group"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ class Recipe:
     object_only:
         Probability that an image not swapped loses its background instead.
     selection:
-        ``"paper"``, ``"reliance"`` or ``"counterfactual"``: how the learning rate and checkpoint are chosen.
+        ``"paper"``, ``"reliance"``, ``"counterfactual"`` or ``"worst_group"`` (group-labelled
+        validation data only): how the learning rate and checkpoint are chosen.
     evidence:
         One line: the measurement behind the recipe and the command that repeats it.
     finetune:

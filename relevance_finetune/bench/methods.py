@@ -18,8 +18,9 @@ __all__ = ["DEFAULT_METHODS", "EXTENSIONS", "METHODS", "SELECTIONS", "Method"]
 # How a method's learning rate and checkpoint are chosen on the masked validation images: the paper's
 # rule, the reliance rule (lowest background-only accuracy within the accuracy limit), or the
 # counterfactual rule (highest accuracy on the validation objects moved onto each other's backgrounds);
-# the same names as the train command's rules, applied by runner.choose_lr.
-SELECTIONS: tuple[str, ...] = get_args(recipes.Selection)
+# the same names as the train command's rules (but "worst_group": the benchmark's images have no group
+# labels), applied by runner.choose_lr.
+SELECTIONS: tuple[str, ...] = tuple(rule for rule in get_args(recipes.Selection) if rule != "worst_group")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 - :mod:`.config`: ``TrainConfig``, the paper's ``PRESETS``, config files, ``resolve_config``;
 - :mod:`.loop`: ``finetune``, one epoch, validation, ``build_criterion``;
 - :mod:`.selection`: the rules that pick ``best.safetensors`` (``SELECTION_RULES``);
+- :mod:`.groups`: group-labelled data: validation accuracy by group, ``--select worst_group``;
 - :mod:`.outputs`: the run directory, the trainer state in a checkpoint, resume;
 - :mod:`.distributed` and :mod:`.randomness`: processes under torchrun; seeds and RNG states;
 - :mod:`.stopping`: stop signals (a resumable checkpoint mid-epoch) and non-finite losses;

@@ -101,8 +101,9 @@ class TrainConfig:
         0.0, "probability of pasting each training object onto another image's background (labels stay)")
     select: recipes.Selection = _option(
         "paper", "best checkpoint: lowest validation loss (paper), lowest validation background-only "
-                 "accuracy among epochs within --max-val-drop points of the starting accuracy (reliance), or "
-                 "highest accuracy on validation objects moved onto other validation backgrounds (counterfactual)")
+                 "accuracy among epochs within --max-val-drop points of the starting accuracy (reliance), "
+                 "highest accuracy on validation objects moved onto other validation backgrounds (counterfactual), "
+                 "or highest worst-group validation accuracy (worst_group: validation data with group labels)")
     max_val_drop: float = _option(2.5, "reliance selection: validation accuracy may fall by this many points")
     recipe: str | None = _option(None, f"a named recipe ({', '.join(recipes.names())}): its loss weights, "
                                        "--background-swap, --select and stages (--finetune, --head-refit); flags "
@@ -113,6 +114,10 @@ class TrainConfig:
         False, "then refit the linear head on the training images and counterfactual views of them (Deep Feature "
                "Reweighting, relevance_finetune.head.refit_head; C chosen on the validation images' views if "
                "any): best.safetensors")
+    head_labels: Literal["masks", "groups"] = _option(
+        "masks", "head refit on: masks (the training images and their counterfactual views) or groups (the "
+                 "validation images' group labels, Deep Feature Reweighting's own protocol, "
+                 "relevance_finetune.head.refit_head_groups)")
     head_views: int = _option(4, "head refit: counterfactual views per masked image")
     head_fits: int = _option(20, "head refit: fits on class-balanced subsamples, their coefficients averaged")
     head_max_gib: float = _option(

@@ -28,6 +28,7 @@ from ..losses import InputGradientRegularizer, RegularizerOutput, RelevanceRegul
 from ..probes import replace_region
 from .config import TrainConfig
 from .distributed import Processes, check_ddp_objective, micro_batch_size
+from .groups import RunGroups, group_metrics, group_summary, run_groups
 from .outputs import LAST, RESOLVED_CONFIG, EpochProgress, RunState, check_out, resume, run_summary, start_outputs
 from .outputs import write_epoch, write_progress
 from .randomness import seed_everything, set_rng_state, use_deterministic_kernels
@@ -286,8 +287,9 @@ def _train_epoch(
 
 
 def _validate(model: nn.Module, criterion: nn.Module, val_set: Dataset, config: TrainConfig,
-              procs: Processes, micro_batch: int) -> dict[str, float]:
-    """Loss parts and accuracy over ``val_set``, sharded over the processes without padding.
+              procs: Processes, micro_batch: int, groups: RunGroups | None = None) -> dict[str, Any]:
+    """Loss parts and accuracy over ``val_set``, sharded over the processes without padding, and
+    with ``groups`` the accuracy by group (``train/groups.py``).
 
     Runs the bare model (never the DDP wrapper): relevance needs gradients, but no reduction.
     """
@@ -299,12 +301,19 @@ def _validate(model: nn.Module, criterion: nn.Module, val_set: Dataset, config: 
     rule = SELECTION_RULES[config.select]
     correct = {name: torch.zeros(1, dtype=torch.float64) for name, wanted in (
         ("val_background_only", rule.background_only), ("val_counterfactual", rule.counterfactual)) if wanted}
+    # every image's prediction and label (plus one; zero where another process has the image)
+    answers = torch.zeros(2, len(val_set), dtype=torch.long) if groups is not None else None
+    done = 0
     with _closing(iter(loader)) as batches:
         for index, batch in enumerate(_progress(batches, procs, "validate", config.progress)):
             images, masks, labels = _to_device(batch, procs.device)
             logits = _forward(model, criterion, images, config.amp)
             out = _loss(criterion, logits, images, masks, labels)
             meter.update(out, logits, labels)
+            if answers is not None:
+                positions = torch.tensor(shard.indices[done:done + len(labels)])
+                answers[:, positions] = torch.stack([logits.detach().argmax(dim=1), labels]).cpu() + 1
+                done += len(labels)
             if rule.background_only:
                 correct["val_background_only"] += _background_only_correct(model, images, masks, labels, config.amp)
             if rule.counterfactual:
@@ -313,6 +322,8 @@ def _validate(model: nn.Module, criterion: nn.Module, val_set: Dataset, config: 
     metrics = meter.result("val_", procs)
     count = procs.sum(torch.tensor([float(len(shard))], dtype=torch.float64)).clamp(min=1)
     metrics.update({name: float(procs.sum(total) / count) for name, total in correct.items()})
+    if answers is not None:
+        metrics.update(group_metrics(*(procs.sum(answers) - 1), groups))
     return metrics
 
 
@@ -414,6 +425,12 @@ def finetune(
     if (rule.background_only or rule.counterfactual) and val_set is None:
         raise ValueError(f"select={config.select!r} needs masked validation images: pass --val-data or "
                          "--val-fraction")
+    groups = run_groups(train_set, val_set)
+    if rule.groups:
+        if groups is None:
+            raise ValueError(f"select={config.select!r} needs validation data with group labels "
+                             "(--data-format waterbirds or celeba); use another --select for data without groups")
+        groups.check_validation()
     if out is not None:
         check_out(out, config)
     seed_everything(config.seed + procs.rank)
@@ -454,13 +471,16 @@ def finetune(
                 raise TrainingInterrupted(_interrupted_message(request.signum, f"at epoch {epoch + 1}, step "
                                                                f"{done} of {steps}", out), request.signum) from None
             if val_set is not None:
-                record.update(_validate(model, criterion, val_set, config, procs, micro_batch))
+                record.update(_validate(model, criterion, val_set, config, procs, micro_batch, groups))
             run.scheduler.step()
             record["time_s"] = round(time.perf_counter() - start, 3)
             run.history.append(record)
             if procs.is_main:
                 _log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
-                          ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+                          ", ".join(f"{k}={v:.4g}" for k, v in record.items()
+                                    if k != "epoch" and isinstance(v, (int, float))))
+                if "val_groups" in record:
+                    _log.info("epoch %d/%d: %s", epoch + 1, config.epochs, group_summary(record))
             if out is not None:
                 write_epoch(out, model, config, run, procs)
             signum = _agreed_signal(stop, procs) if epoch + 1 < config.epochs else None

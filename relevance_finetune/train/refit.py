@@ -2,7 +2,8 @@
 
 ``refit_stage`` holds the training (and validation) images in memory as the model takes them,
 refits the model's linear head with ``relevance_finetune.head.refit_head`` (Deep Feature
-Reweighting on counterfactual views of the masked images) and writes the run's ``best.safetensors``
+Reweighting on counterfactual views of the masked images), or with ``--head-labels groups``
+``refit_head_groups`` on the validation images' group labels (DFR's own protocol), and writes the run's ``best.safetensors``
 (and, for a refit without finetune, ``last.safetensors``) and one ``metrics.jsonl`` line. After a
 finetune it starts from the finetune's best epoch (``best_before_head.safetensors``).
 """
@@ -18,10 +19,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..augment import usable_masks
 from ..checkpoint import read_checkpoint_info
-from ..head import HeadRefit, linear_classifier, refit_head
+from ..head import HeadRefit, linear_classifier, refit_head, refit_head_groups
 from ..models import load_weights
 from .config import TrainConfig
 from .distributed import Processes
+from .groups import RunGroups, dataset_groups, run_groups
 from .outputs import BEST, BEST_BEFORE_HEAD, LAST, check_out, check_resumable, checkpoint_info, files_written
 from .outputs import start_outputs, write_head_refit
 
@@ -69,16 +71,27 @@ def refit_stage(
     config = config or TrainConfig(finetune=False, head_refit=True)
     out = Path(config.out) if config.out is not None else None
     num_classes = linear_classifier(model).out_features
-    _check_memory([part for part in (train_set, val_set) if part is not None], config.head_max_gib)
-    train = _in_memory(train_set, config.workers)
-    validation = None if val_set is None else _in_memory(val_set, config.workers)
-    _check_classes(_usable_labels(train), None if validation is None else _usable_labels(validation), num_classes,
-                   class_names or {})
+    if config.head_labels == "groups":
+        groups = _refit_groups(train_set, val_set)
+        _check_memory([val_set], config.head_max_gib)
+        images, _, labels = _in_memory(val_set, config.workers)
+        _check_classes(None, labels, num_classes, class_names or {}, masked=False)
+    else:
+        _check_memory([part for part in (train_set, val_set) if part is not None], config.head_max_gib)
+        train = _in_memory(train_set, config.workers)
+        validation = None if val_set is None else _in_memory(val_set, config.workers)
+        _check_classes(_usable_labels(train), None if validation is None else _usable_labels(validation),
+                       num_classes, class_names or {})
     source, history = _starting_point(model, out, config)  # the data are fine: the run directory may change
     model.to(Processes.current(config.device).device)
-    refit = refit_head(model, *train, views=config.head_views, fits=config.head_fits, validation=validation,
-                       batch_size=_BATCH, seed=config.seed, progress=config.progress)
-    record = _record(refit, source, validation is not None, config)
+    if config.head_labels == "groups":
+        refit = refit_head_groups(model, images, labels, groups.validation, num_groups=max(groups.names) + 1,
+                                  fits=config.head_fits, batch_size=_BATCH, seed=config.seed,
+                                  progress=config.progress)
+    else:
+        refit = refit_head(model, *train, views=config.head_views, fits=config.head_fits, validation=validation,
+                           batch_size=_BATCH, seed=config.seed, progress=config.progress)
+    record = _record(refit, source, config.head_labels == "groups" or validation is not None, config)
     if out is not None:
         info = {**checkpoint_info(model, config, history), "head_refit": {k: v for k, v in record.items()
                                                                           if k != "seconds"}}
@@ -137,11 +150,29 @@ def _in_memory(dataset: Dataset, workers: int) -> Masked:
     return images, masks, labels
 
 
+def _refit_groups(train_set: Dataset, val_set: Dataset | None) -> RunGroups:
+    """The run's groups for the group refit: two validation images of every group, or an error naming it."""
+    groups = run_groups(train_set, val_set)
+    if groups is None:
+        raise ValueError("--head-labels groups refits on the validation images' group labels: give validation "
+                         "data with groups (--data-format waterbirds or celeba)")
+    groups.check_validation(2, "the group head refit (--head-labels groups; C is chosen on a held-out half)")
+    return groups
+
+
 def check_refit_data(model: nn.Module, train_set: Dataset, val_set: Dataset | None, config: TrainConfig,
                      class_names: Mapping[int, str] | None = None) -> None:
     """Before a finetune, what the refit will refuse without reading the images: a linear head,
-    the memory its images take, and each class's images by label (masked datasets only)."""
+    the memory its images take, and each class's images by label (masked datasets only); for the
+    group refit, every group's validation images."""
     num_classes = linear_classifier(model).out_features
+    if config.head_labels == "groups":
+        _refit_groups(train_set, val_set)
+        _check_memory([val_set], config.head_max_gib)
+        labels = _labels(val_set)
+        if labels is not None:
+            _check_classes(None, labels, num_classes, class_names or {}, masked=False)
+        return
     _check_memory([part for part in (train_set, val_set) if part is not None], config.head_max_gib)
     labels = [_labels(part) for part in (train_set, val_set)]
     if labels[0] is not None and (val_set is None or labels[1] is not None):
@@ -163,11 +194,12 @@ def _usable_labels(part: Masked) -> torch.Tensor:
     return labels[usable_masks(masks)]
 
 
-def _check_classes(train: torch.Tensor, validation: torch.Tensor | None, num_classes: int,
-                   names: Mapping[int, str]) -> None:
+def _check_classes(train: torch.Tensor | None, validation: torch.Tensor | None, num_classes: int,
+                   names: Mapping[int, str], masked: bool = True) -> None:
     """Refuse labels of usable images (or of all images, a bound) that miss a class the head
-    predicts, naming it: one image each, two in training when C is chosen on a held-out part of it."""
-    parts = [("training", train, 1 if validation is not None else 2)]
+    predicts, naming it: one image each, two in training when C is chosen on a held-out part of it
+    (no training labels: the group refit, on the validation images alone, masks or not)."""
+    parts = [] if train is None else [("training", train, 1 if validation is not None else 2)]
     if validation is not None:
         parts.append(("validation", validation, 1))
     for what, labels, least in parts:
@@ -178,8 +210,9 @@ def _check_classes(train: torch.Tensor, validation: torch.Tensor | None, num_cla
         listed = ", ".join(f"{_class_name(index, names)}: {counts[index]}" for index in short[:5])
         more = f" and {len(short) - 5} more" if len(short) > 5 else ""
         why = "" if least == 1 else " (C is chosen on a held-out part of each class; or pass --val-data/--val-fraction)"
-        raise ValueError(f"the head refit needs {least} {what} image(s) with a mask of both object and background "
-                         f"of every class the head predicts ({num_classes}){why}; too few of {listed}{more}")
+        mask = " with a mask of both object and background" if masked else ""
+        raise ValueError(f"the head refit needs {least} {what} image(s){mask} of every class the head predicts "
+                         f"({num_classes}){why}; too few of {listed}{more}")
 
 
 def _class_name(index: int, names: Mapping[int, str]) -> str:
@@ -188,17 +221,23 @@ def _class_name(index: int, names: Mapping[int, str]) -> str:
 
 def _record(refit: HeadRefit, source: str, validation: bool, config: TrainConfig) -> dict[str, Any]:
     """The refit's ``metrics.jsonl`` line."""
-    selected_on = ("validation" if validation else "held_out") if refit.scores else None  # None: one C, no choice
-    return {"stage": "head_refit", "source": source, "C": refit.C, "selected_on": selected_on,
-            "scores": [{"C": c, "worst_class_accuracy": worst, "mean_accuracy": mean}
-                       for c, (worst, mean) in refit.scores.items()],
-            "views": config.head_views, "fits": config.head_fits, "rows": refit.rows, "features": refit.features,
-            "seconds": round(refit.seconds, 3)}
+    groups = config.head_labels == "groups"
+    worst = "worst_group_accuracy" if groups else "worst_class_accuracy"
+    where = "held_out_validation" if groups else "validation" if validation else "held_out"
+    return {"stage": "head_refit", "labels": config.head_labels, "source": source, "C": refit.C,
+            "selected_on": where if refit.scores else None,  # None: one C, no choice
+            "scores": [{"C": c, worst: worst_accuracy, "mean_accuracy": mean}
+                       for c, (worst_accuracy, mean) in refit.scores.items()],
+            "views": None if groups else config.head_views, "fits": config.head_fits, "rows": refit.rows,
+            "features": refit.features, "seconds": round(refit.seconds, 3)}
 
 
 def _summary(refit: HeadRefit, record: dict[str, Any]) -> str:
     """One line: the chosen C and its score, the refit set, the time, what ``best`` holds."""
     source = "the model given" if record["source"] == "model" else f"{record['source']}'s model"
+    if record["labels"] == "groups":
+        return (f"head refit on group labels (DFR's protocol): {_choice(refit, record)}; {refit.rows} validation "
+                f"images, {refit.seconds:.1f} s; {BEST} holds {source} with its head refit")
     return (f"head refit: {_choice(refit, record)}; {refit.rows} images with their views, "
             f"{refit.seconds:.1f} s; {BEST} holds {source} with its head refit")
 
@@ -207,7 +246,10 @@ def _choice(refit: HeadRefit, record: dict[str, Any]) -> str:
     """How C was chosen, with its scores; or that it was the one candidate."""
     if not refit.scores:
         return f"C={refit.C:g}, the one candidate (nothing to choose)"
-    where = "validation images'" if record["selected_on"] == "validation" else "held-out training images'"
     worst, mean = refit.scores[refit.C]
-    return (f"C={refit.C:g} of {len(refit.scores)} by the worst-class accuracy on the {where} "
-            f"counterfactual views ({worst:.3f}, mean {mean:.3f})")
+    if record["labels"] == "groups":
+        how = "worst-group accuracy on a held-out half of each validation group"
+    else:
+        where = "validation images'" if record["selected_on"] == "validation" else "held-out training images'"
+        how = f"worst-class accuracy on the {where} counterfactual views"
+    return f"C={refit.C:g} of {len(refit.scores)} by the {how} ({worst:.3f}, mean {mean:.3f})"

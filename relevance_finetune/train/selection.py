@@ -33,12 +33,16 @@ class SelectionRule:
     counterfactual:
         Validation also measures the accuracy on the images with their objects moved onto the
         other images' backgrounds in the same batch (``val_counterfactual``).
+    groups:
+        The rule reads the validation accuracy by group (``val_worst_group_accuracy``, measured
+        whenever the validation data have group labels); data without groups are refused.
     """
 
     summary: str
     is_best: Callable[[History, TrainConfig], bool]
     background_only: bool = False
     counterfactual: bool = False
+    groups: bool = False
 
 
 def _lowest_val_loss(history: History, config: TrainConfig) -> bool:
@@ -62,12 +66,22 @@ def _best_counterfactual_accuracy(history: History, config: TrainConfig) -> bool
     return (history[-1]["val_counterfactual"], history[-1]["val_accuracy"]) > max(earlier, default=(-1.0,))
 
 
+def _best_worst_group_accuracy(history: History, config: TrainConfig) -> bool:
+    """``"worst_group"``: higher worst-group validation accuracy (ties: higher accuracy, then the
+    earlier epoch); no limit."""
+    earlier = [(r["val_worst_group_accuracy"], r["val_accuracy"]) for r in history[:-1]
+               if "val_worst_group_accuracy" in r]
+    return (history[-1]["val_worst_group_accuracy"], history[-1]["val_accuracy"]) > max(earlier, default=(-1.0,))
+
+
 SELECTION_RULES: dict[str, SelectionRule] = {
     "paper": SelectionRule("the lowest validation loss", _lowest_val_loss),
     "reliance": SelectionRule("the lowest background-only accuracy within --max-val-drop of the start",
                               _least_background_reliance, background_only=True),
     "counterfactual": SelectionRule("the highest accuracy on counterfactual validation images",
                                     _best_counterfactual_accuracy, counterfactual=True),
+    "worst_group": SelectionRule("the highest worst-group validation accuracy", _best_worst_group_accuracy,
+                                 groups=True),
 }
 
 
