@@ -9,10 +9,15 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from conftest import tiny_model
+from relevance_finetune import cli
+from relevance_finetune.checkpoint import load_checkpoint
+from relevance_finetune.groups import WATERBIRDS_GROUPS
 from relevance_finetune.metrics import group_accuracy
 from relevance_finetune.head import refit_head_groups
 from relevance_finetune.train import TrainConfig, finetune, refit_stage
 from relevance_finetune.train.selection import best_epoch
+from test_train import tiny_hub
+from waterbirds_fixture import write_mini_waterbirds
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,3 +138,36 @@ def test_the_group_head_refit_names_what_it_lacks():
     with pytest.raises(ValueError, match=r"needs 2 validation image\(s\) of every group; too few of "
                                          r"'landbird_on_water' \(group 1\): 1"):
         refit_stage(model, Grouped((2, 2, 2, 2)), Grouped((2, 1, 2, 2)), settings)
+
+
+def test_train_on_waterbirds_selects_by_worst_group_and_refits_on_groups(tmp_path, capsys):
+    """The command on a miniature release: the validation split's groups by Waterbirds' names,
+    weighted by the training split's 6 / 2 / 2 / 6; then DFR's refit of that model on them."""
+    data = write_mini_waterbirds(tmp_path / "data")
+    hub = tiny_hub(tmp_path / "hub", num_classes=2)
+    common = ["--data-format", "waterbirds", "--data", str(data["root"]), "--masks", str(data["segmentations"]),
+              "--model", hub, "--workers", "0", "--no-progress"]
+    run = tmp_path / "run"
+    assert cli.main(["train", *common, "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--select", "worst_group",
+                     "--out", str(run)]) == 0
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    names = list(WATERBIRDS_GROUPS.values())
+    assert all(list(record["val_groups"]) == names for record in epochs)
+    assert all(entry["count"] == 3 for entry in epochs[-1]["val_groups"].values())
+    accuracies = [epochs[-1]["val_groups"][name]["accuracy"] for name in names]
+    assert epochs[-1]["val_weighted_mean_accuracy"] == pytest.approx(
+        sum(weight * accuracy for weight, accuracy in zip((6, 2, 2, 6), accuracies)) / 16)
+    assert epochs[-1]["val_worst_group_accuracy"] == min(accuracies)
+    chosen = max(range(2), key=lambda i: (epochs[i]["val_worst_group_accuracy"], epochs[i]["val_accuracy"], -i))
+    _, info, _ = load_checkpoint(run / "best.safetensors")
+    assert info["epoch"] == chosen + 1
+    refit = tmp_path / "dfr"
+    assert cli.main(["train", *common, "--checkpoint", str(run / "best.safetensors"), "--recipe", "head",
+                     "--head-labels", "groups", "--head-fits", "2", "--out", str(refit)]) == 0
+    (record,) = [json.loads(line) for line in (refit / "metrics.jsonl").read_text().splitlines()]
+    assert record["labels"] == "groups" and record["rows"] == 12
+    one_val = write_mini_waterbirds(tmp_path / "short", per_group={0: (2, 1, 1, 2), 1: (2, 1, 1, 0), 2: (1, 1, 1, 1)})
+    capsys.readouterr()
+    short = ["--data", str(one_val["root"]), "--masks", str(one_val["segmentations"])]
+    assert cli.main(["train", *common, *short, "--select", "worst_group", "--out", str(tmp_path / "x")]) != 0
+    assert "too few of 'waterbird on water' (group 3): 0" in capsys.readouterr().err
