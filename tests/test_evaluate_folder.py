@@ -271,3 +271,37 @@ def test_head_without_label_names_of_another_size_is_refused(data, tmp_path, cap
     error = cli_error(capsys, ["evaluate", "--model", model, "--suite", "folder", "--split",
                                f"id={data['id'].images}", *_common(tmp_path)])
     assert "3 class folders ['blue', 'green', 'red'] but the model has 5 outputs and no label_names" in error
+
+
+# -- groups ------------------------------------------------------------------------------------------------
+def test_groups_file_gives_per_group_accuracy_equal_to_a_hand_computation(data, tmp_path, capsys):
+    model = build_model(data["model"])
+    files = {name: sorted((Path(data["id"].images) / name).iterdir()) for name in COUNTS}
+    # group "dark" = the first two images of each class, "bright" the rest (one): unequal groups
+    rows = [(f"{name}/{f.name}", "dark" if i < 2 else "bright") for name, fs in files.items() for i, f in enumerate(fs)]
+    (tmp_path / "groups.csv").write_text("path,group\n" + "".join(f"{p},{g}\n" for p, g in rows))
+    out = tmp_path / "out"
+    assert main(["evaluate", "--model", data["model"], "--suite", "folder", "--split", f"id={data['id'].images}",
+                 "--groups", str(tmp_path / "groups.csv"), *_common(out)]) == 0
+    got = json.loads((out / "folder.json").read_text())["runs"]["before"]["splits"]["id"]["groups"]
+    hits = {"bright": [], "dark": []}
+    for name, fs in files.items():
+        with torch.no_grad():
+            predicted = model(_normalize(torch.stack([_tensor(f) for f in fs]))).argmax(dim=1).tolist()
+        for i, p in enumerate(predicted):
+            hits["dark" if i < 2 else "bright"].append(p == LABEL_NAMES.index(name))
+    accuracy = {g: sum(h) / len(h) for g, h in hits.items()}
+    assert accuracy["bright"] != accuracy["dark"], accuracy  # the groups differ, so the two means do
+    assert got["groups"] == {"0": {"name": "bright", "accuracy": accuracy["bright"], "count": 1},
+                             "1": {"name": "dark", "accuracy": accuracy["dark"], "count": 5}}
+    assert got["worst_group_accuracy"] == min(accuracy.values())
+    assert got["mean_accuracy"] == pytest.approx(sum(hits["bright"] + hits["dark"]) / 6)
+    assert got["group_balanced_mean_accuracy"] == pytest.approx((accuracy["bright"] + accuracy["dark"]) / 2)
+    markdown = (out / "folder.md").read_text()
+    assert "Groups of split `id`" in markdown and "| mean over groups (group-balanced) |" in markdown
+    (tmp_path / "groups.csv").write_text("path,group\n" + "".join(f"{p},{g}\n" for p, g in rows[1:]))
+    error = cli_error(capsys, ["evaluate", "--model", data["model"], "--suite", "folder", "--split",
+                               f"id={data['id'].images}", "--groups", str(tmp_path / "groups.csv"), *_common(out)])
+    assert "gives no group to 1 of the 6 images" in error and rows[0][0] in error
+    assert "read by --suite folder only" in cli_error(capsys, ["evaluate", "--model", data["model"], "--groups",
+                                                               str(tmp_path / "groups.csv"), *_common(out)])

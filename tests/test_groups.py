@@ -144,6 +144,7 @@ import timm  # noqa: E402
 
 from conftest import cli_error, tiny_model  # noqa: E402
 from relevance_finetune import cli  # noqa: E402
+from relevance_finetune.data import paired_transforms  # noqa: E402
 from relevance_finetune.export import load_finetuned  # noqa: E402
 
 
@@ -154,14 +155,44 @@ def _tiny_hub(path) -> str:
 
 def test_train_on_waterbirds_with_cub_masks(waterbirds, tmp_path, capsys):
     args = ["train", "--model", _tiny_hub(tmp_path / "hub"), "--pretrained", "--data-format", "waterbirds",
-            "--data", str(waterbirds["root"]), "--epochs", "1", "--batch-size", "4", "--workers", "0",
-            "--no-progress", "--lr", "1e-4"]
+            "--data", str(waterbirds["root"]), "--epochs", "3", "--batch-size", "4", "--workers", "0",
+            "--no-progress", "--lr", "1e-3", "--classification", "ground_truth"]
     assert "pass --masks" in cli_error(capsys, [*args, "--out", str(tmp_path / "nomasks")])
     assert cli.main([*args, "--masks", str(waterbirds["segmentations"]), "--out", str(tmp_path / "run")]) == 0
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "val_accuracy" in record  # validated on split 1
     assert cli.main(["export", str(tmp_path / "run" / "best.safetensors"), "--out", str(tmp_path / "model")]) == 0
-    assert load_finetuned(tmp_path / "model").pretrained_cfg["label_names"] == ["landbird", "waterbird"]
+    model = load_finetuned(tmp_path / "model")
+    assert model.pretrained_cfg["label_names"] == ["landbird", "waterbird"]
+
+    # evaluate --suite waterbirds equals a by-hand computation from the exported model's predictions
+    out = tmp_path / "eval"
+    assert cli.main(["evaluate", "--model", f"local-dir:{tmp_path / 'model'}", "--suite", "waterbirds",
+                     "--data-root", str(waterbirds["root"]), "--out", str(out), "--workers", "0", "--no-progress",
+                     "--batch-size", "5", "--device", "cpu"]) == 0
+    report = json.loads((out / "waterbirds.json").read_text())
+    test_rows = [r for r in waterbirds["rows"] if r["split"] == 2]
+    transform = paired_transforms(model)  # the train command's evaluation transform
+    predicted = []
+    with torch.no_grad():
+        for row in test_rows:
+            image = Image.open(waterbirds["root"] / row["img_filename"]).convert("RGB")
+            tensor, _ = transform(image, np.ones((image.height, image.width), bool))
+            predicted.append(int(model(tensor[None]).argmax()))
+    accuracy = {}
+    for g in range(4):
+        hits = [p == r["y"] for p, r in zip(predicted, test_rows) if 2 * r["y"] + r["place"] == g]
+        accuracy[g] = sum(hits) / len(hits)
+        assert report["groups"][str(g)] == {"name": WaterbirdsDataset.group_names[g], "accuracy": accuracy[g],
+                                            "count": 3, "y": g // 2, "place": g % 2}
+    assert report["worst_group_accuracy"] == min(accuracy.values())
+    assert report["mean_accuracy"] == pytest.approx(sum(p == r["y"] for p, r in zip(predicted, test_rows)) / 12)
+    weights = {0: 6 / 16, 1: 2 / 16, 2: 2 / 16, 3: 6 / 16}  # the training split's groups
+    assert report["weighted_mean_accuracy"] == pytest.approx(sum(weights[g] * accuracy[g] for g in range(4)))
+    assert report["runs"]["before"]["worst_group_accuracy"] == report["worst_group_accuracy"]
+    markdown = (out / "waterbirds.md").read_text()
+    assert "| mean (test) |" in markdown and "| mean weighted by training groups |" in markdown
+    assert f"| 1: landbird on water | 3 | {100 * accuracy[1]:.1f} |" in markdown
 
 
 def test_train_names_a_missing_metadata_column_in_one_line(tmp_path, capsys):
@@ -171,3 +202,24 @@ def test_train_names_a_missing_metadata_column_in_one_line(tmp_path, capsys):
                                "--data", str(paths["root"]), "--masks", str(paths["segmentations"]), "--out",
                                str(tmp_path / "run"), "--workers", "0"])
     assert "lacks the column(s) ['split']" in error
+
+
+def test_evaluate_waterbirds_bad_input(tmp_path, capsys):
+    paths = write_mini_waterbirds(tmp_path, per_group={0: (1, 1, 1, 1), 2: (1, 1, 1, 2)})
+    hub = _tiny_hub(tmp_path / "hub")
+    args = ["evaluate", "--model", hub, "--suite", "waterbirds", "--out", str(tmp_path / "out"), "--workers", "0",
+            "--no-progress", "--device", "cpu"]
+    assert "needs --data-root WATERBIRDS_DIR" in cli_error(capsys, args)
+    timm.models.save_for_hf(tiny_model(num_classes=3), tmp_path / "three", safe_serialization=True)
+    three = [*args[:2], f"local-dir:{tmp_path / 'three'}", *args[3:], "--data-root", str(paths["root"])]
+    assert "a Waterbirds model has 2 outputs" in cli_error(capsys, three)
+    (paths["root"] / paths["rows"][-1]["img_filename"]).unlink()
+    args += ["--data-root", str(paths["root"])]
+    assert "1 of the 5 test images" in cli_error(capsys, args)
+    with pytest.warns(UserWarning, match="skipped 1 bad input"):
+        assert cli.main([*args, "--skip-bad"]) == 0
+    report = json.loads((tmp_path / "out" / "waterbirds.json").read_text())
+    assert report["n"] == 4 and report["groups"]["3"]["count"] == 1
+    (paths["root"] / paths["rows"][-2]["img_filename"]).unlink()  # group 3 has no test image left
+    with pytest.warns(UserWarning):
+        assert "group(s) [3] have training images but none here" in cli_error(capsys, [*args, "--skip-bad"])

@@ -3,7 +3,8 @@ and the folder suite, which scores the user's own classes.
 
 - :mod:`.datasets`: one loader per benchmark (published layouts) and the label mappings;
 - :mod:`.suites`: the suites and their protocols (``standard`` and ``paper``), :func:`run_suite`;
-- :mod:`.folder`: the folder suite (ImageFolder-style splits, with or without masks);
+- :mod:`.folder`: the folder suite (ImageFolder-style splits, with or without masks, with or without groups);
+- :mod:`.waterbirds`: the waterbirds suite (per-group and worst-group accuracy on the test split);
 - :mod:`.report`: the markdown tables (the paper's layouts);
 - :mod:`.figures`: the folder suite's pictures;
 - :mod:`.command`: ``relevance-finetune evaluate`` and the ``examples/table*.py`` plumbing.
@@ -20,16 +21,18 @@ from .datasets import (CARTON_CLASS, DATASETS, IN9_CLASSES, IN9_VARIANTS, ROBUST
                        resolve_path, si_score_label_to_index)
 from .figures import probe_chart, relevance_grid, write_folder_figures
 from .folder import FolderSplit, evaluate_folder, folder_class_indices
-from .report import (FOLDER_COLUMNS, SEGMENTATION_METRICS, folder_changes, folder_markdown, metric_table,
-                     robustness_table, shortcut_rows, write_table)
+from .report import (FOLDER_COLUMNS, GROUP_MEANS, SEGMENTATION_METRICS, folder_changes, folder_markdown,
+                     group_markdown, metric_table, robustness_table, shortcut_rows, write_table)
 from .suites import (PAPER_NORMALIZATION, PROTOCOLS, SUITES, EvalOptions, evaluate_imagenet9, evaluate_imagenet_w,
                      evaluate_perturbation, evaluate_robustness, evaluate_segmentation, evaluate_shortcut, run_suite,
                      segmentation_protocol, topk_correct, watermark_transform)
+from .waterbirds import evaluate_waterbirds, group_report
 
 __all__ = [
     "CARTON_CLASS",
     "DATASETS",
     "FOLDER_COLUMNS",
+    "GROUP_MEANS",
     "IN9_CLASSES",
     "IN9_VARIANTS",
     "PAPER_NORMALIZATION",
@@ -55,11 +58,14 @@ __all__ = [
     "evaluate_robustness",
     "evaluate_segmentation",
     "evaluate_shortcut",
+    "evaluate_waterbirds",
     "find_weights",
     "folder_changes",
     "folder_class_indices",
     "folder_markdown",
     "folder_splits",
+    "group_markdown",
+    "group_report",
     "imagenet_synsets",
     "in9_superclasses",
     "load_eval_set",

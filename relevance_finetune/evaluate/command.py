@@ -67,7 +67,8 @@ def folder_splits(args: argparse.Namespace) -> dict[str, FolderSplit]:
     if unknown:
         raise ValueError(f"--split-masks names {unknown}, which no --split names (splits: {sorted(images)})")
     skip = bool(getattr(args, "skip_unmasked", False))
-    return {name: FolderSplit(path, masks.get(name), skip) for name, path in images.items()}
+    groups = getattr(args, "groups", None)
+    return {name: FolderSplit(path, masks.get(name), skip, groups) for name, path in images.items()}
 
 
 def options_from_args(args: argparse.Namespace, datasets: Sequence[str] | None = None) -> EvalOptions:
@@ -85,7 +86,8 @@ def options_from_args(args: argparse.Namespace, datasets: Sequence[str] | None =
         si_labels=json.loads(Path(args.si_score_labels).read_text()) if args.si_score_labels else None,
         fractions=tuple(getattr(args, "fractions", None) or DEFAULT_FRACTIONS),
         batch_size=args.batch_size, num_workers=args.workers, max_images=args.max_images,
-        seed=args.seed, progress=not args.no_progress, splits=folder_splits(args))
+        seed=args.seed, progress=not args.no_progress, splits=folder_splits(args),
+        skip_bad=bool(getattr(args, "skip_bad", False)))
 
 
 def add_table_arguments(parser: argparse.ArgumentParser, models: Mapping[str, str | None]) -> None:
@@ -160,6 +162,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-unmasked", action="store_true",
                         help="folder suite: leave out the images of a masked split that have no mask (e.g. "
                              "TokenCut made none) instead of stopping; the report counts them")
+    parser.add_argument("--groups", default=None, metavar="FILE",
+                        help="folder suite: a CSV path,group giving each image (<class>/<image>, relative to its "
+                             "split's DIR) a group id or name: adds per-group and worst-group accuracy")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="waterbirds suite: leave out test images whose file is missing instead of stopping")
     parser.add_argument("--out", required=True, help="output folder for <suite>.json and <suite>.md")
     add_data_arguments(parser)
 
@@ -167,6 +174,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``relevance-finetune evaluate``."""
     options = options_from_args(args, args.datasets)
+    if args.groups is not None and args.suite != "folder":
+        raise ValueError("--groups is read by --suite folder only (the waterbirds suite has its own groups)")
     if (args.suite == "folder") != bool(options.splits):
         raise ValueError("--suite folder needs --split NAME=DIR (your <class>/<image> folders)"
                          if args.suite == "folder" else "--split and --split-masks are read by --suite folder only")
@@ -184,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
               "set_a": args.set_a, "weights": weights, "runs": runs}
     if args.suite == "folder" and len(runs) == 2:
         report["change"] = folder_changes(runs)
+    if args.suite == "waterbirds":  # the --checkpoint weights' numbers at the top, as scripts read them
+        report.update(runs[args.labels[0]])
     write_text_atomic(out / f"{args.suite}.json", json.dumps(report, indent=2))
     markdown = f"## {args.suite}: {args.model}\n\n" + suite_markdown(
         args.suite, runs, options.protocols, options.set_a is not None)

@@ -7,7 +7,9 @@ at the model's data config). Per split: top-1, overall and per class; with masks
 probes of :func:`relevance_finetune.probes.reliance_probes` (top-1 with the background or the object
 replaced, as the built-in benchmark measures them) and the segmentation and localisation scores of
 the model's GAE map for its predicted class (:class:`relevance_finetune.metrics.SegmentationMeter`),
-both on the images whose mask has object and background.
+both on the images whose mask has object and background. With a groups file (``path,group``, ``--groups``):
+per-group accuracy and counts, the worst group, the plain mean and the mean over groups (group-balanced;
+a folder has no training split to weigh groups by), as fractions.
 
 Class indices (:func:`folder_class_indices`): the model's ``label_names`` (which ``train`` records for
 folder datasets) matched to the folder names; else ImageNet-1k indices of wnid folders for a 1000-class
@@ -24,20 +26,22 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..augment import usable_masks
 from ..data import (MaskedDataset, MaskedImageFolder, PairedTransform, Sample, class_indices, imagenet_class_index,
                     paired_transforms)
 from ..gae import attach_gae
+from ..groups import read_group_file
 from ..images import list_images, model_data_config, read_image
 from ..metrics import SegmentationMeter
 from ..probes import reliance_probes
 from .datasets import eval_loader
+from .waterbirds import group_report
 
 __all__ = ["EXAMPLES", "NO_MASKS_NOTE", "FolderSplit", "evaluate_folder", "folder_class_indices", "folder_datasets",
-           "unit_transform"]
+           "split_groups", "unit_transform"]
 
 EXAMPLES = 4  # masked images whose relevance maps each run keeps, for the before/after picture
 NO_MASKS_NOTE = "no masks: reliance probes and localisation not measured"
@@ -49,10 +53,13 @@ class FolderSplit:
 
     ``skip_unmasked``: leave out the images that have no mask (TokenCut gives some none) instead of
     refusing the split; the split's result counts them (``unmasked``) and its note says so.
+    ``groups``: a CSV ``path,group`` (:func:`relevance_finetune.groups.read_group_file`) giving each image
+    of the split (``<class>/<image>``, relative to ``images``) a group: the result adds ``groups``.
     """
     images: str
     masks: str | None = None
     skip_unmasked: bool = False
+    groups: str | None = None
 
 
 class _UnmaskedFolder(MaskedDataset):
@@ -132,16 +139,42 @@ def _top1(hits: torch.Tensor) -> float | None:
     return 100.0 * float(hits.double().mean()) if len(hits) else None  # None: no image
 
 
+def split_groups(dataset: MaskedDataset, split: FolderSplit) -> tuple[torch.Tensor, dict[int, str]]:
+    """The group of each of ``dataset``'s samples (in order) from ``split.groups``, and the group names.
+
+    Raises ``ValueError`` counting the images the file gives no group, naming the first.
+    """
+    group_of, names = read_group_file(split.groups)
+    paths = [sample.image.relative_to(split.images).as_posix() for sample in dataset.samples]
+    missing = [path for path in paths if path not in group_of]
+    if missing:
+        raise ValueError(f"{split.groups} gives no group to {len(missing)} of the {len(paths)} images of "
+                         f"{split.images}, first: {missing[0]} (expected a row '{missing[0]},<group>')")
+    return torch.tensor([group_of[path] for path in paths]), names
+
+
+def _group_result(predicted: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor, names: Mapping[int, str],
+                  file: str) -> dict[str, Any]:
+    """Per-group accuracy, the worst group, the plain mean and the mean over groups (fractions)."""
+    result = group_report(predicted, targets, groups, names)
+    del result["weighted_mean_accuracy"]  # no training split to weigh by
+    result["group_balanced_mean_accuracy"] = float(np.mean([v["accuracy"] for v in result["groups"].values()]))
+    return {"file": file, **result}
+
+
 def _evaluate_split(model: nn.Module, dataset: MaskedDataset, split: FolderSplit, loader: DataLoader,
-                    normalize: Callable, index: Mapping[str, int], desc: str | None) -> dict[str, Any]:
-    """Top-1 (overall, per class) of one split; with masks its probes and localisation scores."""
+                    normalize: Callable, index: Mapping[str, int], desc: str | None,
+                    grouping: tuple[torch.Tensor, dict[int, str]] | None = None) -> dict[str, Any]:
+    """Top-1 (overall, per class) of one split; with masks its probes and localisation scores; with
+    ``grouping`` (:func:`split_groups`) per-group accuracy."""
     device, meter = _device(model), SegmentationMeter()
     model.eval()
-    correct, targets, probes, empty, scored = [], [], {}, 0, 0
+    correct, predictions, targets, probes, empty, scored = [], [], [], {}, 0, 0
     for images, masks, labels in tqdm(loader, desc=desc, disable=desc is None):
         images = images.to(device)
         with torch.no_grad():
-            correct.append(model(normalize(images)).argmax(dim=1).cpu() == labels)
+            predictions.append(model(normalize(images)).argmax(dim=1).cpu())
+        correct.append(predictions[-1] == labels)
         targets.append(labels)
         if split.masks is None:
             continue
@@ -161,6 +194,10 @@ def _evaluate_split(model: nn.Module, dataset: MaskedDataset, split: FolderSplit
     result: dict[str, Any] = {"images": split.images, "masks": split.masks, "n": len(hits), "top1": _top1(hits)}
     result["per_class"] = {name: {"n": int((targets == index[name]).sum()), "top1": _top1(hits[targets == index[name]])}
                            for name in dataset.classes}
+    if grouping is not None:
+        positions = loader.dataset.indices if isinstance(loader.dataset, Subset) else slice(None)
+        result["groups"] = _group_result(torch.cat(predictions), targets, grouping[0][positions], grouping[1],
+                                         split.groups)
     notes = []
     if split.masks is None:
         notes.append(NO_MASKS_NOTE)
@@ -233,6 +270,8 @@ def evaluate_folder(
     in ``unusable_masks``); when no mask is usable both are None and ``not_measured`` says why; without
     masks, a ``note``. A split that
     left out images without a mask (``skip_unmasked``) counts them in ``unmasked``, with a ``note``.
+    A split with ``groups`` adds ``groups``: the ``file``, ``groups`` ({group id: {name, accuracy,
+    count}}), ``worst_group_accuracy``, ``mean_accuracy`` and ``group_balanced_mean_accuracy`` (fractions).
     ``examples``: :data:`EXAMPLES` images of the first masked split (one per class in turn) with
     the predicted class, its probability and the GAE map on the patch grid.
     """
@@ -241,12 +280,13 @@ def evaluate_folder(
     datasets = folder_datasets(splits, transform)
     index, names = folder_class_indices(model, sorted(set().union(*(d.classes for d in datasets.values()))))
     normalize = functools.partial(TF.normalize, mean=list(config["mean"]), std=list(config["std"]))
+    groupings = {name: split_groups(datasets[name], split) for name, split in splits.items() if split.groups}
     results = {}
     for name, dataset in datasets.items():
         _relabel(dataset, index)
         loader = eval_loader(dataset, batch_size, num_workers, max_images, seed)
         results[name] = _evaluate_split(model, dataset, splits[name], loader, normalize, index,
-                                        f"split {name}" if progress else None)
+                                        f"split {name}" if progress else None, groupings.get(name))
     masked = next((name for name, split in splits.items() if split.masks is not None), None)
     return {"classes": index,
             "input": {"input_size": list(config["input_size"]), "interpolation": config.get("interpolation"),

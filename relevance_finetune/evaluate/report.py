@@ -7,8 +7,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .datasets import DATASETS, IN9_VARIANTS
 
-__all__ = ["FOLDER_COLUMNS", "SEGMENTATION_METRICS", "folder_changes", "folder_markdown", "metric_table",
-           "robustness_table", "shortcut_rows", "suite_markdown", "write_table"]
+__all__ = ["FOLDER_COLUMNS", "GROUP_MEANS", "SEGMENTATION_METRICS", "folder_changes", "folder_markdown",
+           "group_markdown", "metric_table", "robustness_table", "shortcut_rows", "suite_markdown", "write_table"]
 
 SEGMENTATION_METRICS = {"pixel_acc": "Pixel acc.", "miou": "mIoU", "map": "mAP", "mass_accuracy": "Mass acc.",
                         "rank_accuracy": "Rank acc.", "pointing_game": "Pointing game"}
@@ -150,9 +150,35 @@ def folder_markdown(runs: Mapping[str, Mapping[str, Any]]) -> str:
     classes = [f"{name}={index}" for name, index in first["classes"].items()]
     shown = ", ".join(classes[:_CLASSES_SHOWN]) + (f", ... ({len(classes)} in all)" if len(classes) > _CLASSES_SHOWN
                                                    else "")
+    grouped = [f"Groups of split `{s}` (percent; the mean over groups weighs each group alike):\n\n"
+               + group_markdown({label: run["splits"][s]["groups"] for label, run in runs.items()}).rstrip()
+               for s in splits if "groups" in first["splits"][s]]
     parts = [_markdown(["Split", "Run", "Images"] + list(columns.values()), body).rstrip(),
-             *([_FOLDER_LEGEND] if masked else []), *notes, f"Classes (model index): {shown}."]
+             *([_FOLDER_LEGEND] if masked else []), *notes, f"Classes (model index): {shown}.", *grouped]
     return "\n\n".join(parts) + "\n"
+
+
+GROUP_MEANS = {"worst_group_accuracy": "worst group", "mean_accuracy": "mean (test)",
+               "weighted_mean_accuracy": "mean weighted by training groups",
+               "group_balanced_mean_accuracy": "mean over groups (group-balanced)"}
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def group_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """A table of group results (:func:`relevance_finetune.metrics.group_accuracy` with names), one column per run.
+
+    A row per group (its name and test images), then the worst group and the means the results hold. Percent.
+    """
+    first = next(iter(results.values()))
+    rows = [[f"{g}: {v.get('name', g)}", str(v["count"])] + [_percent(r["groups"][g]["accuracy"])
+                                                             for r in results.values()]
+            for g, v in first["groups"].items()]
+    rows += [[title, str(sum(v["count"] for v in first["groups"].values()))] + [_percent(r[key]) for r in results.values()]
+             for key, title in GROUP_MEANS.items() if first.get(key) is not None]
+    return _markdown(["Group", "Images"] + [f"{label} (%)" for label in results], rows)
 
 
 def suite_markdown(suite: str, runs: Mapping[str, Mapping[str, Any]], protocols: Sequence[str],
@@ -160,6 +186,11 @@ def suite_markdown(suite: str, runs: Mapping[str, Mapping[str, Any]], protocols:
     """The ``<suite>.md`` report of ``runs`` (``{column label: run_suite result}``); ``split``: set A/B tables."""
     if suite == "folder":
         return folder_markdown(runs)
+    if suite == "waterbirds":
+        first = next(iter(runs.values()))
+        return (f"Waterbirds test split ({first['root']}): accuracy per group (group = 2 * y + place), the worst "
+                "group, the plain test mean and the test group accuracies weighted by the training split's group "
+                "proportions.\n\n" + group_markdown(runs))
     datasets = list(next(iter(runs.values())))
     if suite == "segmentation":
         results = {label: r["segmentation"] for label, r in runs.items()}

@@ -14,7 +14,8 @@ The segmentation test (Table 3) reads ImageNet-segmentation's ``gtsegs_ijcv.mat`
 perturbation test (Appendix N) removes pixels by relevance order; both use
 :mod:`relevance_finetune.metrics`. The shortcut suite scores ImageNet-W (watermark) and the
 Backgrounds Challenge / ImageNet-9 (background). The folder suite (:mod:`.folder`) scores the user's
-own classes. :func:`run_suite` runs one suite for one model.
+own classes; the waterbirds suite (:mod:`.waterbirds`) scores the Waterbirds test split by group.
+:func:`run_suite` runs one suite for one model.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from ..metrics import DEFAULT_FRACTIONS, SegmentationMeter, area_under_curve, pe
 from .datasets import (CARTON_CLASS, ROBUSTNESS_DATASETS, SHORTCUT_DATASETS, EvalSet, ImageNetSegmentation,
                        eval_loader, in9_superclasses, load_eval_set, load_imagenet9, load_wnid_folders, resolve_path)
 from .folder import FolderSplit, evaluate_folder
+from .waterbirds import evaluate_waterbirds
 
 __all__ = [
     "PAPER_NORMALIZATION",
@@ -57,7 +59,7 @@ __all__ = [
 PROTOCOLS = ("standard", "paper")
 
 
-SUITES = ("robustness", "segmentation", "perturbation", "shortcuts", "folder")
+SUITES = ("robustness", "segmentation", "perturbation", "shortcuts", "folder", "waterbirds")
 PAPER_NORMALIZATION = (0.5, 0.5, 0.5)  # the reference's mean and std, for every model
 
 
@@ -393,6 +395,7 @@ class EvalOptions:
     seed: int = 0
     progress: bool = True
     splits: Mapping[str, FolderSplit] = field(default_factory=dict)  # the folder suite's
+    skip_bad: bool = False  # the waterbirds suite: leave test images with a missing file out
 
 
 def _dataset_names(suite: str, options: EvalOptions) -> list[str]:
@@ -412,11 +415,16 @@ def _dataset_names(suite: str, options: EvalOptions) -> list[str]:
 
 def run_suite(model: nn.Module, suite: str, options: EvalOptions) -> dict[str, Any]:
     """Run ``suite`` for one model: ``{dataset: result}`` (robustness: ``{dataset: {protocol: ...}}``;
-    folder: :func:`~relevance_finetune.evaluate.folder.evaluate_folder`'s result)."""
+    folder: :func:`~relevance_finetune.evaluate.folder.evaluate_folder`'s result; waterbirds:
+    :func:`~relevance_finetune.evaluate.waterbirds.evaluate_waterbirds`'s)."""
     common = dict(batch_size=options.batch_size, num_workers=options.num_workers,
                   max_images=options.max_images, seed=options.seed, progress=options.progress)
     if suite == "folder":
         return evaluate_folder(model, options.splits, **common)
+    if suite == "waterbirds":
+        if options.data_root is None:
+            raise ValueError("--suite waterbirds needs --data-root WATERBIRDS_DIR (the folder with metadata.csv)")
+        return evaluate_waterbirds(model, options.data_root, **common, skip_bad=options.skip_bad)
     results = {}
     for name in _dataset_names(suite, options):
         path = resolve_path(name, options.data_root, options.dataset_dirs)
