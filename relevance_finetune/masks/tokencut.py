@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["last_block_keys", "tokencut_masks", "tokencut_partition", "upsample_mask"]
+__all__ = ["last_block_keys", "patch_grid", "tokencut_masks", "tokencut_partition", "upsample_mask"]
 
 
 def _last_attention(model: nn.Module) -> nn.Module:
@@ -43,6 +43,14 @@ def _keys(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return keys.transpose(1, 2).flatten(2)
 
 
+def patch_grid(model: nn.Module, size: tuple[int, int]) -> tuple[int, int]:
+    """The (rows, columns) of patches ``model.patch_embed`` makes of an image of ``size`` (H, W)."""
+    patch_embed = model.patch_embed
+    if hasattr(patch_embed, "dynamic_feat_size"):
+        return tuple(patch_embed.dynamic_feat_size(tuple(size)))
+    return tuple(patch_embed.grid_size)
+
+
 @torch.no_grad()
 def last_block_keys(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """Patch-token keys of the last attention block and the patch grid.
@@ -57,11 +65,7 @@ def last_block_keys(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tenso
         model.forward_features(images)
     finally:
         hook.remove()
-    patch_embed = model.patch_embed
-    if hasattr(patch_embed, "dynamic_feat_size"):
-        grid = tuple(patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
-    else:
-        grid = tuple(patch_embed.grid_size)
+    grid = patch_grid(model, tuple(images.shape[-2:]))
     keys = captured[0][:, int(getattr(model, "num_prefix_tokens", 0)):]
     if keys.shape[1] != grid[0] * grid[1]:
         raise RuntimeError(f"{keys.shape[1]} patch keys do not fill the {grid[0]}x{grid[1]} grid")
