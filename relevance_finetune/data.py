@@ -286,6 +286,20 @@ class MaskedDataset(Dataset):
                              f"{sample.image} is {image.width}x{image.height} (width x height)")
         return image, mask
 
+    def relabel(self, class_to_idx: Mapping[str, int]) -> None:
+        """Index the named classes as ``class_to_idx`` does (e.g. a model's own class order).
+
+        Raises ``ValueError`` naming the classes that ``class_to_idx`` lacks.
+        """
+        current = getattr(self, "class_to_idx", None) or {}
+        missing = sorted(set(current) - set(class_to_idx))
+        if missing:
+            raise ValueError(f"{type(self).__name__}: class(es) {missing[:5]} are not among "
+                             f"{sorted(class_to_idx)[:10]}")
+        name_of = {index: name for name, index in current.items()}
+        self.samples = [sample._replace(label=class_to_idx[name_of[sample.label]]) for sample in self.samples]
+        self.class_to_idx = {name: class_to_idx[name] for name in current}
+
     @property
     def label_names(self) -> list[str] | None:
         """Class names in index order when the indices are 0..K-1 of named classes (folder order), else None."""

@@ -134,8 +134,12 @@ def _build_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset, Dat
     if (masks, val_masks) != (config.masks, config.val_masks):  # the images TokenCut gave no mask stay out
         config = dataclasses.replace(config, masks=masks, val_masks=val_masks, skip_unmasked=True)
     train_set = _masked_dataset(config.data, config.masks, transform(train=True), config)
+    classes = _run_classes(model, train_set, config)
+    _index_by(train_set, classes)
     if config.val_data is not None:
-        return train_set, _masked_dataset(config.val_data, config.val_masks, transform(train=False), config)
+        val_set = _masked_dataset(config.val_data, config.val_masks, transform(train=False), config)
+        _index_by(val_set, classes)
+        return train_set, val_set
     if not config.val_fraction:
         return train_set, None
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed)).tolist()
@@ -163,6 +167,49 @@ def _group_splits(config: TrainConfig, made: Callable, transform: Callable) -> t
             reader(val_root, "val", transform(train=False), masks=val_masks, **options))
 
 
+def _model_label_names(model: nn.Module) -> list[str]:
+    """The model's ``label_names`` (timm's ``pretrained_cfg``) when they name each of its outputs, else empty."""
+    names = list((getattr(model, "pretrained_cfg", None) or {}).get("label_names") or ())
+    return names if len(names) == getattr(model, "num_classes", None) else []
+
+
+def _run_classes(model: nn.Module, train_set: MaskedDataset, config: TrainConfig) -> dict[str, int]:
+    """Class name -> index of the run: the model's ``label_names`` when they name every class of the
+    training data (as ``evaluate`` maps folders), else the training data's own indices (empty for
+    integer labels)."""
+    own = dict(getattr(train_set, "class_to_idx", None) or {})
+    model_names = _model_label_names(model)
+    if _named_classes(train_set, config) is not None and model_names and set(own) <= set(model_names):
+        return {name: index for index, name in enumerate(model_names)}
+    return own
+
+
+def _follows_model(model: nn.Module, train_set: Dataset) -> bool:
+    """Whether each named training class has its index among the model's ``label_names``."""
+    own, labels = getattr(_base(train_set), "class_to_idx", None), _model_label_names(model)
+    return bool(own and labels) and all(index < len(labels) and labels[index] == name for name, index in own.items())
+
+
+def _shown(names: list[str], most: int = 10) -> str:
+    """``a, b, c`` (the first ``most`` names, then ``...``)."""
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
+def _index_by(dataset: MaskedDataset, classes: dict[str, int]) -> None:
+    """Give the named classes of ``dataset`` their index in ``classes``; refuse classes it lacks (which
+    only validation data can have: ``classes`` name every training class)."""
+    own = getattr(dataset, "class_to_idx", None)
+    if not own or not classes:
+        return
+    extra = sorted(set(own) - set(classes))
+    if extra:
+        trained = _shown(sorted(classes, key=classes.get))
+        raise ValueError(f"the validation data has class(es) {extra[:5]} that the run does not train (its "
+                         f"classes: {trained}): take their folders (or rows) out of the validation data, or add "
+                         "images of them to --data")
+    dataset.relabel(classes)
+
+
 def _base(dataset: Dataset | None) -> Dataset | None:
     return dataset.dataset if isinstance(dataset, Subset) else dataset
 
@@ -186,19 +233,22 @@ def _fit_classes(model: nn.Module, train_set: Dataset, val_set: Dataset | None, 
                  log: bool = True) -> None:
     """Fit the classifier to the data and record its class names as timm's ``label_names``.
 
-    Without ``--num-classes``, a head whose size differs from the classes the data names is
-    replaced (seeded by ``--seed``); a class index beyond the classifier, or validation classes
-    indexed unlike the training classes, is an error.
+    Without ``--num-classes``, a head whose size differs from the classes the data names, or whose
+    ``label_names`` lack one of them, is replaced (seeded by ``--seed``); a class index beyond the
+    classifier is an error.
     """
     names = _named_classes(train_set, config)
     chosen = config.num_classes is not None or "num_classes" in config.model_kwargs
-    if names is not None and len(names) != model.num_classes and not chosen:
+    mismatch = _head_mismatch(model, names) if names is not None and not chosen else None
+    if mismatch is not None:
         if log:
-            _log.info("train: the data have %d classes and the model %d outputs: training a new %d-class head "
-                      "(seeded by --seed); --num-classes N keeps another size", len(names), model.num_classes,
-                      len(names))
+            _log.info("train: %s: training a new %d-class head (seeded by --seed); --num-classes N keeps another "
+                      "size", mismatch, len(names))
         with seeded(config.seed):
             model.reset_classifier(len(names))
+    elif log and _follows_model(model, train_set):
+        _log.info("train: the classes take the model's indices, in the order of its label_names (%s)",
+                  _shown(_model_label_names(model)))
     if config.head_refit:
         linear_classifier(model)  # before the data's class checks: a model without a linear head is the problem
     for dataset in (train_set, val_set):
@@ -210,21 +260,20 @@ def _fit_classes(model: nn.Module, train_set: Dataset, val_set: Dataset | None, 
             raise ValueError(
                 f"the data ({type(base).__name__}) has class index {top} but the model has {model.num_classes} "
                 f"classes: pass --num-classes {top + 1} or more (or check --class-index)")
-    _check_val_classes(_base(train_set), _base(val_set))
     if names is not None and len(names) == model.num_classes:
         cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "label_descriptions"}
         model.pretrained_cfg = {**cfg, "num_classes": len(names), "label_names": names}
 
 
-def _check_val_classes(train_base: Dataset, val_base: Dataset | None) -> None:
-    """Refuse validation classes whose indices differ from the training set's (another folder set)."""
-    train_map, val_map = (getattr(base, "class_to_idx", None) for base in (train_base, val_base))
-    if not train_map or not val_map or val_map.items() <= train_map.items():
-        return
-    differ = sorted(name for name, index in val_map.items() if train_map.get(name) != index)
-    raise ValueError(f"the validation classes {differ[:5]} have other indices than in the training data "
-                     f"(validation: {sorted(val_map)[:8]}, training: {sorted(train_map)[:8]}): give both the "
-                     "same class folders (or names)")
+def _head_mismatch(model: nn.Module, names: list[str]) -> str | None:
+    """Why the model's head does not fit the data's named classes (``names``, in index order), or None."""
+    labels = _model_label_names(model)
+    lacking = [name for name in names if name not in labels] if labels else []
+    lacks = f"the model's label_names lack the data's class(es) {_shown(lacking, 5)}" if lacking else ""
+    if len(names) != model.num_classes:
+        return f"the data have {len(names)} classes and the model {model.num_classes} outputs" + (
+            f" ({lacks})" if lacks else "")
+    return lacks or None
 
 
 def _describe_data(train_set: Dataset, val_set: Dataset | None) -> str:
@@ -232,7 +281,7 @@ def _describe_data(train_set: Dataset, val_set: Dataset | None) -> str:
     base = _base(train_set)
     text = f"{len(train_set)} training images"
     if isinstance(base, MaskedDataset):
-        names = base.label_names or []
+        names = [name for _, name in sorted(_index_names(base).items())]
         classes = len({sample.label for sample in base.samples})
         shown = f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""
         text += f" of {classes} classes{shown}, each with its mask"
