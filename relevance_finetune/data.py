@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
+from .augment import usable_masks
 from .masks.imagenet_s import Merged, decode_imagenet_s_mask, imagenet_s_foreground, imagenet_s_split, read_categories
 from .images import (IMG_EXTENSIONS, list_images, model_data_config, model_input_size, read_binary_mask, read_image,
                      write_mask)
@@ -285,6 +286,18 @@ class MaskedDataset(Dataset):
             raise ValueError(f"mask {sample.mask} is {mask.shape[1]}x{mask.shape[0]} but image "
                              f"{sample.image} is {image.width}x{image.height} (width x height)")
         return image, mask
+
+    def unusable_masks(self, indices: Sequence[int] | None = None) -> dict[str, list[Path]]:
+        """The mask files (of the samples at ``indices``, default all) that are ``'empty'`` (no object)
+        or ``'full'`` (no background), read untransformed: not usable in the sense of
+        :func:`relevance_finetune.augment.usable_masks`."""
+        found: dict[str, list[Path]] = {"empty": [], "full": []}
+        for index in range(len(self.samples)) if indices is None else indices:
+            sample = self.samples[index]
+            mask = torch.from_numpy(self.read_mask(sample))[None]
+            if not usable_masks(mask)[0]:
+                found["full" if mask.any() else "empty"].append(sample.mask)
+        return found
 
     def relabel(self, class_to_idx: Mapping[str, int]) -> None:
         """Index the named classes as ``class_to_idx`` does (e.g. a model's own class order).

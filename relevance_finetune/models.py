@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CHECKPOINT_FORMAT, TRAINER_STATE_PREFIX, open_safetensors
+from .gae.recording import check_input_size
 
 __all__ = ["HUB_PREFIXES", "WEIGHT_FILES", "add_model_arguments", "add_weights_arguments", "build_model",
            "create_model", "create_model_from_spec", "find_weights", "load_weights", "loads_source_weights",
@@ -189,7 +190,9 @@ def create_model(
 
     ``name`` takes whatever timm takes, ``local-dir:DIR`` and ``hf-hub:ORG/NAME`` included (their
     weights are loaded unless ``checkpoint`` or ``random_weights`` is given). Weights that cannot be
-    read or fetched raise ``RuntimeError`` saying how to load offline.
+    read or fetched raise ``RuntimeError`` saying how to load offline; an image size that the patch
+    size does not divide (``img_size=30`` with 8-pixel patches) raises ``ValueError`` naming the
+    nearest sizes that it does.
     """
     pretrained = loads_source_weights(name, pretrained, checkpoint, random_weights)
     try:
@@ -209,6 +212,9 @@ def create_model(
         raise RuntimeError(
             f"could not fetch pretrained weights for {name!r} ({error}). Without network access, "
             "pass a local directory as --model local-dir:DIR, or --checkpoint FILE") from error
+    patch_embed = getattr(model, "patch_embed", None)
+    if getattr(patch_embed, "img_size", None) is not None:  # a size the patches do not divide (--img-size 30)
+        check_input_size(patch_embed, tuple(patch_embed.img_size))
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return model

@@ -5,8 +5,10 @@ import pytest
 import timm
 import torch
 
-from conftest import tiny_model
+from conftest import cli_error, tiny_model
+from relevance_finetune import attach_gae
 from relevance_finetune.models import build_model, create_model, loads_source_weights, unasked_random_weights
+from test_train_runs import TINY_RANDOM
 
 
 @pytest.fixture
@@ -57,3 +59,22 @@ def test_random_weights_nobody_asked_for_are_named(hub):
     assert unasked_random_weights("vit_tiny_patch16_224", pretrained=True) is None
     assert unasked_random_weights("vit_tiny_patch16_224", checkpoint="w.safetensors") is None
     assert unasked_random_weights(hub) is None
+
+
+def test_an_image_size_the_patches_do_not_divide_is_refused_naming_the_sizes_they_do(tmp_path, capsys):
+    """img_size 30 with 8-pixel patches: a 3x3 grid would cover 24 of the 30 pixels a map is stretched over."""
+    with pytest.raises(ValueError, match=r"30x30 are not a multiple of the patch size 8x8 .* use 24x24 or 32x32"):
+        create_model("vit_tiny_patch16_224", img_size=30, patch_size=8, depth=1, embed_dim=32, num_heads=2)
+    assert create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32,
+                        num_heads=2).patch_embed.grid_size == (4, 4)
+    error = cli_error(capsys, ["train", *TINY_RANDOM[:2], "--img-size", "30", *TINY_RANDOM[4:], "--data",
+                               str(tmp_path), "--out", str(tmp_path / "run")])
+    assert "patch size 8x8" in error and "use 24x24 or 32x32" in error and "--img-size" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_attach_gae_refuses_a_fixed_size_model_whose_size_the_patches_do_not_divide():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=30, patch_size=8, depth=1,
+                              embed_dim=32, num_heads=2)
+    with attach_gae(model) as gae, pytest.raises(ValueError, match="not a multiple of the patch size 8x8"):
+        gae.explain(torch.rand(1, 3, 30, 30))

@@ -16,7 +16,7 @@ from torch import nn
 from .fused import SDPACall, SDPACapture
 from .families import AttentionFamily
 
-__all__ = ["AUTO_FUSED_TOKENS", "AttentionRecorder"]
+__all__ = ["AUTO_FUSED_TOKENS", "AttentionRecorder", "check_input_size", "patch_multiples"]
 
 # attention="auto" runs fused from this many tokens on (CLS and prefix tokens included); below
 # it the explicit path is as small and faster. Measured in docs/performance.md.
@@ -29,19 +29,31 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def _check_input_size(patch_embed: nn.Module, size: tuple[int, int]) -> None:
-    """Refuse, as a ValueError, an image size that timm's ``PatchEmbed`` would assert on."""
+def patch_multiples(size: tuple[int, int], patch: tuple[int, int]) -> str:
+    """The sizes nearest ``size`` that ``patch`` divides, e.g. ``'24x24 or 32x32'``."""
+    below = tuple(max(p, s // p * p) for s, p in zip(size, patch))
+    above = tuple(b + p if b < s else b for b, s, p in zip(below, size, patch))
+    return " or ".join(dict.fromkeys(f"{h}x{w}" for h, w in (below, above)))
+
+
+def check_input_size(patch_embed: nn.Module, size: tuple[int, int]) -> None:
+    """Refuse, as a ValueError, an image size that timm's ``PatchEmbed`` would assert on, or whose
+    patch grid would leave pixels out (a size that is not a multiple of the patch size: the
+    relevance map is stretched over every pixel, so maps and masks would no longer line up)."""
     if not isinstance(patch_embed, PatchEmbed) or patch_embed.img_size is None:
         return
     model_size, patch = tuple(patch_embed.img_size), tuple(patch_embed.patch_size)
-    if patch_embed.strict_img_size:
-        if size != model_size:
-            raise ValueError(f"images of {size[0]}x{size[1]} do not match the model's input size "
-                             f"{model_size[0]}x{model_size[1]}: resize them, or create the model with "
-                             "dynamic_img_size=True")
-    elif not patch_embed.dynamic_img_pad and (size[0] % patch[0] or size[1] % patch[1]):
+    if patch_embed.strict_img_size and size != model_size:
+        raise ValueError(f"images of {size[0]}x{size[1]} do not match the model's input size "
+                         f"{model_size[0]}x{model_size[1]}: resize them, or create the model with "
+                         "dynamic_img_size=True")
+    if not patch_embed.dynamic_img_pad and (size[0] % patch[0] or size[1] % patch[1]):
+        covered = f"{size[0] // patch[0] * patch[0]}x{size[1] // patch[1] * patch[1]}"
+        remedy = ("build the model for one of them (img_size=, --img-size)" if patch_embed.strict_img_size else
+                  "crop or resize them, or create the model with dynamic_img_pad=True")
         raise ValueError(f"images of {size[0]}x{size[1]} are not a multiple of the patch size "
-                         f"{patch[0]}x{patch[1]}: crop or resize them, or create the model with dynamic_img_pad=True")
+                         f"{patch[0]}x{patch[1]} (its patch grid would cover {covered} of them): use "
+                         f"{patch_multiples(size, patch)}; {remedy}")
 
 
 class AttentionRecorder:
@@ -107,7 +119,7 @@ class AttentionRecorder:
     def _on_forward_start(self, module: nn.Module, args: tuple) -> None:
         if _in_backward():  # a checkpointed patch_embed re-run: keep the first forward's maps
             return
-        _check_input_size(module, tuple(args[0].shape[-2:]))
+        check_input_size(module, tuple(args[0].shape[-2:]))
         self._records = [None] * len(self.modules)
         self.input_size = tuple(args[0].shape[-2:])
         if self.attention == "auto":

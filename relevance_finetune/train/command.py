@@ -82,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
         train_set, val_set = _build_datasets(model, config)
         _fit_classes(model, train_set, val_set, config, log=main)
         if main:
-            _log.info("train: %s", _describe_data(train_set, val_set))
+            unusable = _unusable_masks(train_set)
+            _log.info("train: %s", _describe_data(train_set, val_set, unusable))
+            if any(unusable.values()):
+                _log.warning("train: warning: %s", _describe_unusable(unusable, len(train_set)))
         if config.head_refit:  # before a finetune: the refit's data problems stop the run now
             refit_set = _eval_view(train_set, _transform(model, config, train=False))  # no random augmentation
             check_refit_data(model, refit_set, val_set, config, _index_names(train_set))
@@ -142,12 +145,40 @@ def _build_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset, Dat
         return train_set, val_set
     if not config.val_fraction:
         return train_set, None
-    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    training, validation = _held_out_split(train_set, config, log=Processes.current(config.device).is_main)
+    val_view = _eval_view(train_set, transform(train=False))
+    return Subset(train_set, training), Subset(val_view, validation)
+
+
+def _held_out_split(dataset: MaskedDataset, config: TrainConfig, log: bool = True) -> tuple[list[int], list[int]]:
+    """Training and validation indices of a seeded ``--val-fraction`` split of ``dataset``.
+
+    A class whose every image the draw holds out (a class of one image, say) keeps one of them for
+    training, and one line names it: no class of the data goes untrained.
+    """
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed)).tolist()
     held_out = max(1, round(config.val_fraction * len(order)))
     if held_out >= len(order):
         raise ValueError(f"val_fraction {config.val_fraction} leaves no training images of {len(order)}")
-    val_view = _eval_view(train_set, transform(train=False))
-    return Subset(train_set, order[held_out:]), Subset(val_view, order[:held_out])
+    training, validation = order[held_out:], order[:held_out]
+    trained = {dataset.samples[index].label for index in training}
+    kept: dict[int, int] = {}  # label -> the first held-out image of a class with no training image
+    for index in validation:
+        label = dataset.samples[index].label
+        if label not in trained:
+            kept.setdefault(label, index)
+    if not kept:
+        return training, validation
+    validation = [index for index in validation if index not in kept.values()]
+    names = _index_names(dataset)
+    shown = _shown([names.get(label, str(label)) for label in sorted(kept)])
+    if not validation:
+        raise ValueError(f"--val-fraction {config.val_fraction} would hold out every image of the class(es) {shown}, "
+                         "and nothing else: pass validation images as --val-data")
+    if log:
+        _log.warning("train: warning: --val-fraction %s held out every image of the class(es) %s: one image of each "
+                     "stays in training (and is not validated)", config.val_fraction, shown)
+    return training + sorted(kept.values()), validation
 
 
 def _group_splits(config: TrainConfig, made: Callable, transform: Callable) -> tuple[Dataset, Dataset]:
@@ -276,15 +307,38 @@ def _head_mismatch(model: nn.Module, names: list[str]) -> str | None:
     return lacks or None
 
 
-def _describe_data(train_set: Dataset, val_set: Dataset | None) -> str:
-    """One line: images and classes of the training set, validation images, what was left out."""
+def _unusable_masks(train_set: Dataset) -> dict[str, list[Path]]:
+    """The training masks that are empty or full (:meth:`MaskedDataset.unusable_masks`); none known for
+    other datasets."""
+    base = _base(train_set)
+    if not isinstance(base, MaskedDataset):
+        return {}
+    return base.unusable_masks(train_set.indices if isinstance(train_set, Subset) else None)
+
+
+def _describe_unusable(unusable: dict[str, list[Path]], total: int) -> str:
+    """One line on the empty and full training masks: how many, what the loss makes of them, the first."""
+    empty, full = unusable["empty"], unusable["full"]
+    parts = ([f"{len(empty)} empty (no object: the whole image counts as background)"] if empty else []) + (
+        [f"{len(full)} full (no background: the whole image counts as object)"] if full else [])
+    return (f"{' and '.join(parts)} of the {total} training masks, first: {(empty or full)[0]}; the relevance "
+            "loss cannot tell object from background on them: fix those masks or leave their images out")
+
+
+def _describe_data(train_set: Dataset, val_set: Dataset | None, unusable: dict[str, list[Path]] | None = None) -> str:
+    """One line: images and classes of the training set, validation images, unusable training masks,
+    what was left out."""
     base = _base(train_set)
     text = f"{len(train_set)} training images"
     if isinstance(base, MaskedDataset):
         names = [name for _, name in sorted(_index_names(base).items())]
-        classes = len({sample.label for sample in base.samples})
+        indices = train_set.indices if isinstance(train_set, Subset) else range(len(base.samples))
+        classes = len({base.samples[index].label for index in indices})
         shown = f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""
         text += f" of {classes} classes{shown}, each with its mask"
+    counts = [f"{len(paths)} {kind}" for kind, paths in (unusable or {}).items() if paths]
+    if counts:
+        text += f" ({' and '.join(counts)}: see the warning)"
     text += f"; {len(val_set)} validation images" if val_set is not None else "; no validation data"
     left_out = []
     # a --val-fraction split views a copy of the training set: the same samples, counted once
