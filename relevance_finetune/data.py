@@ -49,6 +49,7 @@ __all__ = [
     "Sample",
     "UnknownWnidError",
     "class_indices",
+    "default_workers",
     "imagenet_class_index",
     "list_images",
     "model_data_config",
@@ -70,6 +71,17 @@ class Sample(NamedTuple):
     image: Path
     mask: Path
     label: int
+
+
+# -- loading -----------------------------------------------------------------------------------
+def default_workers(most: int = 4) -> int:
+    """Data-loading worker processes by default: ``most``, or the CPUs this process may use if fewer
+    (more workers than CPUs only contend, and PyTorch warns)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity
+        cpus = os.cpu_count() or 1
+    return min(most, cpus)
 
 
 # -- class indices -----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .._files import write_text_atomic
+from ..data import default_workers
 from ..metrics import DEFAULT_FRACTIONS
 from ..models import add_model_arguments, build_model, merge_model_kwargs
 from .datasets import DATASETS, load_set_a
@@ -40,7 +41,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--si-score-labels", default=None, metavar="JSON",
                         help="{label string: ImageNet index} for SI-Score folders (default: matched to timm's names)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help=f"data-loading worker processes (default: 4, or the CPUs this process may use if "
+                             f"fewer: {default_workers()} here)")
     parser.add_argument("--max-images", type=int, default=None,
                         help="evaluate a seeded random subset of at most this many images per dataset")
     parser.add_argument("--seed", type=int, default=0)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..data import default_workers
 from ..images import list_images
 from ..models import (add_model_arguments, add_weights_arguments, create_model, merge_model_kwargs,
                       unasked_random_weights)
@@ -53,7 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", help="i/n: process the i-th of n shards (default: RANK/WORLD_SIZE or 0/1)")
     parser.add_argument("--skip-bad", action="store_true", help="warn about unreadable images and go on")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=4, help="data loading processes")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help=f"data loading processes (default: 4, or the CPUs this process may use if fewer: "
+                             f"{default_workers()} here)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from .. import recipes
+from ..data import default_workers
 
 __all__ = ["PRESETS", "RESUMABLE_CHANGES", "TrainConfig", "field_kind", "read_config_file", "resolve_config"]
 
@@ -134,7 +135,8 @@ class TrainConfig:
     amp: Literal["bf16", "fp16"] | None = _option(None, "mixed precision of the forward")
     # run
     seed: int = _option(0, "seed of the data order, augmentation and validation hold-out")
-    workers: int = _option(2, "data-loading worker processes")
+    workers: int = _option(default_workers(2), "data-loading worker processes; by default 2, or the CPUs this "
+                                               "process may use if fewer")
     device: str | None = _option(None, "torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     deterministic: bool = _option(False, "use deterministic GPU kernels (slower; CPU runs repeat anyway)")
     progress: bool = _option(True, "show progress bars")
