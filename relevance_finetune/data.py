@@ -322,8 +322,13 @@ class MaskedDataset(Dataset):
             raise ValueError(f"{type(self).__name__}: class(es) {missing[:5]} are not among "
                              f"{sorted(class_to_idx)[:10]}")
         name_of = {index: name for name, index in current.items()}
-        self.samples = [sample._replace(label=class_to_idx[name_of[sample.label]]) for sample in self.samples]
+        relabelled = {sample: sample._replace(label=class_to_idx[name_of[sample.label]]) for sample in self.samples}
+        self._samples_relabelled(relabelled)
+        self.samples = [relabelled[sample] for sample in self.samples]
         self.class_to_idx = {name: class_to_idx[name] for name in current}
+
+    def _samples_relabelled(self, relabelled: Mapping[Sample, Sample]) -> None:
+        """Hook for a dataset that keys records by sample: ``relabelled`` maps each old sample to its new one."""
 
     @property
     def label_names(self) -> list[str] | None:

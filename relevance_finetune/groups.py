@@ -128,6 +128,9 @@ class _Groups:
         """(N,) long: the group of each sample, in sample order."""
         return torch.tensor([self._group_of[sample] for sample in self.samples], dtype=torch.long)
 
+    def _samples_relabelled(self, relabelled: Mapping[Sample, Sample]) -> None:
+        self._group_of = {relabelled.get(sample, sample): group for sample, group in self._group_of.items()}
+
     @property
     def group_counts(self) -> dict[int, int]:
         """Group id -> samples, in id order."""

@@ -14,6 +14,7 @@ from conftest import cli_error, tiny_model
 from relevance_finetune import cli
 from relevance_finetune.checkpoint import load_checkpoint
 from relevance_finetune.data import MaskedImageFolder, paired_transforms
+from relevance_finetune.groups import csv_dataset
 from test_train_runs import TINY_RANDOM, train_args, write_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,3 +109,15 @@ def test_an_extra_validation_class_is_refused_with_advice_that_works(tmp_path, c
     for folder in ("images", "masks"):  # the advice, followed
         shutil.rmtree(tmp_path / "val" / folder / "emu")
     assert cli.main(args) == 0
+
+
+def test_relabelling_a_grouped_dataset_keeps_each_sample_group(tmp_path):
+    write_folder(tmp_path, classes=("cat", "dog"))
+    rows = [f"images/{name}/{i}.jpg,masks/{name}/{i}.png,{name},{'land' if i else 'water'}"
+            for name in ("cat", "dog") for i in range(2)]
+    (tmp_path / "groups.csv").write_text("image,mask,label,group\n" + "\n".join(rows) + "\n")
+    dataset = csv_dataset(tmp_path / "groups.csv")
+    groups = dataset.groups.tolist()
+    dataset.relabel({"dog": 0, "cat": 1})
+    assert [sample.label for sample in dataset.samples] == [1, 1, 0, 0] and dataset.groups.tolist() == groups
+    assert dataset.label_names == ["dog", "cat"]
