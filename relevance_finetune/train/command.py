@@ -334,7 +334,7 @@ def _describe_data(train_set: Dataset, val_set: Dataset | None, unusable: dict[s
         names = [name for _, name in sorted(_index_names(base).items())]
         indices = train_set.indices if isinstance(train_set, Subset) else range(len(base.samples))
         classes = len({base.samples[index].label for index in indices})
-        shown = f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""
+        shown = f" ({_shown(names, 5)})" if names else ""
         text += f" of {classes} classes{shown}, each with its mask"
     counts = [f"{len(paths)} {kind}" for kind, paths in (unusable or {}).items() if paths]
     if counts:
