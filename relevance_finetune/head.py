@@ -95,6 +95,7 @@ def refit_head(
         fits: int = 20,
         held_out: float = 0.5,
         validation: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        validation_groups: torch.Tensor | None = None,
         batch_size: int = 64,
         seed: int = 0,
         progress: bool = True,
@@ -120,6 +121,9 @@ def refit_head(
     validation:
         Optional masked (images, masks, labels): the candidates are scored on their views
         instead, and the fits use every image.
+    validation_groups:
+        Optional (N_val,) group of each ``validation`` image: the candidates are scored by the
+        worst-group accuracy on the validation images themselves, not on their views.
     batch_size, seed, progress:
         Images per forward (the views do not depend on it); the seed of the views, split and
         subsamples; a tqdm bar.
@@ -128,6 +132,9 @@ def refit_head(
     classifier = linear_classifier(model)
     num_classes, candidates = classifier.out_features, tuple(float(c) for c in C)
     _check_settings(candidates, fits, held_out, views)
+    if validation_groups is not None and (validation is None or validation_groups.shape != validation[2].shape):
+        raise ValueError("validation_groups must give the group of each validation image: (N_val,) with validation="
+                         "(images, masks, labels)")
     movable = _movable(images, masks, labels, num_classes)
     generator = torch.Generator().manual_seed(seed)
     features = partial(_refit_set, model, views=views, generator=generator, batch_size=batch_size, progress=progress)
@@ -150,8 +157,11 @@ def refit_head(
     if choose:
         fit_part, scored = _standardised(fit_part, mean, std), _standardised(scored, mean, std)
         fit_part = _rows(fit_part, _balanced_subsample(fit_part.labels, generator))
-        scored = _rows(scored, scored.view)
-        chosen, scores = _choose_c(fit_part, scored, scored.labels, candidates, num_classes)
+        if validation_groups is None:  # worst class of the views
+            scored, strata = _rows(scored, scored.view), scored.labels[scored.view]
+        else:  # worst group of the validation images, in their order
+            scored, strata = _rows(scored, ~scored.view), validation_groups.to(scored.labels.device)
+        chosen, scores = _choose_c(fit_part, scored, strata, candidates, num_classes)
     refit = _standardised(refit, mean, std)
     coef, intercept = _averaged_fits(refit, refit.labels, chosen, fits, num_classes, generator)
     _fold_into_head(classifier, coef, intercept, mean, std)

@@ -181,6 +181,22 @@ def test_the_views_do_not_depend_on_the_batch_size():
     assert all(torch.equal(head, heads[0]) for head in heads[1:])
 
 
+def test_validation_groups_score_the_candidates_by_worst_group_on_the_validation_images():
+    images, masks, labels = _shortcut_images(24, agreement=0.9, seed=0)
+    validation = _shortcut_images(12, agreement=0.5, seed=1)
+    one_group = refit_head(PooledChannels(), images, masks, labels, views=1, fits=1, validation=validation,
+                           validation_groups=torch.zeros(12, dtype=torch.long), progress=False)
+    assert all(worst == mean for worst, mean in one_group.scores.values())  # one group: its accuracy is the mean
+    singletons = refit_head(PooledChannels(), images, masks, labels, views=1, fits=1, validation=validation,
+                            validation_groups=torch.arange(12), progress=False)
+    assert all(worst == float(mean == 1.0) for worst, mean in singletons.scores.values())
+    with pytest.raises(ValueError, match="validation_groups must give the group of each validation image"):
+        refit_head(PooledChannels(), images, masks, labels, validation=validation,
+                   validation_groups=torch.arange(5), progress=False)
+    with pytest.raises(ValueError, match="validation_groups must give"):
+        refit_head(PooledChannels(), images, masks, labels, validation_groups=torch.arange(12), progress=False)
+
+
 def _grouped_images(per_group: tuple[int, int, int, int], seed: int):
     """Waterbirds in miniature for ``PooledChannels``: class y (+-1 in channel 0) and place (+-1 in
     channel 1, the shortcut its head reads), group ``2 * y + place``, ``per_group[g]`` images of group g."""

@@ -13,7 +13,7 @@ from relevance_finetune import cli
 from relevance_finetune.checkpoint import load_checkpoint
 from relevance_finetune.groups import WATERBIRDS_GROUPS
 from relevance_finetune.metrics import group_accuracy
-from relevance_finetune.head import refit_head_groups
+from relevance_finetune.head import refit_head, refit_head_groups
 from relevance_finetune.train import TrainConfig, finetune, refit_stage
 from relevance_finetune.train.selection import best_epoch
 from test_train import tiny_hub
@@ -128,12 +128,31 @@ def test_the_group_head_refit_is_refit_head_groups_on_the_validation_images(tmp_
     assert "head refit on group labels (DFR's protocol): C=" in caplog.text
 
 
+def test_the_mask_head_refit_under_worst_group_chooses_c_by_the_validation_groups(tmp_path):
+    train_set, val_set = Grouped((6, 2, 2, 6)), Grouped((3, 3, 3, 3), seed=1)
+    model, reference = tiny_model(num_classes=2), tiny_model(num_classes=2)
+    settings = config(finetune=False, head_refit=True, select="worst_group", head_fits=2, head_views=1,
+                      out=str(tmp_path / "run"))
+    refit_stage(model, train_set, val_set, settings)
+    direct = refit_head(reference, train_set.images, train_set.masks, torch.tensor(train_set.labels), views=1, fits=2,
+                        validation=(val_set.images, val_set.masks, torch.tensor(val_set.labels)),
+                        validation_groups=torch.tensor(val_set.groups), progress=False)
+    assert torch.equal(model.head.weight, reference.head.weight)
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert record["labels"] == "masks" and record["selected_on"] == "validation_groups" and record["C"] == direct.C
+    assert [score["worst_group_accuracy"] for score in record["scores"]] == [w for w, _ in direct.scores.values()]
+    plain = Grouped((2, 2, 2, 2))
+    plain.groups = None
+    with pytest.raises(ValueError, match="--select worst_group: the head refit reads the validation images' group"):
+        refit_stage(model, train_set, plain, settings)
+
+
 def test_the_group_head_refit_names_what_it_lacks():
     model = tiny_model(num_classes=2)
     settings = config(finetune=False, head_refit=True, head_labels="groups")
     plain = Grouped((2, 2, 2, 2))
     plain.groups = None
-    with pytest.raises(ValueError, match="--head-labels groups refits on the validation images' group labels"):
+    with pytest.raises(ValueError, match="--head-labels groups: the head refit reads the validation images' group labels"):
         refit_stage(model, Grouped((2, 2, 2, 2)), plain, settings)
     with pytest.raises(ValueError, match=r"needs 2 validation image\(s\) of every group; too few of "
                                          r"'landbird_on_water' \(group 1\): 1"):

@@ -71,8 +71,8 @@ def refit_stage(
     config = config or TrainConfig(finetune=False, head_refit=True)
     out = Path(config.out) if config.out is not None else None
     num_classes = linear_classifier(model).out_features
+    groups = _refit_groups(train_set, val_set, config)
     if config.head_labels == "groups":
-        groups = _refit_groups(train_set, val_set)
         _check_memory([val_set], config.head_max_gib)
         images, _, labels = _in_memory(val_set, config.workers)
         _check_classes(None, labels, num_classes, class_names or {}, masked=False)
@@ -90,8 +90,11 @@ def refit_stage(
                                   progress=config.progress)
     else:
         refit = refit_head(model, *train, views=config.head_views, fits=config.head_fits, validation=validation,
-                           batch_size=_BATCH, seed=config.seed, progress=config.progress)
-    record = _record(refit, source, config.head_labels == "groups" or validation is not None, config)
+                           validation_groups=None if groups is None else groups.validation, batch_size=_BATCH,
+                           seed=config.seed, progress=config.progress)
+    selected_on = ("held_out_validation" if config.head_labels == "groups" else "validation_groups" if groups
+                   else "validation" if validation is not None else "held_out")
+    record = _record(refit, source, selected_on, config)
     if out is not None:
         info = {**checkpoint_info(model, config, history), "head_refit": {k: v for k, v in record.items()
                                                                           if k != "seconds"}}
@@ -150,13 +153,20 @@ def _in_memory(dataset: Dataset, workers: int) -> Masked:
     return images, masks, labels
 
 
-def _refit_groups(train_set: Dataset, val_set: Dataset | None) -> RunGroups:
-    """The run's groups for the group refit: two validation images of every group, or an error naming it."""
+def _refit_groups(train_set: Dataset, val_set: Dataset | None, config: TrainConfig) -> RunGroups | None:
+    """The validation groups the refit reads: with ``--head-labels groups`` (two images of every
+    group) or ``--select worst_group`` (C by the worst group; one image each), else None; an error
+    naming what is missing."""
+    if config.head_labels != "groups" and config.select != "worst_group":
+        return None
+    flag = "--head-labels groups" if config.head_labels == "groups" else "--select worst_group"
     groups = run_groups(train_set, val_set)
     if groups is None:
-        raise ValueError("--head-labels groups refits on the validation images' group labels: give validation "
-                         "data with groups (--data-format waterbirds or celeba)")
-    groups.check_validation(2, "the group head refit (--head-labels groups; C is chosen on a held-out half)")
+        raise ValueError(f"{flag}: the head refit reads the validation images' group labels: give validation data "
+                         "with groups (--data-format waterbirds or celeba)")
+    least = 2 if config.head_labels == "groups" else 1
+    groups.check_validation(least, f"the head refit with {flag}" + (" (C is chosen on a held-out half)" if least > 1
+                                                                    else ""))
     return groups
 
 
@@ -166,8 +176,8 @@ def check_refit_data(model: nn.Module, train_set: Dataset, val_set: Dataset | No
     the memory its images take, and each class's images by label (masked datasets only); for the
     group refit, every group's validation images."""
     num_classes = linear_classifier(model).out_features
+    _refit_groups(train_set, val_set, config)
     if config.head_labels == "groups":
-        _refit_groups(train_set, val_set)
         _check_memory([val_set], config.head_max_gib)
         labels = _labels(val_set)
         if labels is not None:
@@ -219,13 +229,13 @@ def _class_name(index: int, names: Mapping[int, str]) -> str:
     return f"{names[index]!r} (index {index})" if index in names else f"class {index}"
 
 
-def _record(refit: HeadRefit, source: str, validation: bool, config: TrainConfig) -> dict[str, Any]:
+def _record(refit: HeadRefit, source: str, selected_on: str, config: TrainConfig) -> dict[str, Any]:
     """The refit's ``metrics.jsonl`` line."""
     groups = config.head_labels == "groups"
-    worst = "worst_group_accuracy" if groups else "worst_class_accuracy"
-    where = "held_out_validation" if groups else "validation" if validation else "held_out"
+    by_group = selected_on in ("held_out_validation", "validation_groups")
+    worst = "worst_group_accuracy" if by_group else "worst_class_accuracy"
     return {"stage": "head_refit", "labels": config.head_labels, "source": source, "C": refit.C,
-            "selected_on": where if refit.scores else None,  # None: one C, no choice
+            "selected_on": selected_on if refit.scores else None,  # None: one C, no choice
             "scores": [{"C": c, worst: worst_accuracy, "mean_accuracy": mean}
                        for c, (worst_accuracy, mean) in refit.scores.items()],
             "views": None if groups else config.head_views, "fits": config.head_fits, "rows": refit.rows,
@@ -249,6 +259,8 @@ def _choice(refit: HeadRefit, record: dict[str, Any]) -> str:
     worst, mean = refit.scores[refit.C]
     if record["labels"] == "groups":
         how = "worst-group accuracy on a held-out half of each validation group"
+    elif record["selected_on"] == "validation_groups":
+        how = "worst-group accuracy on the validation images (--select worst_group)"
     else:
         where = "validation images'" if record["selected_on"] == "validation" else "held-out training images'"
         how = f"worst-class accuracy on the {where} counterfactual views"
