@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.utils.data import Dataset, Subset
 
 from conftest import tiny_model
@@ -16,7 +19,7 @@ from relevance_finetune.metrics import group_accuracy
 from relevance_finetune.head import refit_head, refit_head_groups
 from relevance_finetune.train import TrainConfig, finetune, refit_stage
 from relevance_finetune.train.selection import best_epoch
-from test_train import tiny_hub
+from test_train import free_port, tiny_hub
 from waterbirds_fixture import write_mini_waterbirds
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -190,3 +193,31 @@ def test_train_on_waterbirds_selects_by_worst_group_and_refits_on_groups(tmp_pat
     short = ["--data", str(one_val["root"]), "--masks", str(one_val["segmentations"])]
     assert cli.main(["train", *common, *short, "--select", "worst_group", "--out", str(tmp_path / "x")]) != 0
     assert "too few of 'waterbird on water' (group 3): 0" in capsys.readouterr().err
+
+
+def _ddp_worker(rank: int, port: int, path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        history = finetune(tiny_model(num_classes=2, qkv_bias=False), Grouped((2, 2, 2, 2)),
+                           Grouped((3, 2, 1, 3), seed=1), config())
+        if rank == 0:
+            Path(path).write_text(json.dumps(history[-1]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_two_processes_report_the_groups_of_every_validation_image(tmp_path):
+    """Each process validates its shard (9 images: 5 and 4); the groups are those of all 9, as in one process."""
+    path = str(tmp_path / "record.json")
+    start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_ddp_worker, args=(free_port(), path), nprocs=2, join=True, start_method=start_method)
+    single = finetune(tiny_model(num_classes=2, qkv_bias=False), Grouped((2, 2, 2, 2)), Grouped((3, 2, 1, 3), seed=1),
+                      config())[-1]
+    ddp = json.loads(Path(path).read_text())
+    assert [entry["count"] for entry in ddp["val_groups"].values()] == [3, 2, 1, 3]
+    for key in ("val_worst_group_accuracy", "val_mean_accuracy", "val_weighted_mean_accuracy"):
+        assert ddp[key] == pytest.approx(single[key])
+    assert {name: entry["accuracy"] for name, entry in ddp["val_groups"].items()} == pytest.approx(
+        {name: entry["accuracy"] for name, entry in single["val_groups"].items()})
