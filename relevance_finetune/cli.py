@@ -30,7 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("relevance_finetune.export", "export a checkpoint as model.safetensors + config.json"),
     "evaluate": ("relevance_finetune.evaluate.command",
                  "robustness, segmentation, perturbation and shortcut tests; your own folders"),
-    "masks": ("relevance_finetune.masks.command", "make foreground masks (TokenCut)"),
+    "masks": ("relevance_finetune.masks.command",
+              "make foreground masks (TokenCut, or propagated from a few annotated ones)"),
     "explain": ("relevance_finetune.explain", "write relevance overlays for images"),
 }
 

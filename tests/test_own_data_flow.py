@@ -1,11 +1,12 @@
-"""docs/index.md's own-data flow, run verbatim: a labelled folder without masks, end to end, twice.
+"""docs/index.md's own-data flows, run verbatim: a labelled folder without masks, end to end, twice;
+and a labelled folder with a few masks (propagated to the rest), end to end, once.
 
-The ```bash block under :data:`HEADING` runs unchanged with bash (``-euo pipefail``, so any failing
-step fails it) in two fresh directories at once, on a generated folder of 64x64 photos (an object
-whose shape and texture is the class, on a background whose colour agrees with the class most of the
-time) and a tiny ViT classifier of those classes that has learnt from them, saved as ``local-dir:``.
-Only the block's variables are set (the folders, the models, two epochs, a larger learning rate),
-with no GPU visible and one thread per process.
+The ```bash block under :data:`HEADING` (:data:`FEW_MASKS_HEADING`) runs unchanged with bash
+(``-euo pipefail``, so any failing step fails it) in fresh directories, on a generated folder of
+64x64 photos (an object whose shape and texture is the class, on a background whose colour agrees
+with the class most of the time) and a tiny ViT classifier of those classes that has learnt from
+them, saved as ``local-dir:``. Only the block's variables are set (the folders, the models, two
+epochs, a larger learning rate), with no GPU visible and one thread per process.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from relevance_finetune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Your own labelled folder, end to end"
+FEW_MASKS_HEADING = "## A few masks of your own, end to end"
+ANNOTATED = 2  # masks per class given to the few-masks flow
 _BASH = re.compile(r"^```bash[ \t]*\n(?P<code>.*?)^```[ \t]*$", re.M | re.S)
 SIZE = 64
 BACKGROUNDS = {"checks": (60, 160, 70), "disc": (200, 70, 50), "stripes": (60, 90, 200)}  # class -> usual colour
@@ -36,14 +39,14 @@ MODEL_ARGS = dict(TINY_MODELS["vit_cls"][1], img_size=SIZE)
 RUN_SECONDS = 300  # a run takes ~22 s of CPU, ~18 s of it the five commands importing torch and timm
 
 
-def flow_block(path: Path = ROOT / "docs" / "index.md") -> str:
-    """The first ```bash block of the section :data:`HEADING` of ``path``."""
+def flow_block(heading: str = HEADING, path: Path = ROOT / "docs" / "index.md") -> str:
+    """The first ```bash block of the section ``heading`` of ``path``."""
     text = path.read_text(encoding="utf-8")
-    start = text.find(HEADING + "\n")
-    assert start >= 0, f"{path.name} has no section {HEADING!r}"
-    end = text.find("\n## ", start + len(HEADING))
+    start = text.find(heading + "\n")
+    assert start >= 0, f"{path.name} has no section {heading!r}"
+    end = text.find("\n## ", start + len(heading))
     match = _BASH.search(text, start, len(text) if end < 0 else end)
-    assert match, f"the section {HEADING!r} of {path.name} has no ```bash block"
+    assert match, f"the section {heading!r} of {path.name} has no ```bash block"
     return match["code"]
 
 
@@ -119,16 +122,11 @@ def photos(tmp_path_factory) -> dict:
     return {"root": root, "masks": masks, "model": model, "mask_model": mask_model}
 
 
-@pytest.fixture(scope="module")
-def flow(photos, tmp_path_factory) -> dict:
-    """The block run twice, at once, each in a fresh directory: ``{"runs": [dir, dir], "data": before, after}``."""
-    root, block = photos["root"], flow_block()
-    before = _files(root / "train") | _files(root / "heldout")
-    env = {**os.environ, "DATA": str(root / "train"), "HELDOUT": str(root / "heldout"), "MODEL": photos["model"],
-           "MASK_MODEL": photos["mask_model"], "OUT": "out", "EPOCHS": "2", "LR": "1e-4",
+def run_block(block: str, variables: dict[str, str], dirs: list[Path]) -> None:
+    """Run ``block`` with bash in each of ``dirs`` at once, with ``variables`` set; assert each succeeds."""
+    env = {**os.environ, **variables, "OUT": "out", "EPOCHS": "2", "LR": "1e-4",
            "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    dirs = [tmp_path_factory.mktemp(f"run{i}") for i in range(2)]
     processes = []
     try:
         for d in dirs:
@@ -141,8 +139,36 @@ def flow(photos, tmp_path_factory) -> dict:
             process.kill()  # only if still running: a timeout
     for d, code in zip(dirs, codes):
         assert code == 0, f"the block failed (exit {code}):\n{(d / 'log.txt').read_text()[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def flow(photos, tmp_path_factory) -> dict:
+    """The block run twice, at once, each in a fresh directory: ``{"runs": [dir, dir], "data": before, after}``."""
+    root = photos["root"]
+    before = _files(root / "train") | _files(root / "heldout")
+    dirs = [tmp_path_factory.mktemp(f"run{i}") for i in range(2)]
+    run_block(flow_block(), {"DATA": str(root / "train"), "HELDOUT": str(root / "heldout"), "MODEL": photos["model"],
+                             "MASK_MODEL": photos["mask_model"]}, dirs)
     after = _files(root / "train") | _files(root / "heldout")
     return {"runs": [d / "out" for d in dirs], "data": (before, after)}
+
+
+@pytest.fixture(scope="module")
+def few_masks_flow(photos, tmp_path_factory) -> dict:
+    """The few-masks block run once: the exact masks of the first :data:`ANNOTATED` photos of each
+    class (training and held-out) are the annotated ones. ``{"out": dir, "data": before, after}``."""
+    root, annotated = photos["root"], tmp_path_factory.mktemp("annotated")
+    for path, mask in photos["masks"].items():
+        if int(Path(path).stem) < ANNOTATED:
+            (annotated / path).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(annotated / path)
+    before = _files(root / "train") | _files(root / "heldout") | _files(annotated)
+    run = tmp_path_factory.mktemp("few_masks")
+    run_block(flow_block(FEW_MASKS_HEADING), {
+        "DATA": str(root / "train"), "MASKS": str(annotated / "train"), "HELDOUT": str(root / "heldout"),
+        "HELDOUT_MASKS": str(annotated / "heldout"), "MODEL": photos["model"]}, [run])
+    after = _files(root / "train") | _files(root / "heldout") | _files(annotated)
+    return {"out": run / "out", "annotated": annotated, "data": (before, after)}
 
 
 def test_the_block_is_found_and_reads_its_variables():
@@ -151,6 +177,34 @@ def test_the_block_is_found_and_reads_its_variables():
         assert re.search(rf"^{name}=\$\{{{name}:-", block, re.M), f"the block does not default ${name}"
     for command in ("train", "export", "masks", "evaluate", "explain"):
         assert f"relevance-finetune {command} " in block
+
+
+def test_the_few_masks_block_reads_its_variables():
+    block = flow_block(FEW_MASKS_HEADING)
+    for name in ("DATA", "MASKS", "HELDOUT", "HELDOUT_MASKS", "MODEL", "OUT", "EPOCHS", "LR"):
+        assert re.search(rf"^{name}=\$\{{{name}:-", block, re.M), f"the block does not default ${name}"
+    for command in ("masks --method propagate", "train", "export", "evaluate"):
+        assert f"relevance-finetune {command} " in block
+
+
+def test_a_few_masks_propagate_train_export_and_report(few_masks_flow):
+    out, annotated = few_masks_flow["out"], few_masks_flow["annotated"]
+    before, after = few_masks_flow["data"]
+    assert before == after  # nothing written into the user's folders
+    for masks, split in (("masks", "train"), ("heldout_masks", "heldout")):
+        summary = json.loads((out / masks / "summary.json").read_text())
+        assert summary["images"] == 3 * PER_CLASS[split] and summary["annotated"] == 3 * ANNOTATED
+        assert 0 <= summary["held_out_iou"] <= 1 and (out / masks / "preview.png").is_file()
+        for path in (annotated / split).glob("*/*.png"):  # the annotated photos keep their own masks
+            copied = out / masks / path.relative_to(annotated / split)
+            assert np.array_equal(np.asarray(Image.open(copied)) > 0, np.asarray(Image.open(path)) > 0)
+    assert (out / "export" / "model.safetensors").is_file() and (out / "run" / "best.safetensors").is_file()
+    report = json.loads((out / "report" / "folder.json").read_text())
+    runs = {label: run["splits"]["heldout"] for label, run in report["runs"].items()}
+    assert list(runs) == ["before", "after"]
+    for split in runs.values():
+        assert split["n"] + split.get("unmasked", 0) == 3 * PER_CLASS["heldout"] and split["n"] > 0
+        assert {"background_only", "background_reliance"} <= set(split["probes"]) and "miou" in split["localisation"]
 
 
 def test_two_runs_give_the_same_export_and_report(flow):

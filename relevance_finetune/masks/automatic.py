@@ -38,7 +38,7 @@ from .preview import PREVIEW, write_preview
 from .tokencut import last_block_keys, tokencut_partition, upsample_mask
 
 __all__ = ["FULL_SHARE", "PREFIX", "SUMMARY", "WARN_SHARE", "MaskCounts", "TokenCutOptions", "patch_multiple_size",
-           "tokencut_folder", "write_tokencut_masks"]
+           "recorded_summary", "tokencut_folder", "write_tokencut_masks"]
 
 PREFIX = "tokencut:"  # --masks tokencut:MODEL
 SUMMARY = "summary.json"  # beside the masks: the model that made them and their counts
@@ -197,18 +197,29 @@ def _model_of(spec: str | None) -> str | None:
     return model
 
 
-def _read_summary(folder: Path, name: str) -> dict:
-    """The summary of the masks in ``folder``; refuses masks another model (or no recorded run) made."""
+def recorded_summary(folder: Path, making: str) -> dict:
+    """``folder/summary.json`` ({} for a new or empty folder); an error for a folder with files but
+    no summary, or an unreadable one (``making``: the masks the caller would make there)."""
     path = folder / SUMMARY
     if not path.is_file():
         if folder.is_dir() and any(folder.iterdir()):
-            raise ValueError(f"{folder} holds files but no {SUMMARY} naming the model that made them: delete "
-                             f"{folder} to make the masks of tokencut:{name} there")
+            raise ValueError(f"{folder} holds files but no {SUMMARY} naming what made them: delete {folder} (or "
+                             f"choose another folder) to make the masks of {making} there")
         return {}
     try:
-        summary = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except ValueError as error:
         raise ValueError(f"cannot read {path} ({error}): delete {folder} to make the masks again") from None
+
+
+def _read_summary(folder: Path, name: str) -> dict:
+    """The summary of the masks in ``folder``; refuses masks another model (or no recorded run) made."""
+    summary = recorded_summary(folder, f"tokencut:{name}")
+    if not summary:
+        return summary
+    if summary.get("method", "tokencut") != "tokencut":
+        raise ValueError(f"{folder} holds masks made by {summary['method']}, not TokenCut's: delete {folder} to make "
+                         f"the masks of tokencut:{name} there")
     if summary.get("model") != name:
         raise ValueError(f"{folder} holds the TokenCut masks of {summary.get('model')}, not of {name}: delete "
                          f"{folder} to make them again with {name}")

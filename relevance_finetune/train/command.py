@@ -22,6 +22,7 @@ from ..gae import UnsupportedModelError
 from ..groups import GROUP_FORMATS, csv_dataset
 from ..head import linear_classifier
 from ..masks.automatic import tokencut_folder
+from ..masks.propagate_folder import PREFIX as PROPAGATE, propagated_masks
 from ..models import add_model_arguments, create_model, merge_model_kwargs
 from .config import TrainConfig, field_kind, resolve_config
 from .distributed import Processes, init_distributed
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     started = init_distributed()
     main = Processes.current(config.device).is_main
     try:
-        resuming = config.resume and config.finetune and (Path(config.out) / LAST).is_file()
+        resuming = _resuming(config)
         torch.manual_seed(config.seed)  # a randomly initialised model repeats with --seed
         model = create_model(config.model, pretrained=config.pretrained and not resuming,
                              checkpoint=None if resuming else config.checkpoint,
@@ -128,13 +129,12 @@ def _build_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset, Dat
                      class_seed=config.class_seed, skip_bad=config.skip_bad)
         return (ImageNetSDataset(config.masks, config.data, "train", transform(train=True), **split),
                 ImageNetSDataset(config.masks, config.data, "val", transform(train=False), **split))
-    made = functools.partial(tokencut_folder, build=create_model, device=Processes.current(config.device).device,
-                             workers=config.workers, progress=config.progress, skip_bad=config.skip_bad)
+    made = functools.partial(_made, model, config=config)
     if config.data_format in GROUP_FORMATS:
         return _group_splits(config, made, transform)
-    masks = made(config.masks, config.data, Path(config.out) / "masks")  # tokencut:MODEL: made once into the run
+    masks = made(config.masks, config.data, Path(config.out) / "masks")  # tokencut:/propagate: made once into the run
     val_masks = made(config.val_masks, config.val_data, Path(config.out) / "val_masks")
-    if (masks, val_masks) != (config.masks, config.val_masks):  # the images TokenCut gave no mask stay out
+    if (masks, val_masks) != (config.masks, config.val_masks):  # the images given no mask stay out
         config = dataclasses.replace(config, masks=masks, val_masks=val_masks, skip_unmasked=True)
     train_set = _masked_dataset(config.data, config.masks, transform(train=True), config)
     classes = _run_classes(model, train_set, config)
@@ -239,6 +239,22 @@ def _index_by(dataset: MaskedDataset, classes: dict[str, int]) -> None:
                          f"classes: {trained}): take their folders (or rows) out of the validation data, or add "
                          "images of them to --data")
     dataset.relabel(classes)
+
+
+def _made(model: nn.Module, spec: str | None, images: str | None, folder: Path, config: TrainConfig) -> str | None:
+    """The masks folder ``spec`` names; ``tokencut:MODEL`` and ``propagate:MASKS`` are made into ``folder``
+    once (propagated on the tokens of ``model``, as it starts the run: a resumed run has none to give)."""
+    options = dict(device=Processes.current(config.device).device, workers=config.workers, progress=config.progress,
+                   skip_bad=config.skip_bad)
+    if str(spec).startswith(PROPAGATE):
+        source = None if _resuming(config) else model
+        return propagated_masks(spec, images, folder, source, config.model, **options)
+    return tokencut_folder(spec, images, folder, build=create_model, **options)
+
+
+def _resuming(config: TrainConfig) -> bool:
+    """Whether the run continues from its last checkpoint (whose weights replace the model's)."""
+    return config.resume and config.finetune and (Path(config.out) / LAST).is_file()
 
 
 def _base(dataset: Dataset | None) -> Dataset | None:

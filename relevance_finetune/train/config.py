@@ -65,12 +65,14 @@ class TrainConfig:
               "or the Waterbirds or CelebA folder (--data-format waterbirds, celeba: their training split)")
     masks: str | None = _option(None, "the masks folder (ImageNetS919 for --data-format imagenet-s, "
                                       "CUB_200_2011/segmentations for waterbirds), or "
-                                      "tokencut:MODEL to make them into OUT/masks")
+                                      "tokencut:MODEL to make them into OUT/masks, or propagate:MASKS to "
+                                      "propagate the few masks in MASKS to every image (the model's tokens)")
     data_format: Literal["auto", "folder", "csv", "imagenet-s", "waterbirds", "celeba"] = _option(
         "auto", "layout of --data (auto: csv for a .csv file, else folder)")
     val_data: str | None = _option(None, "validation data, as --data (folder and csv layouts; waterbirds and "
                                          "celeba: the validation split of this folder, default --data's)")
-    val_masks: str | None = _option(None, "the masks folder of --val-data, or tokencut:MODEL (into OUT/val_masks)")
+    val_masks: str | None = _option(None, "the masks folder of --val-data, or tokencut:MODEL or propagate:MASKS "
+                                          "(MASKS: a few of --val-data's; into OUT/val_masks)")
     val_fraction: float = _option(0.0, "hold out this fraction of --data for validation (seeded)")
     class_index: Literal["auto", "folder", "imagenet"] = _option(
         "auto", "class indices: sorted folders, ImageNet-1k indices of wnids, or auto")
