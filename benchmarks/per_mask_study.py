@@ -1,11 +1,12 @@
-"""The robustness-per-mask study (issue 27): gap closed per method, mask source and masks per class.
+"""The robustness-per-mask studies (issues 27, 31): gap closed per method, mask source and masks per class.
 
 Each argument is a demo's ``results.json`` (one family, or several under ``"families"``). Per run
 (family, mask source, masked images per class) and method: the share of the original-to-oracle gap
 closed on OOD and background-only accuracy, over the seeds whose oracle is ahead of their original
 on OOD by at least ``MIN_GAP`` points (the others are listed, not averaged in), the method's ID minus
 the oracle's (paired per seed, those seeds), and its wall time per seed (selection, finetune and
-refit; evaluation excluded). Prints a markdown table; ``--json`` and ``--figure`` write the rows and
+refit; evaluation excluded); with automatic masks their mean IoU with the exact ones (and the held-out
+IoU of propagated ones), under a step budget the optimiser steps. Prints a markdown table; ``--json`` and ``--figure`` write the rows and
 the curve of gap closed against masks per class::
 
     python benchmarks/per_mask_study.py runs/r1/results.json runs/r2/results.json \\
@@ -67,6 +68,9 @@ def study_rows(report: dict[str, Any], methods: tuple[str, ...]) -> list[dict[st
         rows.append({
             "family": config["family"], "masks": config.get("finetune_masks", "exact"),
             "per_class": config["finetune_per_class"], "method": method,
+            "annotated_per_class": config.get("annotated_per_class") if config.get("finetune_masks") == "propagate"
+            else None,
+            "finetune_steps": config.get("finetune_steps") or None, **_masks_iou(report.get("masks")),
             "ood_gap_closed": gaps["ood_acc"], "bg_only_gap_closed": gaps["background_only"],
             "ood_change": _mean(change("ood_acc")), "ood_change_std": _std(change("ood_acc")),
             "id_vs_oracle": _mean(id_vs_oracle), "id_vs_oracle_std": _std(id_vs_oracle),
@@ -76,23 +80,42 @@ def study_rows(report: dict[str, Any], methods: tuple[str, ...]) -> list[dict[st
     return rows
 
 
+def _masks_iou(quality: list[dict[str, Any]] | None) -> dict[str, float | None]:
+    """The automatic masks' mean IoU with the exact ones and, for propagated masks, the held-out IoU,
+    over every seed (percent); None without automatic masks."""
+    quality = quality or []
+    return {"masks_iou": _mean([q["iou"] for q in quality]),
+            "held_out_iou": _mean([q["held_out_iou"] for q in quality if "held_out_iou" in q])}
+
+
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}%"
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """The rows as a markdown table."""
-    lines = ["| family | masks | per class | method | OOD gap closed | bg-only gap closed | OOD change | "
-             "ID vs oracle | s per seed | seeds (without a ceiling) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """The rows as a markdown table; the masks' IoU (held-out IoU in brackets) and the step budget
+    are columns when some row has them."""
+    with_iou = any(row.get("masks_iou") is not None for row in rows)
+    with_steps = any(row.get("finetune_steps") for row in rows)
+    header = ("| family | masks | per class | method | OOD gap closed | bg-only gap closed | OOD change | "
+              "ID vs oracle | s per seed | seeds (without a ceiling) |" + (" masks IoU (held-out) |" if with_iou else "")
+              + (" steps |" if with_steps else ""))
+    lines = [header, "|---" * header.count(" |") + "|"]
     for row in rows:
         without = f" ({', '.join(map(str, row['seeds_without_ceiling']))})" if row["seeds_without_ceiling"] else ""
         id_cell = "n/a" if row["id_vs_oracle"] is None else f"{row['id_vs_oracle']:+.1f} ± {row['id_vs_oracle_std']:.1f}"
         ood_cell = "n/a" if row["ood_change"] is None else f"{row['ood_change']:+.1f} ± {row['ood_change_std']:.1f}"
         seconds = "" if row["seconds"] is None else f"{row['seconds']:.1f}"
-        lines.append(f"| {row['family']} | {row['masks']} | {row['per_class']} | {row['method']} | "
-                     f"{_percent(row['ood_gap_closed'])} | {_percent(row['bg_only_gap_closed'])} | {ood_cell} | "
-                     f"{id_cell} | {seconds} | {', '.join(map(str, row['seeds']))}{without} |")
+        masks = row["masks"] + (f" ({row['annotated_per_class']} annotated)" if row.get("annotated_per_class") else "")
+        line = (f"| {row['family']} | {masks} | {row['per_class']} | {row['method']} | "
+                f"{_percent(row['ood_gap_closed'])} | {_percent(row['bg_only_gap_closed'])} | {ood_cell} | "
+                f"{id_cell} | {seconds} | {', '.join(map(str, row['seeds']))}{without} |")
+        if with_iou:
+            iou, held = row.get("masks_iou"), row.get("held_out_iou")
+            line += " " + ("exact" if iou is None else f"{iou:.1f}" + ("" if held is None else f" ({held:.1f})")) + " |"
+        if with_steps:
+            line += f" {row.get('finetune_steps') or 'epochs'} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 

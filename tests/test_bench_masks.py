@@ -1,4 +1,4 @@
-"""The built-in benchmark's automatic (TokenCut) finetuning masks and their quality."""
+"""The built-in benchmark's automatic (TokenCut) and propagated finetuning masks, their quality, the step budget."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from relevance_finetune.bench import automatic_masks
-from relevance_finetune.bench.automatic_masks import mask_quality, mask_source_model, warn_degenerate
+from relevance_finetune.bench.automatic_masks import mask_quality, mask_source_model, patch_level, warn_degenerate
 from relevance_finetune.bench.config import BenchConfig
 from relevance_finetune.bench.originals import train_first_phase, train_original
-from relevance_finetune.bench.runner import make_data
+from relevance_finetune.bench.propagated_masks import annotated_images
+from relevance_finetune.bench.runner import epoch_batches, make_data
 
 # a 3 x 3 grid, trained in a few seconds
 TINY = dict(image_size=24, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=4, pretrain_images=32,
@@ -35,9 +36,11 @@ def test_tokencut_masks_replace_the_finetuning_and_validation_masks(tmp_path):
     assert torch.equal(data["tests"]["ood"].tensors[1], exact["tests"]["ood"].tensors[1])  # tests keep exact masks
     quality = data["masks"]
     assert quality["images"] == 12 + 8 and quality["source"] == config.mask_source and 0 <= quality["iou"] <= 100
-    assert quality == mask_quality(torch.cat([data["train"].tensors[1], data["val"].tensors[1]]),
-                                   torch.cat([exact["train"].tensors[1], exact["val"].tensors[1]])) | {
-        "unrefined": quality["unrefined"], "source": config.mask_source}
+    truth = torch.cat([exact["train"].tensors[1], exact["val"].tensors[1]])
+    assert quality == mask_quality(torch.cat([data["train"].tensors[1], data["val"].tensors[1]]), truth) | {
+        "unrefined": quality["unrefined"], "source": config.mask_source, "patch_iou": quality["patch_iou"],
+        "chance_iou": quality["chance_iou"]}
+    assert quality["chance_iou"] == mask_quality(truth.roll(1, 0), truth)["iou"]
     cached = sorted(tmp_path.glob("masks-*.safetensors"))
     assert len(cached) == 1 and "masks" not in exact
     again = make_data(config, 0, tmp_path)  # read back from the cache
@@ -109,3 +112,67 @@ def test_demo_quick_with_tokencut_masks(tmp_path):
     (quality,) = results["masks"]
     assert quality["source"] == "original" and 0 <= quality["iou"] <= 100
     assert f"mean IoU {quality['iou']:.1f} with the exact masks" in (out / "results.md").read_text()
+
+
+def test_propagated_masks_keep_the_annotated_ones_and_replace_the_rest(tmp_path):
+    config = BenchConfig(**{**TINY, "finetune_masks": "propagate", "finetune_per_class": 5, "annotated_per_class": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a one-block random-ish model: its held-out IoU may be low
+        data = make_data(config, 0, tmp_path)
+    exact = make_data(dataclasses.replace(config, finetune_masks="exact"), 0)
+    labels = data["train"].tensors[2]
+    annotated = annotated_images(labels, 2)
+    assert annotated.sum() == 8 and all(annotated[labels == c].sum() == 2 for c in range(4))
+    assert torch.nonzero(annotated[labels == 0]).squeeze(1).tolist() == [0, 1]  # the first of each class
+    train_masks, exact_masks = data["train"].tensors[1], exact["train"].tensors[1]
+    assert torch.equal(train_masks[annotated], exact_masks[annotated])
+    for split in ("train", "val"):
+        assert torch.equal(data[split].tensors[0], exact[split].tensors[0])
+        assert set(data[split].tensors[1].unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(data["tests"]["ood"].tensors[1], exact["tests"]["ood"].tensors[1])
+    quality = data["masks"]
+    propagated = torch.cat([train_masks[~annotated], data["val"].tensors[1]])
+    truth = torch.cat([exact_masks[~annotated], exact["val"].tensors[1]])
+    assert quality["images"] == 12 + 8 and quality["annotated"] == 8 and quality["source"] == "original"
+    assert quality["iou"] == mask_quality(propagated, truth)["iou"] and 0 <= quality["held_out_iou"] <= 100
+    assert quality["patch_iou"] == mask_quality(patch_level(truth, 8), truth)["iou"]
+    assert quality["chance_iou"] == mask_quality(truth.roll(1, 0), truth)["iou"]
+
+
+def test_step_budget_keeps_the_steps_whatever_the_images():
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    plain = BenchConfig(finetune_per_class=8, finetune_classes="all")
+    budget = dataclasses.replace(plain, finetune_steps=300)
+    assert budget.steps_per_epoch == 10 and plain.steps_per_epoch is None
+    same = [torch.cat(b) for b in epoch_batches(80, budget, generator())]
+    assert all(torch.equal(a, torch.cat(b)) for a, b in zip(same, epoch_batches(80, plain, generator())))
+    more = list(epoch_batches(320, dataclasses.replace(budget, finetune_per_class=32), generator()))
+    assert len(more) == 30 and all(len(epoch) == 10 and all(len(b) == 8 for b in epoch) for epoch in more)
+    seen = torch.cat([torch.cat(epoch) for epoch in more[:4]])  # the first 40 steps: one pass over the 320
+    assert torch.equal(seen.sort().values, torch.arange(320))
+    assert sum(len(epoch) for epoch in epoch_batches(320, plain, generator())) == 30 * 40
+    with pytest.raises(ValueError, match="finetune_steps must be 0 or a multiple of finetune_epochs \\(30"):
+        BenchConfig(finetune_steps=301)
+    with pytest.raises(ValueError, match="annotated_per_class must lie in 1..finetune_per_class \\(4\\), got 8"):
+        BenchConfig(finetune_masks="propagate", finetune_per_class=4)
+
+
+def test_demo_quick_with_propagated_masks_and_a_step_budget(tmp_path):
+    from relevance_finetune.cli import main
+
+    out = tmp_path / "demo"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["demo", "--quick", "--family", "hue", "--methods", "ours", "--finetune-masks", "propagate",
+                     "--set", "annotated_per_class=2", "finetune_steps=4", "oracle=false", "image_size=24",
+                     "embed_dim=16", "depth=1", "pretrain_images=64", "biased_images=64", "test_images=20",
+                     "perturbation_images=10", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    config = results["config"]
+    assert config["finetune_masks"] == "propagate" and config["annotated_per_class"] == 2
+    assert config["finetune_steps"] == 4 and config["finetune_epochs"] == 2
+    (quality,) = results["masks"]
+    assert quality["annotated"] == 20 and quality["images"] == 20 + 40 and "held_out_iou" in quality
+    text = (out / "results.md").read_text()
+    assert f"mean IoU {quality['iou']:.1f} with the exact masks (references: patch-level exact masks " \
+           f"{quality['patch_iou']:.1f}" in text and f"held-out IoU on the annotated masks {quality['held_out_iou']:.1f}" in text

@@ -127,3 +127,25 @@ def test_per_mask_study_averages_only_seeds_with_a_ceiling(tmp_path):
     assert "| hue | tokencut | 8 | head | 50% | 50% | +20.0 ± 0.0 | +4.0 ± 0.0 | 3.0 | 0 (1) |" in table
     study.curve_figure([row], tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_per_mask_study_carries_the_propagated_masks_iou_and_the_step_budget(tmp_path):
+    study = _load("per_mask_study")
+    report = {"config": {"family": "mark", "finetune_masks": "propagate", "finetune_per_class": 32,
+                         "annotated_per_class": 8, "finetune_steps": 300},
+              "seeds": [0, 1], "per_seed": [_study_seed(40.0, 80.0, 60.0, 2.0), _study_seed(40.0, 80.0, 50.0, 2.0)],
+              "masks": [{"iou": 50.0, "held_out_iou": 60.0}, {"iou": 54.0, "held_out_iou": 62.0}]}
+    exact = {**report, "config": {"family": "mark", "finetune_masks": "exact", "finetune_per_class": 32}}
+    del exact["masks"]
+    for name, content in (("p.json", report), ("e.json", exact)):
+        (tmp_path / name).write_text(json.dumps(content))
+    propagated, plain = [row for r in study.reports([tmp_path / "p.json", tmp_path / "e.json"])
+                         for row in study.study_rows(r, ("head",))]
+    assert propagated["masks_iou"] == 52.0 and propagated["held_out_iou"] == 61.0
+    assert propagated["annotated_per_class"] == 8 and propagated["finetune_steps"] == 300
+    assert plain["masks_iou"] is None and plain["annotated_per_class"] is None and plain["finetune_steps"] is None
+    table = study.markdown([propagated, plain])
+    assert "| mark | propagate (8 annotated) | 32 | head | 38% | 50% | +15.0 ± 7.1 | +4.0 ± 0.0 | 2.0 | 0, 1 | " \
+           "52.0 (61.0) | 300 |" in table
+    assert "| mark | exact | 32 | head | 38% | 50% | +15.0 ± 7.1 | +4.0 ± 0.0 | 2.0 | 0, 1 | exact | epochs |" in table
+    assert table.splitlines()[1] == "|---" * 12 + "|"

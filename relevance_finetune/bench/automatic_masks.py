@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -30,7 +31,7 @@ from ..masks.tokencut import last_block_keys, tokencut_partition, upsample_mask
 from .config import BenchConfig
 from .originals import normalize, train_first_phase, train_original
 
-__all__ = ["automatic_masks", "mask_quality", "mask_source_model", "tokencut_splits",
+__all__ = ["automatic_masks", "mask_quality", "mask_source_model", "patch_level", "reference_iou", "tokencut_splits",
            "warn_degenerate"]
 
 # FULL_SHARE and WARN_SHARE: what counts as a whole mask and when to warn, as for train --masks tokencut:MODEL
@@ -82,6 +83,20 @@ def mask_quality(masks: torch.Tensor, exact: torch.Tensor) -> dict[str, Any]:
             "full": int((area >= FULL_SHARE).sum()), "images": len(masks)}
 
 
+def patch_level(masks: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``masks`` (N, H, W) with every patch the object touches set: the best a mask on the patch grid can be."""
+    coarse = F.max_pool2d(masks[:, None], patch_size)
+    return F.interpolate(coarse, scale_factor=patch_size, mode="nearest")[:, 0]
+
+
+def reference_iou(exact: torch.Tensor, patch_size: int) -> dict[str, float]:
+    """The references an automatic mask's IoU with the ``exact`` masks (N, H, W) is read against:
+    ``patch_iou``, the patch-level exact masks' (``patch_level``), and ``chance_iou``, each image
+    given the previous image's exact mask."""
+    return {"patch_iou": mask_quality(patch_level(exact, patch_size), exact)["iou"],
+            "chance_iou": mask_quality(exact.roll(1, 0), exact)["iou"]}
+
+
 def warn_degenerate(quality: dict[str, Any], what: str = "automatic masks") -> None:
     """Warn when more than ``WARN_SHARE`` of the masks of ``quality`` (``mask_quality``) are empty or whole."""
     bad = quality["empty"] + quality["full"]
@@ -115,12 +130,13 @@ def _masks_of(model: nn.Module, images: torch.Tensor, config: BenchConfig, seed:
 def tokencut_splits(splits: tuple[TensorDataset, ...], config: BenchConfig, seed: int,
                     cache_dir: Path | None = None) -> tuple[tuple[TensorDataset, ...], dict[str, Any]]:
     """``splits`` with TokenCut masks from the model of ``config.mask_source``, and the masks'
-    quality over all of them (``mask_quality`` plus ``"unrefined"``: the refinements discarded);
+    quality over all of them (``mask_quality``, ``reference_iou`` and ``"unrefined"``: the
+    refinements discarded);
     warns when many are empty or whole. The masks are cached in ``cache_dir`` when given."""
     model = mask_source_model(config, seed, cache_dir)
-    images = torch.cat([split.tensors[0] for split in splits])
+    images, exact = (torch.cat([split.tensors[i] for split in splits]) for i in (0, 1))
     masks, discarded = _masks_of(model, images, config, seed, cache_dir)
-    quality = {**mask_quality(masks, torch.cat([split.tensors[1] for split in splits])), "unrefined": discarded,
+    quality = {**mask_quality(masks, exact), **reference_iou(exact, config.patch_size), "unrefined": discarded,
                "source": config.mask_source}
     warn_degenerate(quality)
     pieces = masks.split([len(split) for split in splits])

@@ -23,10 +23,12 @@ FINETUNE_CLASSES = ("half", "all")
 # The masks the finetune and its validation see: the generator's exact ones, every patch the object
 # touches (a patch-level mask, as TokenCut gives), which carries background pixels along the outline,
 # noisy ones (patch-level, grown or shrunk by 2 patches, a fifth of them another image's: see noisy_masks),
-# or TokenCut's, made without annotation from a model's keys (automatic_masks.py).
-FINETUNE_MASKS = ("exact", "patch", "noisy", "tokencut")
-# The ViT whose last-block keys TokenCut cuts: the original itself, or its first phase (trained on images
-# whose background is independent of the class, before the shortcut; the stand-in for DINO).
+# TokenCut's, made without annotation from a model's keys (automatic_masks.py), or propagated from a few
+# annotated ones by a patch classifier on a model's tokens (propagated_masks.py).
+FINETUNE_MASKS = ("exact", "patch", "noisy", "tokencut", "propagate")
+# The ViT whose last-block keys TokenCut cuts, or whose patch tokens propagation reads: the original itself,
+# or its first phase (trained on images whose background is independent of the class, before the shortcut;
+# the stand-in for DINO).
 MASK_SOURCES = ("original", "first_phase")
 # "all" with the same 80 masked finetuning and 200 validation images as "half", spread over every class
 ALL_CLASSES: dict[str, Any] = dict(finetune_classes="all", finetune_per_class=8, val_per_class=20)
@@ -64,7 +66,9 @@ class BenchConfig:
     select_every: int = 5  # the reliance rule scores a checkpoint every this many epochs
     finetune_distribution: str = "biased"
     finetune_masks: str = "exact"  # one of FINETUNE_MASKS
-    mask_source: str = "original"  # finetune_masks="tokencut": the model TokenCut reads, one of MASK_SOURCES
+    mask_source: str = "original"  # "tokencut" and "propagate": the model whose keys or tokens are read, one of MASK_SOURCES
+    annotated_per_class: int = 8  # "propagate": the first this many finetuning images of each class keep exact masks
+    finetune_steps: int = 0  # 0: an epoch is a pass over the finetuning images; N: N optimiser steps in all
     baseline_lambda: float = 1.0  # input-gradient penalty, relative to its initial CE ratio
     # evaluation
     test_images: int = 500
@@ -82,6 +86,13 @@ class BenchConfig:
         if min(self.finetune_per_class, self.val_per_class) < 1:
             raise ValueError(f"finetune_per_class and val_per_class must be at least 1, got "
                              f"{self.finetune_per_class} and {self.val_per_class}")
+        if self.finetune_masks == "propagate" and not 1 <= self.annotated_per_class <= self.finetune_per_class:
+            raise ValueError(f"annotated_per_class must lie in 1..finetune_per_class ({self.finetune_per_class}), got "
+                             f"{self.annotated_per_class}")
+        if self.finetune_steps < 0 or (self.finetune_steps and (self.finetune_epochs < 1
+                                                                or self.finetune_steps % self.finetune_epochs)):
+            raise ValueError(f"finetune_steps must be 0 or a multiple of finetune_epochs ({self.finetune_epochs}: as "
+                             f"many steps in each), got {self.finetune_steps}")
         if self.finetune_classes not in FINETUNE_CLASSES:
             raise ValueError(f"finetune_classes must be one of {FINETUNE_CLASSES}, got {self.finetune_classes!r}")
         unknown = sorted(set(self.methods) - set(METHODS))
@@ -94,6 +105,11 @@ class BenchConfig:
         defaults = {f.name: f.default for f in fields(self)}
         settings = {k: v for k, v in FAMILY_SETTINGS.get(family, {}).items() if getattr(self, k) == defaults[k]}
         return replace(self, family=family, **settings)
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """Optimiser steps in each epoch under a step budget (``finetune_steps``); None without one."""
+        return self.finetune_steps // self.finetune_epochs if self.finetune_steps else None
 
     @property
     def set_a(self) -> tuple[int, ...]:

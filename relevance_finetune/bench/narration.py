@@ -63,6 +63,14 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
+def _schedule(config: BenchConfig) -> str:
+    """``30 epochs``, or under a step budget ``30 epochs of 10 steps (300 optimiser steps)``."""
+    if config.steps_per_epoch is None:
+        return _count(config.finetune_epochs, "epoch")
+    return (f"{_count(config.finetune_epochs, 'epoch')} of {_count(config.steps_per_epoch, 'step')} "
+            f"({config.finetune_steps} optimiser steps)")
+
+
 def seed_phrase(seeds: Sequence[int]) -> str:
     """``seed 0`` or ``3 seeds (0, 1, 2)``."""
     return f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds ({', '.join(map(str, seeds))})"
@@ -99,7 +107,7 @@ def plan(config: BenchConfig, families: Sequence[str], seeds: Sequence[int], sca
         "independent of the class: the ceiling a finetune can hope for." if config.oracle else
         "  No oracle (oracle=false): there is no ceiling to measure the methods against.",
         f"  Each method finetunes a copy of the original on {config.finetune_per_class * len(config.set_a)} "
-        f"masked images ({_count(config.finetune_epochs, 'epoch')} at each of "
+        f"masked images ({_schedule(config)} at each of "
         f"{_count(len(config.lr_grid), 'learning rate')}) and "
         f"keeps the model its rule picks on {config.val_per_class * len(config.val_classes)} masked validation "
         f"images; every model is then tested on {config.test_images} ID, OOD and adversarial images each.",
@@ -139,9 +147,9 @@ class StageReporter:
             how = "no finetune"
         elif method.tune_lr or "ours" not in config.methods:
             how = (f"finetuning, {_count(len(config.lr_grid), 'learning rate')} x "
-                   f"{_count(config.finetune_epochs, 'epoch')}, kept by the {method.selection} rule")
+                   f"{_schedule(config)}, kept by the {method.selection} rule")
         else:
-            how = f"finetuning at ours's learning rate, {_count(config.finetune_epochs, 'epoch')}"
+            how = f"finetuning at ours's learning rate, {_schedule(config)}"
         return f"{message}: {how}" + (", then the head refit" if method.head_refit else "")
 
     def __call__(self, message: str) -> None:

@@ -24,15 +24,16 @@ from ..head import HeadRefit, refit_head
 from ..losses import InputGradientRegularizer, RelevanceRegularizer
 from ..metrics import SegmentationMeter, area_under_curve, perturbation_curve
 from ..probes import reliance_probes, replace_region
-from .automatic_masks import tokencut_splits
+from .automatic_masks import patch_level, tokencut_splits
 from .config import ALL_CLASSES, FAMILY_SETTINGS, FINETUNE_CLASSES, FINETUNE_MASKS, BenchConfig, config_dict
 from .methods import DEFAULT_METHODS, EXTENSIONS, METHODS, SELECTIONS, Method
 from .originals import accuracy, create_original, normalize, predict, train_oracle, train_original
+from .propagated_masks import propagated_splits
 from .synthetic import make_split
 
 __all__ = ["ALL_CLASSES", "DEFAULT_METHODS", "EXTENSIONS", "FAMILY_SETTINGS", "FINETUNE_CLASSES", "FINETUNE_MASKS",
            "METHODS", "SELECTIONS", "BenchConfig", "Method", "choose_lr", "config_dict", "counterfactual_images",
-           "create_original", "evaluate_model", "finetune", "head_refit", "jensen_shannon", "make_data",
+           "create_original", "epoch_batches", "evaluate_model", "finetune", "head_refit", "jensen_shannon", "make_data",
            "noisy_masks", "normalize", "patch_masks", "run_seed", "train_oracle", "train_original", "validation_score"]
 
 
@@ -81,7 +82,8 @@ def _baseline_scale(method: Method, model: nn.Module, data, config: BenchConfig)
 def _finetune_epochs(original: nn.Module, method: Method, data, lr: float, config: BenchConfig,
                      seed: int) -> Iterator[tuple[int, nn.Module]]:
     """Finetune a copy of ``original`` by ``method`` with AdamW and the paper's decay, yielding
-    ``(epochs done, model)`` after every epoch (the same model object, trained on)."""
+    ``(epochs done, model)`` after every epoch (the same model object, trained on); the epochs'
+    batches as ``epoch_batches`` draws them."""
     model = copy.deepcopy(original)
     images, masks, labels, _ = data.tensors
     swap = BackgroundSwap(method.background_swap, seed=seed) if method.background_swap else None
@@ -94,10 +96,8 @@ def _finetune_epochs(original: nn.Module, method: Method, data, lr: float, confi
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.85 ** (epoch // 2))
         generator = torch.Generator().manual_seed(seed)
         model.eval()  # dropout and drop-path are 0; eval keeps the model deterministic
-        for epoch in range(config.finetune_epochs):
-            order = torch.randperm(len(labels), generator=generator)
-            for start in range(0, len(labels), config.finetune_batch):
-                index = order[start:start + config.finetune_batch]
+        for epoch, batches in enumerate(epoch_batches(len(labels), config, generator)):
+            for index in batches:
                 batch_images, batch_masks, batch_labels = images[index], masks[index], labels[index]
                 if swap is not None:
                     swapped, _ = swap(batch_images, batch_masks)
@@ -112,6 +112,26 @@ def _finetune_epochs(original: nn.Module, method: Method, data, lr: float, confi
                 optimizer.step()
             schedule.step()
             yield epoch + 1, model
+
+
+def epoch_batches(count: int, config: BenchConfig, generator: torch.Generator) -> Iterator[list[torch.Tensor]]:
+    """Each epoch's batches of image indices: one pass over the ``count`` images in a fresh order
+    (the last batch may be short); under a step budget (``config.finetune_steps``), each epoch's
+    ``config.steps_per_epoch`` full batches, cut from one fresh order after another."""
+    batch = config.finetune_batch
+    if config.steps_per_epoch is None:
+        for _ in range(config.finetune_epochs):
+            yield list(torch.randperm(count, generator=generator).split(batch))
+        return
+    stream = torch.zeros(0, dtype=torch.long)
+    for _ in range(config.finetune_epochs):
+        batches = []
+        for _ in range(config.steps_per_epoch):
+            while len(stream) < batch:
+                stream = torch.cat([stream, torch.randperm(count, generator=generator)])
+            batches.append(stream[:batch])
+            stream = stream[batch:]
+        yield batches
 
 
 def finetune(original: nn.Module, method: Method, data, lr: float, config: BenchConfig, seed: int) -> nn.Module:
@@ -249,8 +269,7 @@ def evaluate_model(model: nn.Module, tests: dict, config: BenchConfig) -> dict[s
 def patch_masks(data: TensorDataset, patch_size: int) -> TensorDataset:
     """``data`` with each mask grown to every patch it touches."""
     images, masks, *rest = data.tensors
-    coarse = F.max_pool2d(masks[:, None], patch_size)
-    return TensorDataset(images, F.interpolate(coarse, scale_factor=patch_size, mode="nearest")[:, 0], *rest)
+    return TensorDataset(images, patch_level(masks, patch_size), *rest)
 
 
 def noisy_masks(data: TensorDataset, patch_size: int, seed: int, grow: int = 2,
@@ -274,9 +293,10 @@ def noisy_masks(data: TensorDataset, patch_size: int, seed: int, grow: int = 2,
 
 def make_data(config: BenchConfig, seed: int, cache_dir: Path | None = None) -> dict[str, Any]:
     """Finetuning, validation and test sets of ``seed`` (finetuning and validation masks as
-    ``config.finetune_masks``; test masks exact). With ``"tokencut"`` also ``"masks"``, the automatic
-    masks' quality (``automatic_masks.tokencut_splits``), whose source model and masks are read from
-    (or trained and written to) ``cache_dir``."""
+    ``config.finetune_masks``; test masks exact). With ``"tokencut"`` or ``"propagate"`` also
+    ``"masks"``, the automatic masks' quality (``automatic_masks.tokencut_splits``,
+    ``propagated_masks.propagated_splits``), whose source model (and TokenCut's masks) are read
+    from (or trained and written to) ``cache_dir``."""
     spurious = config.spurious()
     base = 1000 * seed
     train_distribution = config.finetune_distribution
@@ -291,6 +311,8 @@ def make_data(config: BenchConfig, seed: int, cache_dir: Path | None = None) -> 
     quality = {}
     if config.finetune_masks == "tokencut":
         (train, val), quality["masks"] = tokencut_splits((train, val), config, seed, cache_dir)
+    if config.finetune_masks == "propagate":
+        (train, val), quality["masks"] = propagated_splits((train, val), config, seed, cache_dir)
     return {
         **quality,
         "train": train,
