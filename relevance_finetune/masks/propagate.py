@@ -125,7 +125,7 @@ def propagate_masks(
         hidden: int = 128,
         steps: int = 100,
         lr: float = 1e-2,
-        weight_decay: float = 1e-4,
+        weight_decay: float = 1e-2,
         folds: int = 3,
         refine: bool = False,
         warn_below: float = LOW_IOU,
