@@ -112,6 +112,17 @@ def test_one_candidate_c_is_recorded_and_summarised(tmp_path, data, hub, caplog,
     assert "head refit: C=0.1, the one candidate (nothing to choose); 45 images" in caplog.text
 
 
+def test_a_model_without_a_head_gets_one_sized_from_the_data_and_says_so(tmp_path, data, caplog):
+    caplog.set_level(logging.INFO)
+    hub = tiny_hub(tmp_path / "hub", num_classes=0)  # a feature extractor: no head at all
+    assert cli.main(train_args(data, tmp_path / "run", "--model", hub, "--recipe", "head")) == 0
+    said = [r.getMessage() for r in caplog.records if "training a new 3-class head" in r.getMessage()]
+    assert said == ["train: the data have 3 classes and the model 0 outputs: training a new 3-class head (seeded by "
+                    "--seed); --num-classes N keeps another size"]
+    best = load_file(tmp_path / "run" / "best.safetensors")
+    assert best["head.weight"].shape == (3, 32) and records(tmp_path / "run")[0]["stage"] == "head_refit"
+
+
 def test_the_same_command_and_seed_give_the_same_refit(tmp_path, data, hub):
     for run in ("a", "b"):
         torch.manual_seed(len(run))  # whatever the process drew before
