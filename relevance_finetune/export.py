@@ -46,11 +46,20 @@ _WEIGHTS_CLAIMS = ("tag", "license", "license_name", "license_link", "descriptio
 _RECIPE_KEYS = ("preset", "recipe", "method", "classification", "temperature", "second_order", "lr", "weight_decay",
                 "lr_decay", "lr_decay_epochs", "epochs", "batch_size", "grad_accum", "amp", "normalization",
                 "img_size", "model_kwargs", "seed")
+# ... of a head refit without a finetune (no optimiser, no loss weights), and the refit's own
+_REFIT_ONLY_KEYS = ("recipe", "normalization", "img_size", "model_kwargs", "seed")
+_REFIT_KEYS = ("head_labels", "head_views", "head_fits")
 _CITATION = """@inproceedings{chefer2022optimizing,
   title={Optimizing Relevance Maps of Vision Transformers Improves Robustness},
   author={Chefer, Hila and Schwartz, Idan and Wolf, Lior},
   booktitle={Advances in Neural Information Processing Systems},
   year={2022}
+}"""
+_DFR_CITATION = """@inproceedings{kirichenko2023last,
+  title={Last Layer Re-Training is Sufficient for Robustness to Spurious Correlations},
+  author={Kirichenko, Polina and Izmailov, Pavel and Wilson, Andrew Gordon},
+  booktitle={International Conference on Learning Representations},
+  year={2023}
 }"""
 
 
@@ -140,16 +149,22 @@ def _masks_source(config: Mapping[str, Any]) -> str:
     return source + (" (soft: resized bilinearly, not re-binarised)" if config.get("soft_masks") else "")
 
 
-def _run_metrics(metrics: Mapping[str, Any] | None) -> tuple[str, Any]:
-    """The card's entry for the run's metrics: validation ones where the run had validation."""
+def _run_metrics(metrics: Mapping[str, Any] | None, refit: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The card's entries for the run's metrics: validation ones where the run had validation;
+    after a head refit, the refit model's (a finetune's, before the refit, under their own title)."""
+    entries: dict[str, Any] = {}
+    if refit and refit.get("val_accuracy") is not None:
+        entries["Validation metrics (after the head refit)"] = {"accuracy": _format(refit["val_accuracy"])}
     if not metrics:
-        return "Run metrics", "not recorded"
+        return entries or {"Run metrics": "not recorded" if not refit else
+                           "none measured after the head refit (its C's scores are in the run's metrics.jsonl)"}
     epoch = f" (epoch {metrics['epoch']})" if "epoch" in metrics else ""
+    before = " of the finetune, before the head refit" if refit else ""
     for prefix, title in (("val_", "Validation metrics"), ("train_", "Training metrics, no validation set")):
         chosen = {k[len(prefix):]: _format(v) for k, v in metrics.items() if k.startswith(prefix)}
         if chosen:
-            return title + epoch, chosen
-    return "Run metrics" + epoch, {k: _format(v) for k, v in metrics.items() if k != "epoch"}
+            return {**entries, title + before + epoch: chosen}
+    return {**entries, "Run metrics" + before + epoch: {k: _format(v) for k, v in metrics.items() if k != "epoch"}}
 
 
 def model_card(
@@ -159,6 +174,7 @@ def model_card(
         probes: Mapping[str, float] | None = None,
         model_id: str | None = None,
         license: str | None = None,
+        head_refit: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The model card of an export, as the ``model_card`` dict of timm's ``push_to_hf_hub``.
 
@@ -177,6 +193,12 @@ def model_card(
         What the usage example passes to ``timm.create_model`` (``hf-hub:ORG/NAME``, ``local-dir:DIR``).
     license:
         The base model's licence (default ``unknown``: a finetune keeps its base model's terms).
+    head_refit:
+        The head refit's record (``info["head_refit"]`` of a run's checkpoint): its ``C`` and, with
+        validation images, ``val_accuracy`` after the refit, which the card gives as the validation
+        metrics (``metrics`` then are the finetune's, before the refit). A config with
+        ``finetune: false`` (``--recipe head``) makes a card of the refit alone: no RobustViT
+        objective, optimiser settings or loss weights.
 
     Returns
     -------
@@ -185,8 +207,9 @@ def model_card(
         ``timm.models._hub.generate_readme(card, name)`` renders it as ``README.md``.
     """
     config = metadata.get("finetune_config") or {}
-    recipe = {k: config[k] for k in _RECIPE_KEYS if config.get(k) not in (None, {})}
-    metrics_title, metrics_value = _run_metrics(metrics)
+    finetuned = config.get("finetune", True)
+    keys = (_RECIPE_KEYS if finetuned else _REFIT_ONLY_KEYS) + (_REFIT_KEYS if config.get("head_refit") else ())
+    recipe = {k: config[k] for k in keys if config.get(k) not in (None, {})}
     sections = [f"### {title}\n\n" + "\n".join(  # their headings go two levels down, under the title
         "##" + line if line.startswith("#") else line for line in text.strip().splitlines())
         for title, text in (evaluations or {}).items()]
@@ -194,35 +217,60 @@ def model_card(
         sections.append("### Reliance probes\n\nAccuracy (%) on full, object-only and background-only "
                         "images (`relevance_finetune.probes`).\n\n" + _table(probes))
     base = metadata.get("base_model") or "not recorded"
+    refit = config.get("head_refit")
+    version = metadata.get("library_version", "")
+    description = (f"`{base}` finetuned with relevance-finetune {version}: the RobustViT objective (Chefer et al., "
+                   "NeurIPS 2022) trains the model's GAE relevance map to lie on the object rather than the "
+                   "background." + (f" Its linear head was then refit on {_refit_data(config)} (Deep Feature "
+                                    "Reweighting, Kirichenko et al., ICLR 2023)." if refit else "")
+                   if finetuned else
+                   f"`{base}` with its linear head refit by relevance-finetune {version} on {_refit_data(config)} "
+                   "(Deep Feature Reweighting, Kirichenko et al., ICLR 2023): the backbone is unchanged, no "
+                   "relevance objective was trained.")
     return {
-        "description": f"`{base}` finetuned with relevance-finetune {metadata.get('library_version', '')}: "
-                       "the RobustViT objective (Chefer et al., NeurIPS 2022) trains the model's GAE "
-                       "relevance map to lie on the object rather than the background.",
+        "description": description,
         "details": {
             "Base model": base,
             "Recipe": recipe or "not recorded",
-            "Loss weights": metadata.get("lambdas") or "not recorded",
+            "Loss weights": (metadata.get("lambdas") or "not recorded") if finetuned else "none (no finetune)",
             "Foreground masks": _masks_source(config),
-            "Head refit": _head_refit(config),
-            metrics_title: metrics_value,
+            "Head refit": _head_refit(config, head_refit),
+            **_run_metrics(metrics, head_refit if refit else None),
         },
         "usage": f"```python\nimport timm\n\nmodel = timm.create_model({model_id or 'local-dir:DIR'!r}, "
                  "pretrained=True).eval()\n```",
         "comparison": "\n\n".join(sections) if sections else
                       "No evaluation tables or reliance probes were given to the export.",
-        "citation": _CITATION,
-        "tags": ["image-classification", "timm", "relevance-finetune", "robustvit"],
+        "citation": [_CITATION] * finetuned + [_DFR_CITATION] * bool(refit),
+        "tags": ["image-classification", "timm", "relevance-finetune"] + ["robustvit"] * finetuned
+                + ["deep-feature-reweighting"] * bool(refit),
         "license": license or "unknown",
     }
 
 
-def _head_refit(config: Mapping[str, Any]) -> str:
+def _head_refit(config: Mapping[str, Any], record: Mapping[str, Any] | None) -> str:
     """What a run did to the classifier besides the finetune (``--head-refit``, the head recipes)."""
     if not config.get("head_refit"):
         return "none"
     when = "after the finetune" if config.get("finetune", True) else "without a finetune (the backbone unchanged)"
-    return (f"the linear head refit on counterfactual views of the masked images {when} "
-            "(Deep Feature Reweighting's procedure, `relevance_finetune.head.refit_head`)")
+    chosen = ""
+    if record and record.get("C") is not None:
+        where = {"validation": ", chosen on the validation images' views",
+                 "held_out": ", chosen on held-out training images' views",
+                 "held_out_validation": ", chosen on held-out halves of the validation groups",
+                 "validation_groups": ", chosen by the worst-group accuracy on the validation images"
+                 }.get(record.get("selected_on"), "")
+        chosen = f"; L1 strength C={_format(float(record['C']))}{where}"
+    function = "refit_head_groups" if config.get("head_labels") == "groups" else "refit_head"
+    return (f"the linear head refit on {_refit_data(config)} {when} (Deep Feature Reweighting's procedure, "
+            f"`relevance_finetune.head.{function}`){chosen}")
+
+
+def _refit_data(config: Mapping[str, Any]) -> str:
+    """What the head refit of a run's ``config`` fitted on."""
+    if config.get("head_labels") == "groups":
+        return "the validation images with their group labels"
+    return "counterfactual views of the masked images"
 
 
 def _push(
@@ -254,6 +302,7 @@ def save_finetuned(
         metrics: Mapping[str, Any] | None = None,
         evaluations: Mapping[str, str] | None = None,
         probes: Mapping[str, float] | None = None,
+        head_refit: Mapping[str, Any] | None = None,
         push_to_hub: str | None = None,
         private: bool = False,
 ) -> Path:
@@ -282,8 +331,9 @@ def save_finetuned(
 
     The class names in ``model.pretrained_cfg["label_names"]`` (set by the ``train`` command for
     folder datasets) are written as timm's ``label_names``.
-    metrics, evaluations, probes:
-        What the model card reports besides the recipe (see :func:`model_card`).
+    metrics, evaluations, probes, head_refit:
+        What the model card reports besides the recipe (see :func:`model_card`); ``head_refit``
+        is also kept in ``config.json``'s metadata.
     push_to_hub:
         A Hub repository ``ORG/NAME`` (or ``NAME``) to push to with timm's ``push_to_hf_hub``,
         after the local folder is complete; ``private`` makes a new repository private.
@@ -312,6 +362,7 @@ def save_finetuned(
         "base_model": base_model or _base_model_name(model),
         "finetune_config": finetune_config,
         "lambdas": {k: v for k, v in finetune_config.items() if k.startswith("lambda_")},
+        **({"head_refit": dict(head_refit)} if head_refit else {}),
     }
     try:
         json.dumps(metadata)
@@ -326,7 +377,7 @@ def save_finetuned(
     with _claims(model, from_base=base_model is not None):
         card = model_card(metadata, metrics, evaluations, probes,
                           f"hf-hub:{push_to_hub}" if push_to_hub else f"local-dir:{out_dir}",
-                          (getattr(model, "pretrained_cfg", None) or {}).get("license"))
+                          (getattr(model, "pretrained_cfg", None) or {}).get("license"), head_refit)
         with _atomic_directory(out_dir, overwrite) as tmp:
             timm.models.save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, **extra)
             readme = generate_readme(card, (push_to_hub or out_dir.resolve().name).split("/")[-1])
@@ -367,7 +418,8 @@ def export_checkpoint(
     hold). Weights that do not fit raise ``ValueError`` naming both models; an existing export is
     replaced only with ``overwrite``. The export names the base model (its tag and licence) only
     when the run started from its weights, as :func:`~relevance_finetune.models.loads_source_weights`
-    reads the run's settings. The card reports the metrics of the checkpoint's epoch;
+    reads the run's settings. The card reports the metrics of the checkpoint's epoch, and its
+    head refit's (``info["head_refit"]``) where it has one;
     ``card_and_push`` (``evaluations``, ``probes``, ``push_to_hub``, ``private``) go to
     :func:`save_finetuned`.
     """
@@ -392,7 +444,7 @@ def export_checkpoint(
     metrics = (info.get("history") or [None])[-1]
     return save_finetuned(model, out_dir, base_model=name if started_from_weights else None,
                           finetune_config=config, data_config=data_config, overwrite=overwrite, metrics=metrics,
-                          **card_and_push)
+                          head_refit=info.get("head_refit"), **card_and_push)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -62,8 +62,15 @@ def test_head_recipe_refits_only_the_head_and_exports_as_any_run(tmp_path, data,
     assert trainer_state is None and info["head_refit"]["C"] == record["C"] and info["config"]["finetune"] is False
 
     assert cli.main(["export", str(run / "best.safetensors"), "--out", str(tmp_path / "export")]) == 0
+    card = (tmp_path / "export" / "README.md").read_text()
     assert "**Head refit:** the linear head refit on counterfactual views of the masked images without a " \
-           "finetune" in (tmp_path / "export" / "README.md").read_text()
+           f"finetune" in card and f"C={record['C']:.4g}, chosen on held-out training images' views" in card
+    assert "with its linear head refit by relevance-finetune" in card and "no relevance objective" in card
+    assert "**Loss weights:** none (no finetune)" in card and "**Run metrics:** none measured after the head refit" in card
+    for claim in ("RobustViT objective", "lambda_", "  - lr:", "  - epochs:", "  - batch_size:", "robustvit",
+                  "chefer2022"):
+        assert claim not in card, claim
+    assert "  - head_views: 4" in card and "kirichenko2023last" in card
     exported = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
     refit = load_weights(create_model_from_spec(info["model"]), run / "best.safetensors").eval()
     images = torch.randn(2, 3, 32, 32)
@@ -86,6 +93,19 @@ def test_two_stage_head_refits_the_finetunes_best_and_resumes(tmp_path, data, hu
     assert "best.safetensors holds best_before_head.safetensors's model with its head refit" in caplog.text
     _, info, _ = load_checkpoint(run / "best.safetensors")
     assert info["epoch"] == 1 and info["config"]["head_refit"] and info["head_refit"]["source"] == refit["source"]
+    assert cli.main(["export", str(run / "best.safetensors"), "--out", str(tmp_path / "export")]) == 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert cli.main(["evaluate", "--model", f"local-dir:{tmp_path / 'export'}", "--suite", "folder", "--split",
+                     f"val={val}/images", "--out", str(tmp_path / "eval"), "--workers", "0", "--no-progress"]) == 0
+    top1 = json.loads((tmp_path / "eval" / "folder.json").read_text())["runs"]["before"]["splits"]["val"]["top1"]
+    accuracy = refit["val_accuracy"]
+    assert 100 * accuracy == pytest.approx(top1)  # the refit model's, as `evaluate` scores it
+    assert f"validation accuracy {accuracy:.3f} after it" in caplog.text
+    finetuned = records(run)[0]
+    assert f"**Validation metrics (after the head refit):**\n  - accuracy: {accuracy:.4g}\n" in card
+    assert "**Validation metrics of the finetune, before the head refit (epoch 1):**\n" \
+           f"  - loss: {finetuned['val_loss']:.4g}" in card
+    assert "RobustViT objective" in card and "Its linear head was then refit" in card and "  - lr:" in card
 
     epochs = args.index("--epochs")  # a longer run continues the finetune, then refits its best again
     assert cli.main([*args[:epochs], "--epochs", "2", "--resume", *args[epochs + 2:]]) == 0

@@ -95,12 +95,26 @@ def refit_stage(
     selected_on = ("held_out_validation" if config.head_labels == "groups" else "validation_groups" if groups
                    else "validation" if validation is not None else "held_out")
     record = _record(refit, source, selected_on, config)
+    if config.head_labels != "groups" and validation is not None:  # the group refit fits on the validation images
+        record["val_accuracy"] = _accuracy(model, validation)
     if out is not None:
         info = {**checkpoint_info(model, config, history), "head_refit": {k: v for k, v in record.items()
                                                                           if k != "seconds"}}
         write_head_refit(out, model, info, record, head_only=not config.finetune)
         _log.info("%s; %s", _summary(refit, record), files_written(out))
     return refit
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, part: Masked) -> float:
+    """Top-1 (a fraction) of ``model`` on in-memory images, in eval mode."""
+    images, _, labels = part
+    device, training = next(model.parameters()).device, model.training
+    model.eval()
+    correct = sum(int((model(batch.to(device)).argmax(1).cpu() == target).sum())
+                  for batch, target in zip(images.split(_BATCH), labels.split(_BATCH)))
+    model.train(training)
+    return correct / len(labels)
 
 
 def _starting_point(model: nn.Module, out: Path | None, config: TrainConfig) -> tuple[str, list[dict[str, Any]]]:
@@ -248,7 +262,8 @@ def _summary(refit: HeadRefit, record: dict[str, Any]) -> str:
     if record["labels"] == "groups":
         return (f"head refit on group labels (DFR's protocol): {_choice(refit, record)}; {refit.rows} validation "
                 f"images, {refit.seconds:.1f} s; {BEST} holds {source} with its head refit")
-    return (f"head refit: {_choice(refit, record)}; {refit.rows} images with their views, "
+    after = f", validation accuracy {record['val_accuracy']:.3f} after it" if "val_accuracy" in record else ""
+    return (f"head refit: {_choice(refit, record)}{after}; {refit.rows} images with their views, "
             f"{refit.seconds:.1f} s; {BEST} holds {source} with its head refit")
 
 
