@@ -141,11 +141,13 @@ def explain_images(
 
     Without ``compare``: ``out/NNN_<stem>.png`` per image. With a second model of the same
     architecture: ``out/compare_NNN.png`` grids of up to ``batch_size`` images, ``model`` in the
-    "original" row and ``compare`` in the "finetuned" row.
+    "original" row and ``compare`` in the "finetuned" row, each named by its own class names and
+    true classes (its ``label_names`` may order the classes differently).
     """
     config = model_data_config(model)
     transform = create_transform(**config)
     names = class_names(model)
+    names_after = None if compare is None else class_names(compare)
     device = next(model.parameters()).device
     records = []
     for start in range(0, len(paths), batch_size):
@@ -155,20 +157,34 @@ def explain_images(
         shown = denormalize(batch, config).cpu()
         relevance, top = _explain_batch(model, batch, target, names)
         titles = [_title(t, target, names, true) for t, true in zip(top, truth)]
-        known = [{} if true is None else {"true": {"index": true, "label": _label(true, names)}} for true in truth]
         if compare is None:
+            known = [{} if true is None else {"true": {"index": true, "label": _label(true, names)}} for true in truth]
             files = [f"{start + i:03d}_{p.stem}.png" for i, p in enumerate(chunk)]
             for file, image, heat, title in zip(files, shown, relevance, titles):
                 save_overlay(out / file, image, heat, title)
             records += [{"image": str(p), "overlay": f, "top5": t, **k} for p, f, t, k in zip(chunk, files, top, known)]
         else:
-            relevance_after, top_after = _explain_batch(compare, batch, target, names)
+            truth_after = true_classes(chunk, compare)
+            relevance_after, top_after = _explain_batch(compare, batch, target, names_after)
             file = f"compare_{start // batch_size:03d}.png"
             before_after_grid(shown, relevance, relevance_after, titles,
-                              [_title(t, target, names, true) for t, true in zip(top_after, truth)], out / file)
+                              [_title(t, target, names_after, true) for t, true in zip(top_after, truth_after)],
+                              out / file)
+            known = [_compared_truth(true, names, after, names_after) for true, after in zip(truth, truth_after)]
             records += [{"image": str(p), "grid": file, "column": i, "top5": t, "top5_compare": ta, **k}
                         for i, (p, t, ta, k) in enumerate(zip(chunk, top, top_after, known))]
     return records
+
+
+def _compared_truth(true: int | None, names: Sequence[str] | None, true_after: int | None,
+                    names_after: Sequence[str] | None) -> dict:
+    """``{"true": {"label", "index", "index_compare"}}`` of an image whose class either model knows
+    (each index in that model's own order; one it does not know is left out), else ``{}``."""
+    if true is None and true_after is None:
+        return {}
+    label = _label(true, names) if true is not None else _label(true_after, names_after)
+    indices = {key: index for key, index in (("index", true), ("index_compare", true_after)) if index is not None}
+    return {"true": {"label": label, **indices}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

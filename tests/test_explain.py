@@ -101,6 +101,33 @@ def test_compare_writes_before_after_grids(workspace, tmp_path, monkeypatch):
     assert all(r["top5"] != r["top5_compare"] for r in records)
 
 
+def test_compare_names_each_models_classes_and_the_true_one(tmp_path, monkeypatch):
+    """The compare model's own label_names (another order) name its predictions and its true class."""
+    from relevance_finetune.export import save_finetuned
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / name / "0.png")
+    timm.models.save_for_hf(tiny_model(num_classes=2, seed=0), tmp_path / "base", safe_serialization=True,
+                            model_config={"label_names": ["dog", "cat"]})
+    other = tiny_model(num_classes=2, seed=1)
+    other.pretrained_cfg = {**other.pretrained_cfg, "label_names": ["cat", "dog"]}
+    save_finetuned(other, tmp_path / "other")
+    grids = []
+    monkeypatch.setattr(explain, "before_after_grid", lambda *a, **k: grids.append(a))
+    assert main(["explain", "--model", f"local-dir:{tmp_path / 'base'}", "--compare", str(tmp_path / "other"),
+                 str(tmp_path / "images"), "--out", str(tmp_path / "out")]) == 0
+    records = json.loads((tmp_path / "out" / "predictions.json").read_text())["images"]
+    assert [r["true"] for r in records] == [{"label": "cat", "index": 1, "index_compare": 0},
+                                            {"label": "dog", "index": 0, "index_compare": 1}]
+    for record in records:
+        assert {p["index"]: p["label"] for p in record["top5"]} == {0: "dog", 1: "cat"}
+        assert {p["index"]: p["label"] for p in record["top5_compare"]} == {0: "cat", 1: "dog"}
+    titles_after = grids[0][4]
+    assert [t.split(", true: ")[1] for t in titles_after] == ["cat", "dog"]
+    assert [t.split(": ")[1].split(" (")[0] for t in titles_after] == [r["top5_compare"][0]["label"] for r in records]
+
+
 def test_folder_class_names_and_true_classes_title_the_panels(tmp_path, monkeypatch):
     """A run on cat/dog folders records the names; explain shows them, and the true class of an
     image in a cat/ or dog/ folder."""
