@@ -55,7 +55,7 @@ def oracle_point(per_seed: list[dict[str, Any]]) -> tuple[float, float] | None:
 
 
 def _methods(family: dict[str, Any]) -> list[str]:
-    return [method for method in family["per_seed"][0] if method not in ("original", "oracle", "seconds")]
+    return [method for method in family["per_seed"][0] if method not in ("original", "oracle")]
 
 
 def family_table(name: str, family: dict[str, Any]) -> str:

@@ -298,7 +298,8 @@ def test_head_methods_run_record_seconds_and_share_the_recommended_finetune():
                          perturbation_images=4, pretrain_images=16, pretrain_epochs=1, biased_images=16,
                          biased_epochs=1, train_batch=8, original_attempts=1, finetune_epochs=1, lr_grid=(1e-3,),
                          oracle=False, methods=("two_stage_head", "head", "recommended"))
-    results = run_seed(config, seed=0)
+    seed_result = run_seed(config, seed=0)
+    results = seed_result["methods"]
     assert all(results[name]["seconds"] > 0 for name in config.methods)
     head, two_stage, recommended = (results[name] for name in ("head", "two_stage_head", "recommended"))
     assert head["lr"] == 0.0 and head["lr_trials"] == [] and head["head_C"] in (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
@@ -306,7 +307,8 @@ def test_head_methods_run_record_seconds_and_share_the_recommended_finetune():
     # two_stage_head is recommended's chosen model (one finetune for both), then the refit
     assert two_stage["lr"] == recommended["lr"] and two_stage["lr_trials"] is recommended["lr_trials"]
     assert two_stage["seconds"] > recommended["seconds"]
-    models = results["models"]
+    models = seed_result["models"]
+    assert set(models) == set(results) == {"original", *config.methods}
     backbone = [model.blocks[0].attn.qkv.weight for model in (models["two_stage_head"], models["recommended"])]
     assert torch.equal(*backbone)
     assert not torch.equal(models["two_stage_head"].head.weight, models["recommended"].head.weight)

@@ -164,7 +164,7 @@ def test_stage_lines_name_every_stage(tmp_path, capsys, monkeypatch):
     def fake_run_seed(config, seed, cache, progress):
         for message in ("original model", "oracle", "ours"):
             progress(message)
-        return {**_seed(), "models": {"original": nn.Linear(1, 1), "ours": nn.Linear(1, 1)}}
+        return {"methods": _seed(), "models": {"original": nn.Linear(1, 1), "ours": nn.Linear(1, 1)}}
 
     monkeypatch.setattr(demo, "run_seed", fake_run_seed)
     config = BenchConfig(methods=("ours",))
@@ -172,6 +172,32 @@ def test_stage_lines_name_every_stage(tmp_path, capsys, monkeypatch):
     assert "step 3 of 3: ours" in capsys.readouterr().out
     demo._seed_result(config, 0, tmp_path, since=time.time())  # cached: nothing runs
     assert f"hue seed 0, found in {tmp_path}: reused" in capsys.readouterr().out
+
+
+def test_method_names_never_collide_with_a_seeds_other_entries(tmp_path, monkeypatch):
+    """Methods named like a seed's other entries (``masks``, ``seconds``, ``models``) are methods like any."""
+    from relevance_finetune.bench.runner import METHODS
+    names = ("masks", "seconds", "models")
+    for name in names:
+        monkeypatch.setitem(METHODS, name, METHODS["swap"])
+    quality = {"source": "original", "iou": 50.0, "empty": 0, "full": 0, "images": 8}
+
+    def fake_run_seed(config, seed, cache, progress):
+        methods = {**_seed(), **{name: _run(90.0, 55.0, 50.0, 1e-4) for name in names}}
+        return {"methods": methods, "models": {name: nn.Linear(1, 1) for name in methods}, "masks": quality}
+
+    monkeypatch.setattr(demo, "run_seed", fake_run_seed)
+    monkeypatch.setattr(demo, "create_original", lambda config: nn.Linear(1, 1))
+    monkeypatch.setattr(demo, "train_original", lambda config, seed, cache: nn.Linear(1, 1))
+    monkeypatch.setattr(demo, "make_data", lambda config, seed, cache: {"tests": {"ood": None}})
+    monkeypatch.setattr(demo, "_figure", lambda seed_result, path: path)
+    monkeypatch.setattr(demo, "_export", lambda model, config, out: None)
+    config = BenchConfig(methods=("ours", "swap", "recommended", *names))
+    results = demo.run_benchmark(config, [0], tmp_path, ("hue",))
+    assert set(names) <= set(results["methods"]) and set(names) <= set(results["per_seed"][0])
+    assert results["methods"]["masks"]["change"]["ood_acc"]["mean"] == pytest.approx(55.0 - 50.2)
+    assert results["masks"] == [quality] and results["seconds"] >= 0
+    assert "| masks |" in (tmp_path / "results.md").read_text()
 
 
 def test_ceiling_note_names_the_seeds():

@@ -71,6 +71,9 @@ TABLES = {
 }
 
 
+_CACHE_LAYOUT = 2  # a cached seed is {"methods", "seconds", "masks"}; caches of the flat layout (1) are not read
+
+
 def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
@@ -154,10 +157,11 @@ def _ceiling_table(methods: dict[str, Any], seeds: Sequence[int] | None = None) 
     return "\n".join(lines)
 
 
-def _shown_method(seed_result: dict[str, Any]) -> str:
-    """The finetuned model the figure and the export show: the recommended recipe when it ran."""
-    return next(name for name in ("recommended", "ours", *seed_result["models"]) if name in seed_result["models"]
-                and name not in ("original", "oracle"))
+def _shown_method(names: Sequence[str]) -> str:
+    """Of a seed's method ``names``, the finetuned model the figure and the export show: the
+    recommended recipe when it ran."""
+    return next(name for name in ("recommended", "ours", *names)
+                if name in names and name not in ("original", "oracle"))
 
 
 def _figure(seed_result: dict[str, Any], path: Path, count: int = 6) -> Path:
@@ -165,7 +169,7 @@ def _figure(seed_result: dict[str, Any], path: Path, count: int = 6) -> Path:
     from ..viz import before_after_grid, prediction_title
     images, _, labels, _ = seed_result["samples"].tensors
     images, labels = images[:count], labels[:count]
-    shown = _shown_method(seed_result)
+    shown = _shown_method(list(seed_result["models"]))
     rows = {}
     for name in ("original", shown):
         model = seed_result["models"][name]
@@ -231,8 +235,8 @@ def _seed_paths(config: BenchConfig, seed: int, cache: Path) -> tuple[Path, Path
     """Where one seed's results and its shown finetuned model are cached: keyed on every setting and
     on what each method is (a recipe's change is a new key)."""
     methods = {name: asdict(METHODS[name]) for name in config.methods}
-    text = json.dumps({"config": config_dict(config), "methods": methods, "seed": seed, "version": __version__},
-                      sort_keys=True)
+    text = json.dumps({"config": config_dict(config), "methods": methods, "seed": seed, "version": __version__,
+                       "layout": _CACHE_LAYOUT}, sort_keys=True)
     key = hashlib.sha1(text.encode()).hexdigest()[:12]
     return cache / f"results-{config.family}-{key}.json", cache / f"shown-{config.family}-{key}.safetensors"
 
@@ -250,17 +254,19 @@ def _seed_result(config: BenchConfig, seed: int, cache: Path, threads: int | Non
     else:
         started = time.time()
         result = run_seed(config, seed, cache, progress)
-        result["seconds"] = round(time.time() - started, 1)
+        stored = {"methods": result["methods"], "seconds": round(time.time() - started, 1),
+                  **({"masks": result["masks"]} if "masks" in result else {})}
         with atomic_path(model_path) as temporary:
-            save_file(result["models"][_shown_method(result)].state_dict(), str(temporary))
-        write_text_atomic(results_path, json.dumps({k: v for k, v in result.items() if k not in ("models", "samples")}))
+            save_file(result["models"][_shown_method(list(result["models"]))].state_dict(), str(temporary))
+        write_text_atomic(results_path, json.dumps(stored))
 
 
 def _load_seed(config: BenchConfig, seed: int, cache: Path) -> dict[str, Any]:
-    """A cached seed: its results, the original and the shown finetuned model, the OOD samples."""
+    """A cached seed (``methods``, ``seconds``, ``masks`` if any), the original and the shown
+    finetuned model (``models``), the OOD samples."""
     results_path, model_path = _seed_paths(config, seed, cache)
     result = json.loads(results_path.read_text())
-    shown = _shown_method({"models": {k: v for k, v in result.items() if k not in ("seconds", "masks")}})
+    shown = _shown_method(list(result["methods"]))
     model = create_original(config)
     model.load_state_dict(load_file(str(model_path)))
     models = {"original": train_original(config, seed, cache), shown: model.eval()}
@@ -293,8 +299,7 @@ def run_benchmark(config: BenchConfig, seeds: list[int], out: Path, families: tu
     reports = {}
     for family, family_config in configs.items():
         loaded = [_load_seed(family_config, seed, cache) for seed in seeds]
-        per_seed = [{k: v for k, v in result.items() if k not in ("models", "samples", "seconds", "masks")}
-                    for result in loaded]
+        per_seed = [result["methods"] for result in loaded]
         seconds = [result.get("seconds") for result in loaded]
         total = None if None in seconds else round(sum(seconds), 1)
         reports[family] = _family_results(config_dict(family_config), seeds, per_seed, total)
@@ -303,7 +308,7 @@ def run_benchmark(config: BenchConfig, seeds: list[int], out: Path, families: tu
         suffix = "" if len(families) == 1 else f"_{family}"
         _figure(loaded[0], out / f"relevance_before_after{suffix}.png")
         if family == families[0]:
-            shown = _shown_method(loaded[0])
+            shown = _shown_method(list(loaded[0]["models"]))
             _export(loaded[0]["models"][shown], family_config, out / shown)
     return write_reports(out, reports, note)
 

@@ -366,10 +366,12 @@ def run_seed(
         cache_dir: Path | None = None,
         progress: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
-    """All methods for one seed: ``{"original": metrics, "oracle": metrics, method: metrics | {"lr",
-    "lr_trials", "seconds"}}`` (``"head_C"`` too for a head refit; ``"seconds"``: the method's wall time,
-    selection, finetune and refit, without the evaluation) plus ``"models"`` (the finetuned models,
-    for pictures and export)."""
+    """All methods for one seed: ``"methods"``: ``{"original": metrics, "oracle": metrics, method:
+    metrics | {"lr", "lr_trials", "seconds"}}`` (``"head_C"`` too for a head refit; ``"seconds"``: the
+    method's wall time, selection, finetune and refit, without the evaluation); ``"models"`` (the
+    models by the same names, for pictures and export); ``"samples"`` (the OOD test set); and with
+    automatic masks ``"masks"`` (their quality). Method names live in ``"methods"`` and ``"models"``
+    only, so no name can collide with the other entries."""
     refits = [name for name in config.methods if METHODS[name].head_refit]
     if refits and config.set_b:
         raise ValueError(f"methods {refits} refit the head, which needs masked images of every class: "
@@ -399,10 +401,9 @@ def run_seed(
         results[name] = {**evaluate_model(model, data["tests"], config), "lr": lr, "lr_trials": trials,
                          "seconds": seconds, **extra}
         models[name] = model
-    results["models"] = models
-    results["samples"] = data["tests"]["ood"]
+    seed_result = {"methods": results, "models": models, "samples": data["tests"]["ood"]}
     if "masks" in data:  # the automatic masks' quality, beside the methods
-        results["masks"] = data["masks"]
-    return results
+        seed_result["masks"] = data["masks"]
+    return seed_result
 
 
