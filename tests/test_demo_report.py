@@ -200,6 +200,17 @@ def test_method_names_never_collide_with_a_seeds_other_entries(tmp_path, monkeyp
     assert "| masks |" in (tmp_path / "results.md").read_text()
 
 
+def test_a_head_refit_shows_its_c_not_a_learning_rate():
+    seed = {**_seed(), "head": {**_run(90.0, 60.0, 40.0, 0.0), "head_C": 0.3},
+            "two_stage_head": {**_run(86.0, 70.0, 30.0, 1e-4), "head_C": 0.07}}
+    text = markdown_tables(summarize([seed]))
+    assert text.endswith("Chosen learning rate: ours 0.0001; swap 3e-05; recommended 0.0001; two_stage_head 0.0001. "
+                         "Chosen head refit C: head 0.3; two_stage_head 0.07.\n")
+    two_seeds = markdown_tables(summarize([seed, seed]))
+    assert "Chosen learning rates per seed: ours 0.0001, 0.0001;" in two_seeds
+    assert "Chosen head refit C per seed: head 0.3, 0.3; two_stage_head 0.07, 0.07." in two_seeds
+
+
 def test_ceiling_note_names_the_seeds():
     assert ceiling_note([0], [0]) == ("The oracle is ahead of the original on OOD by at least 1 point in seed 0: "
                                       "the OOD gap closed has a ceiling to measure against.")

@@ -95,6 +95,8 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
                                 for probe in PROBES})
         if "lr" in runs[0]:
             entry["lr"] = [r["lr"] for r in runs]
+            if "head_C" in runs[0]:
+                entry["head_C"] = [r["head_C"] for r in runs]
             entry["description"] = METHODS[name].description
             entry["settings"] = asdict(METHODS[name])  # what the method was when it ran
         if "oracle" in per_seed[0] and name not in ("original", "oracle"):
@@ -134,10 +136,27 @@ def markdown_tables(methods: dict[str, Any], seeds: Sequence[int] | None = None)
         number = 1 if kind == "comparison" else 2 + ("oracle" in methods)
         tables.append(caption(number, kind, seed_count(methods), keys) + "\n\n" + "\n".join(lines))
     tables.insert(1, _ceiling_table(methods, seeds))
-    learning_rates = [f"{name} {', '.join(f'{lr:g}' for lr in entry['lr'])}"
-                      for name, entry in methods.items() if "lr" in entry]
-    chosen = "Chosen learning rate" + (": " if seed_count(methods) == 1 else "s per seed: ")
-    return "\n\n".join(tables) + f"\n\n{chosen}" + "; ".join(learning_rates) + ".\n"
+    return "\n\n".join(tables) + "\n\n" + _chosen_settings(methods) + "\n"
+
+
+def _chosen_settings(methods: dict[str, Any]) -> str:
+    """The learning rate each finetuning method chose, and the L1 strength C of each head refit
+    (a refit alone has no learning rate), per seed."""
+    def values(numbers: list[float]) -> str:
+        return ", ".join(f"{number:g}" for number in numbers)
+
+    one = seed_count(methods) == 1
+    learning_rates = [f"{name} {values(entry['lr'])}" for name, entry in methods.items()
+                      if "lr" in entry and entry.get("settings", {}).get("finetune", True)]
+    strengths = [f"{name} {values(entry['head_C'])}" for name, entry in methods.items() if "head_C" in entry]
+    sentences = []
+    if learning_rates:
+        sentences.append(("Chosen learning rate: " if one else "Chosen learning rates per seed: ")
+                         + "; ".join(learning_rates) + ".")
+    if strengths:
+        sentences.append(("Chosen head refit C: " if one else "Chosen head refit C per seed: ")
+                         + "; ".join(strengths) + ".")
+    return " ".join(sentences)
 
 
 def _ceiling_table(methods: dict[str, Any], seeds: Sequence[int] | None = None) -> str:
