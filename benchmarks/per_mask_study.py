@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,19 @@ METHODS = ("head", "swap", "recommended", "two_stage_head")
 
 
 def reports(paths: list[Path]) -> list[dict[str, Any]]:
-    """Every family's report of every ``results.json``, in the order given."""
+    """Every family's report of every ``results.json``, in the order given. Other JSON files (this
+    script's own ``--json`` rows match ``per_mask_*.json`` too) are skipped with a line on stderr;
+    none left is a ``ValueError``."""
     found = []
     for path in paths:
         results = json.loads(path.read_text())
-        found.extend((results.get("families") or {"": results}).values())
+        families = (results.get("families") or {"": results}) if isinstance(results, dict) else {}
+        if not families or not all(isinstance(f, dict) and "per_seed" in f for f in families.values()):
+            print(f"skipping {path}: not a demo's results.json (no per_seed)", file=sys.stderr)
+            continue
+        found.extend(families.values())
+    if not found:
+        raise ValueError(f"none of the {len(paths)} file(s) is a demo's results.json")
     return found
 
 

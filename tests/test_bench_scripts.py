@@ -149,3 +149,16 @@ def test_per_mask_study_carries_the_propagated_masks_iou_and_the_step_budget(tmp
            "52.0 (61.0) | 300 |" in table
     assert "| mark | exact | 32 | head | 38% | 50% | +15.0 ± 7.1 | +4.0 ± 0.0 | 2.0 | 0, 1 | exact | epochs |" in table
     assert table.splitlines()[1] == "|---" * 12 + "|"
+
+
+def test_per_mask_study_skips_files_that_are_not_demo_results(tmp_path, capsys):
+    study = _load("per_mask_study")
+    report = {"config": {"family": "hue", "finetune_per_class": 8}, "seeds": [0],
+              "per_seed": [_study_seed(40.0, 80.0, 60.0, 2.0)]}
+    (tmp_path / "per_mask_a.json").write_text(json.dumps(report))
+    rows = study.study_rows(report, ("head",))
+    (tmp_path / "per_mask_study.json").write_text(json.dumps(rows))  # its own output matches the glob too
+    assert study.reports(sorted(tmp_path.glob("per_mask_*.json"))) == [report]
+    assert f"skipping {tmp_path / 'per_mask_study.json'}: not a demo's results.json" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="none of the 1 file"):
+        study.reports([tmp_path / "per_mask_study.json"])
