@@ -1,4 +1,5 @@
-"""Every ```python block of README.md and docs/*.md runs; api.md names every public name.
+"""Every ```python block of README.md and docs/*.md runs; api.md names every public name; every name
+and file architecture.md cites exists.
 
 Each block runs on its own (imports included), in a fresh namespace, with a temporary folder as
 the working directory and a time limit. A block whose first line is ``# requires: data`` needs
@@ -109,3 +110,18 @@ def test_api_md_names_every_public_name(module):
     text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
     missing = [name for name in module.__all__ if f"`{name}" not in text]
     assert not missing, f"docs/api.md does not document {module.__name__}: {missing}"
+
+
+def test_architecture_md_cites_only_names_and_files_that_exist():
+    """A name in backquotes (``name`` or ``name(...)``) occurs in the project's Python files, and a
+    cited ``file.py`` is one of them: the map of the code follows the code."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    files = [path for folder in ("relevance_finetune", "tests", "benchmarks", "examples")
+             for path in (ROOT / folder).rglob("*.py")]
+    source = "\n".join(path.read_text(encoding="utf-8") for path in files)
+    names = set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)(?:\([^`]*\))?`", text))
+    missing = sorted(name for name in names if not re.search(rf"\b{re.escape(name)}\b", source))
+    assert not missing, f"docs/architecture.md cites names the code does not have: {missing}"
+    cited = set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*\.py)\b", text))
+    absent = sorted(cited - {path.name for path in files})
+    assert not absent, f"docs/architecture.md cites files that do not exist: {absent}"
