@@ -21,11 +21,16 @@ def _problem(seed: int = 0, n: int = 150, width: int = 6) -> tuple[torch.Tensor,
     return features, labels
 
 
-def _sklearn_l1(features: torch.Tensor, labels: torch.Tensor, C: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _sklearn_l1_logistic(**kwargs):
+    """scikit-learn's L1 ``LogisticRegression(**kwargs)``, named as its version wants (``l1_ratio`` from 1.8)."""
     sklearn = pytest.importorskip("sklearn")
     from sklearn.linear_model import LogisticRegression
     l1 = dict(l1_ratio=1.0) if tuple(map(int, sklearn.__version__.split(".")[:2])) >= (1, 8) else dict(penalty="l1")
-    fitted = LogisticRegression(**l1, solver="saga", C=C, max_iter=200_000, tol=1e-12).fit(features, labels)
+    return LogisticRegression(**l1, **kwargs)
+
+
+def _sklearn_l1(features: torch.Tensor, labels: torch.Tensor, C: float) -> tuple[torch.Tensor, torch.Tensor]:
+    fitted = _sklearn_l1_logistic(solver="saga", C=C, max_iter=200_000, tol=1e-12).fit(features, labels)
     return torch.from_numpy(fitted.coef_), torch.from_numpy(fitted.intercept_)
 
 
@@ -42,6 +47,26 @@ def test_solver_matches_scikit_learn(C):
     assert torch.allclose(intercept - intercept.mean(), reference_intercept - reference_intercept.mean(), atol=1e-4)
     if C <= 0.1:  # the L1 penalty zeroes the uninformative features, as scikit-learn's does
         assert torch.equal(coef == 0, reference == 0) and (coef == 0).any()
+
+
+@pytest.mark.parametrize("C", [1.0, 0.1])
+def test_two_classes_are_liblinears_problem_but_for_the_intercept_penalty(C):
+    """docs/method.md: for two classes the multinomial fit is DFR's binary liblinear fit, except that
+    liblinear shrinks the intercept (a constant feature's weight); a large ``intercept_scaling``
+    makes that penalty vanish and the two fits agree."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(150, 6, generator=generator, dtype=torch.float64)
+    noise = 0.7 * torch.randn(150, generator=generator, dtype=torch.float64)
+    labels = (features[:, 0] + 0.5 * features[:, 1] + noise > 0.8).long()  # imbalanced: a large intercept
+    coef, intercept = fit_l1_logistic(features, labels, C, 2, tol=1e-12, max_iter=200_000)
+    difference, offset = coef[1] - coef[0], float(intercept[1] - intercept[0])
+    fits = {}
+    for scaling in (1.0, 100.0):
+        fitted = _sklearn_l1_logistic(solver="liblinear", C=C, tol=1e-12, max_iter=100_000,
+                                      intercept_scaling=scaling).fit(features.numpy(), labels.numpy())
+        fits[scaling] = torch.from_numpy(fitted.coef_[0]), float(fitted.intercept_[0])
+    assert torch.allclose(fits[100.0][0], difference, atol=1e-2) and abs(fits[100.0][1] - offset) < 1e-2
+    assert abs(fits[1.0][1]) < abs(offset) - 0.1  # the penalised intercept is shrunk
 
 
 def test_a_warm_start_reaches_the_same_optimum():
