@@ -188,6 +188,10 @@ def test_train_on_waterbirds_selects_by_worst_group_and_refits_on_groups(tmp_pat
                      "--head-labels", "groups", "--head-fits", "2", "--out", str(refit)]) == 0
     (record,) = [json.loads(line) for line in (refit / "metrics.jsonl").read_text().splitlines()]
     assert record["labels"] == "groups" and record["rows"] == 12
+    assert cli.main(["export", str(refit / "best.safetensors"), "--out", str(tmp_path / "export")]) == 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "refit on the validation images with their group labels without a finetune" in card
+    assert "`relevance_finetune.head.refit_head_groups`" in card and "counterfactual views" not in card
     one_val = write_mini_waterbirds(tmp_path / "short", per_group={0: (2, 1, 1, 2), 1: (2, 1, 1, 0), 2: (1, 1, 1, 1)})
     capsys.readouterr()
     short = ["--data", str(one_val["root"]), "--masks", str(one_val["segmentations"])]
