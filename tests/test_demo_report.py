@@ -180,7 +180,8 @@ def test_method_names_never_collide_with_a_seeds_other_entries(tmp_path, monkeyp
     names = ("masks", "seconds", "models")
     for name in names:
         monkeypatch.setitem(METHODS, name, METHODS["swap"])
-    quality = {"source": "original", "iou": 50.0, "empty": 0, "full": 0, "images": 8}
+    quality = {"source": "original", "iou": 50.0, "patch_iou": 60.0, "chance_iou": 10.0, "empty": 0, "full": 0,
+               "images": 8}
 
     def fake_run_seed(config, seed, cache, progress):
         methods = {**_seed(), **{name: _run(90.0, 55.0, 50.0, 1e-4) for name in names}}
