@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from relevance_finetune.bench import automatic_masks
+from relevance_finetune.bench import automatic_masks, demo
 from relevance_finetune.bench.automatic_masks import mask_quality, mask_source_model, patch_level, warn_degenerate
 from relevance_finetune.bench.config import BenchConfig
 from relevance_finetune.bench.originals import train_first_phase, train_original
@@ -176,3 +176,26 @@ def test_demo_quick_with_propagated_masks_and_a_step_budget(tmp_path):
     text = (out / "results.md").read_text()
     assert f"mean IoU {quality['iou']:.1f} with the exact masks (references: patch-level exact masks " \
            f"{quality['patch_iou']:.1f}" in text and f"held-out IoU on the annotated masks {quality['held_out_iou']:.1f}" in text
+
+
+def test_demo_reports_two_stage_head_on_propagated_masks_beside_the_methods(tmp_path, monkeypatch):
+    """``propagated=True``: each seed also runs two_stage_head on masks propagated from the run's exact
+    ones, cached under a key of its own, as one more row with the masks' quality; absent without it."""
+    monkeypatch.setattr(demo, "PROPAGATED_PER_CLASS", 5)
+    config = BenchConfig(**{**TINY, "finetune_masks": "exact", "methods": ("head",), "lr_grid": (1e-4,),
+                            "finetune_epochs": 2, "oracle": False})
+    extra = demo.propagated_config(config)
+    assert (extra.methods, extra.finetune_masks, extra.annotated_per_class, extra.finetune_per_class,
+            extra.finetune_steps) == (("two_stage_head",), "propagate", 3, 5, 2 * 2)  # 12 images, batch 8: 2 steps
+    assert extra.original_key(0) == config.original_key(0)
+    results = demo.run_benchmark(config, [0], tmp_path / "with", propagated=True)
+    row = results["methods"][demo.PROPAGATED]
+    assert "head_C" in row and row["settings"]["name"] == "two_stage_head" and "propagated" in row["description"]
+    assert demo.PROPAGATED in results["per_seed"][0] and "masks" not in results
+    (quality,) = results["propagated_masks"]
+    assert quality["annotated"] == 4 * 3 and 0 <= quality["iou"] <= 100 and 0 <= quality["held_out_iou"] <= 100
+    assert len(list((tmp_path / "with" / "cache").glob("results-hue-*.json"))) == 2
+    text = (tmp_path / "with" / "results.md").read_text()
+    assert f"| {demo.PROPAGATED} |" in text and f"The {demo.PROPAGATED} row: masks propagated from 12" in text
+    without = demo.run_benchmark(config, [0], tmp_path / "without")
+    assert demo.PROPAGATED not in without["methods"] and "propagated_masks" not in without

@@ -121,7 +121,7 @@ def test_every_table_has_a_caption(oracle, sets):
 
 def test_the_command_says_what_it_does_then_what_it_found(tmp_path, capsys, monkeypatch):
     """``run``'s screen: the plan, captioned tables, the conclusion (run_benchmark made up, no training)."""
-    def fake_benchmark(config, seeds, out, families, note, jobs):
+    def fake_benchmark(config, seeds, out, families, note, jobs, propagated):
         return demo.write_reports(out, {families[0]: demo._family_results({}, seeds, [_seed()], 1.0)}, note)
 
     monkeypatch.setattr(demo, "run_benchmark", fake_benchmark)
@@ -132,7 +132,7 @@ def test_the_command_says_what_it_does_then_what_it_found(tmp_path, capsys, monk
     assert printed.startswith("relevance-finetune demo: ")
     plan_text = printed.split("\n\nShortcut family")[0]
     for words in ("Shortcut family: hue", "Seeds: 1 (0)", "ours ", "swap ", "recommended ", "The original:",
-                  "The oracle:", "Expected time: about 3 min"):
+                  "The oracle:", "Expected time: about 3 min", "two_stage_head_propagated "):
         assert words in plan_text
     assert _captioned(printed) == [1, 2, 3] and "±" not in printed
     assert "\nConclusion (hue): On hue, seed 0, the original scored 91.8%" in printed
@@ -229,8 +229,8 @@ def test_default_methods_show_the_head_refit_where_every_class_is_masked(tmp_pat
     classes (where a head refit cannot run) the default methods go without it."""
     ran = {}
 
-    def fake_benchmark(config, seeds, out, families, note, jobs):
-        ran["methods"] = config.methods
+    def fake_benchmark(config, seeds, out, families, note, jobs, propagated):
+        ran["methods"], ran["propagated"] = config.methods, propagated
         return demo.write_reports(out, {families[0]: demo._family_results({}, seeds, [_seed()], 1.0)}, note)
 
     monkeypatch.setattr(demo, "run_benchmark", fake_benchmark)
@@ -238,3 +238,7 @@ def test_default_methods_show_the_head_refit_where_every_class_is_masked(tmp_pat
     demo.add_arguments(parser)
     assert demo.run(parser.parse_args(["--out", str(tmp_path), "--finetune-classes", classes])) == 0
     assert ran["methods"] == expected and ("head" in expected) == (classes == "all")
+    assert ran["propagated"] == (classes == "all")  # two_stage_head on propagated masks, where a head refit can run
+    for flags in (["--no-propagated"], ["--quick"], ["--methods", "ours"]):
+        demo.run(parser.parse_args(["--out", str(tmp_path), "--finetune-classes", classes, *flags]))
+        assert ran["propagated"] is False

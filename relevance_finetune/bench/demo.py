@@ -4,13 +4,16 @@ Writes ``results.json`` (config, seeds, mean and std per method and metric, per-
 under ``"families": {name: ...}`` when several shortcut families ran), ``results.md`` (the
 tables), ``relevance_before_after[_FAMILY].png`` (original vs finetuned relevance on the same
 out-of-distribution images) and the finetuned weights of the figure's method
-(``<method>/model.safetensors``).
+(``<method>/model.safetensors``). Where every class is masked, by default it also runs
+``two_stage_head`` on masks propagated from the finetuning images' exact ones (``propagated_config``) and
+reports it as the ``two_stage_head_propagated`` row, the masks' quality under ``"propagated_masks"``.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -34,8 +37,8 @@ from .runner import (ALL_CLASSES, DEFAULT_METHODS, FINETUNE_CLASSES, FINETUNE_MA
                      config_dict, create_original, make_data, normalize, run_seed, train_original)
 from .synthetic import CLASS_NAMES, FAMILIES
 
-__all__ = ["COLUMNS", "DEMO_METHODS", "QUICK", "add_arguments", "markdown_tables", "run", "run_benchmark",
-           "summarize", "write_reports"]
+__all__ = ["COLUMNS", "DEMO_METHODS", "PROPAGATED", "PROPAGATED_PER_CLASS", "QUICK", "add_arguments",
+           "markdown_tables", "propagated_config", "run", "run_benchmark", "summarize", "write_reports"]
 
 # A smoke-test scale (about a minute on 2 CPU cores): small sets, few epochs, few methods.
 QUICK = dict(
@@ -45,6 +48,12 @@ QUICK = dict(
 )
 # What the default run compares in about 10 minutes on 2 CPU cores; --full runs DEFAULT_METHODS on 3 seeds.
 DEMO_METHODS = ("ours", "swap", "head", "recommended")
+# The demo's extra row (issue 31's study): two_stage_head on PROPAGATED_PER_CLASS images per class whose
+# masks are propagated from the run's annotated ones; the method it runs and what the row is.
+PROPAGATED = "two_stage_head_propagated"
+PROPAGATED_PER_CLASS = 128
+_EXTRA_ROWS = {PROPAGATED: ("two_stage_head", f"two_stage_head on {PROPAGATED_PER_CLASS} finetuning images per class, "
+                            "their masks propagated from the run's annotated ones (the same optimiser steps)")}
 COLUMNS = (
     "ID: top-1 on test images drawn like the training data (the shortcut agrees with the class 90% of the time)",
     "OOD: top-1 when the shortcut is independent of the class",
@@ -94,11 +103,12 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         entry["change"].update({probe: _mean_std([r["probes"][probe] - o["probes"][probe] for r, o in zip(runs, originals)])
                                 for probe in PROBES})
         if "lr" in runs[0]:
+            method, description = _EXTRA_ROWS.get(name) or (name, METHODS[name].description)
             entry["lr"] = [r["lr"] for r in runs]
             if "head_C" in runs[0]:
                 entry["head_C"] = [r["head_C"] for r in runs]
-            entry["description"] = METHODS[name].description
-            entry["settings"] = asdict(METHODS[name])  # what the method was when it ran
+            entry["description"] = description
+            entry["settings"] = asdict(METHODS[method])  # what the method was when it ran
         if "oracle" in per_seed[0] and name not in ("original", "oracle"):
             entry["vs_oracle"] = {"id_acc": _mean_std([r["id_acc"] - s["oracle"]["id_acc"]
                                                        for r, s in zip(runs, per_seed)])}
@@ -223,6 +233,7 @@ def write_reports(out: Path, families: dict[str, dict[str, Any]], note: str = ""
                     + ("run time not recorded" if family["seconds"] is None else
                        f"{family['seconds']:.0f} s of runs (each seed's wall time, summed)") + ".\n\n"
                     + _masks_line(family.get("masks"))
+                    + _masks_line(family.get("propagated_masks"), PROPAGATED)
                     + markdown_tables(family["methods"], seeds)
                     + f"\n**Conclusion.** {conclusion(name, family['methods'], seeds)}\n")
     text.append("Columns:\n\n" + "\n".join(f"- {line}" for line in COLUMNS) + "\n")
@@ -230,9 +241,10 @@ def write_reports(out: Path, families: dict[str, dict[str, Any]], note: str = ""
     return results
 
 
-def _masks_line(quality: list[dict[str, Any]] | None) -> str:
+def _masks_line(quality: list[dict[str, Any]] | None, row: str | None = None) -> str:
     """One sentence on the automatic finetuning masks (none without them): their IoU with the exact
-    masks beside the references, the held-out IoU of propagated ones, the empty and whole counts."""
+    masks beside the references, the held-out IoU of propagated ones, the empty and whole counts;
+    ``row``: the one row whose masks they are (default: every row's)."""
     if not quality:
         return ""
 
@@ -244,6 +256,7 @@ def _masks_line(quality: list[dict[str, Any]] | None) -> str:
     what = (f"Masks propagated from {quality[0]['annotated']} annotated finetuning images (the {quality[0]['source']}'s "
             "tokens) to the other finetuning and the validation images" if propagated else
             f"Automatic ({quality[0]['source']}) finetuning and validation masks")
+    what = f"The {row} row: {what[0].lower()}{what[1:]}" if row else what
     held_out = f"; held-out IoU on the annotated masks {mean('held_out_iou'):.1f}" if propagated else ""
     return (f"{what}: mean IoU {mean('iou'):.1f} with the exact masks (references: patch-level exact masks "
             f"{mean('patch_iou'):.1f}, another image's exact mask {mean('chance_iou'):.1f}){held_out}; {empty} empty "
@@ -280,11 +293,15 @@ def _seed_result(config: BenchConfig, seed: int, cache: Path, threads: int | Non
         write_text_atomic(results_path, json.dumps(stored))
 
 
+def _cached(config: BenchConfig, seed: int, cache: Path) -> dict[str, Any]:
+    """A cached seed's results: ``methods``, ``seconds``, ``masks`` if any."""
+    return json.loads(_seed_paths(config, seed, cache)[0].read_text())
+
+
 def _load_seed(config: BenchConfig, seed: int, cache: Path) -> dict[str, Any]:
-    """A cached seed (``methods``, ``seconds``, ``masks`` if any), the original and the shown
-    finetuned model (``models``), the OOD samples."""
-    results_path, model_path = _seed_paths(config, seed, cache)
-    result = json.loads(results_path.read_text())
+    """A cached seed (``_cached``), the original and the shown finetuned model (``models``), the OOD samples."""
+    model_path = _seed_paths(config, seed, cache)[1]
+    result = _cached(config, seed, cache)
     shown = _shown_method(list(result["methods"]))
     model = create_original(config)
     model.load_state_dict(load_file(str(model_path)))
@@ -292,15 +309,28 @@ def _load_seed(config: BenchConfig, seed: int, cache: Path) -> dict[str, Any]:
     return {**result, "models": models, "samples": make_data(config, seed, cache)["tests"]["ood"]}
 
 
+def propagated_config(config: BenchConfig) -> BenchConfig:
+    """``config``'s ``two_stage_head`` on ``PROPAGATED_PER_CLASS`` finetuning images per class, masks
+    propagated from the first ``config.finetune_per_class`` of each (their exact masks), under
+    ``config``'s optimiser-step budget; the original and oracle are ``config``'s (the same cache key)."""
+    steps = config.finetune_steps or config.finetune_epochs * math.ceil(
+        config.finetune_per_class * len(config.set_a) / config.finetune_batch)
+    return replace(config, methods=(_EXTRA_ROWS[PROPAGATED][0],), finetune_masks="propagate",
+                   annotated_per_class=config.finetune_per_class, finetune_per_class=PROPAGATED_PER_CLASS,
+                   finetune_steps=steps)
+
+
 def run_benchmark(config: BenchConfig, seeds: list[int], out: Path, families: tuple[str, ...] = ("hue",),
-                  note: str = "", jobs: int = 1) -> dict[str, Any]:
+                  note: str = "", jobs: int = 1, propagated: bool = False) -> dict[str, Any]:
     """Run every family and seed (``jobs`` at a time, one thread each when ``jobs > 1``), write the
     files into ``out`` and return the results. Finished seeds are cached in ``out/cache`` and
-    reused by a rerun with the same settings."""
+    reused by a rerun with the same settings. ``propagated``: also each (family, seed)'s
+    ``propagated_config`` run, its method as the ``PROPAGATED`` row."""
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     configs = {family: config.for_family(family) for family in families}
-    tasks = [(configs[family], seed) for family in families for seed in seeds]
+    extra = {family: propagated_config(run_config) for family, run_config in configs.items()} if propagated else {}
+    tasks = [(run_config, seed) for run_config in (*configs.values(), *extra.values()) for seed in seeds]
     started = time.time()
     with tqdm(total=len(tasks), desc="benchmark (family, seed)") as bar:
         if jobs == 1:
@@ -320,10 +350,16 @@ def run_benchmark(config: BenchConfig, seeds: list[int], out: Path, families: tu
         loaded = [_load_seed(family_config, seed, cache) for seed in seeds]
         per_seed = [result["methods"] for result in loaded]
         seconds = [result.get("seconds") for result in loaded]
+        extra_runs = [_cached(extra[family], seed, cache) for seed in seeds] if family in extra else []
+        for methods, extra_run in zip(per_seed, extra_runs):
+            methods[PROPAGATED] = extra_run["methods"][_EXTRA_ROWS[PROPAGATED][0]]
+        seconds += [extra_run.get("seconds") for extra_run in extra_runs]
         total = None if None in seconds else round(sum(seconds), 1)
         reports[family] = _family_results(config_dict(family_config), seeds, per_seed, total)
         if "masks" in loaded[0]:  # automatic masks: their quality per seed
             reports[family]["masks"] = [result["masks"] for result in loaded]
+        if extra_runs:
+            reports[family]["propagated_masks"] = [extra_run["masks"] for extra_run in extra_runs]
         suffix = "" if len(families) == 1 else f"_{family}"
         _figure(loaded[0], out / f"relevance_before_after{suffix}.png")
         if family == families[0]:
@@ -365,6 +401,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the README's comparison: 3 seeds of every method against the original (about an "
                             "hour per family on 2 CPU cores)")
     scale.add_argument("--quick", action="store_true", help="a smoke test (about 2 minutes): its numbers mean nothing")
+    parser.add_argument("--no-propagated", action="store_true",
+                        help=f"skip the {PROPAGATED} row ({_EXTRA_ROWS[PROPAGATED][1]}), which runs by default "
+                             "where every class is masked and neither --methods nor --quick is given")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--jobs", type=int, default=None,
                         help="(family, seed) runs in parallel processes, one thread each (default: as many as "
@@ -420,10 +459,13 @@ def run(args: argparse.Namespace) -> int:
         changes["methods"] = tuple(args.methods)
     config = replace(config, **{**changes, **_overrides(args.overrides)})
     jobs = args.jobs or max(1, min(len(families) * seeds, os.cpu_count() or 1))
+    propagated = not (args.no_propagated or args.quick or args.methods or config.set_b
+                      or config.finetune_per_class >= PROPAGATED_PER_CLASS)
     scale = "quick" if args.quick else "full" if args.full else "default"
-    print(plan(config, families, range(seeds), scale, bool(args.methods or args.overrides), str(args.out / "cache")),
-          flush=True)
-    results = run_benchmark(config, list(range(seeds)), args.out, families, note, jobs)
+    extra_rows = {PROPAGATED: _EXTRA_ROWS[PROPAGATED][1]} if propagated else {}
+    print(plan(config, families, range(seeds), scale, bool(args.methods or args.overrides), str(args.out / "cache"),
+               extra_rows), flush=True)
+    results = run_benchmark(config, list(range(seeds)), args.out, families, note, jobs, propagated)
     reports = results["families"] if "families" in results else {families[0]: results}
     for family, report in reports.items():
         print(f"\nShortcut family: {family}\n\n" + markdown_tables(report["methods"], report["seeds"]))

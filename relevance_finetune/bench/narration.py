@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
@@ -86,11 +86,13 @@ def _expected(scale: str, runs: int, custom: bool) -> str:
 
 
 def plan(config: BenchConfig, families: Sequence[str], seeds: Sequence[int], scale: str = "default",
-         custom: bool = False, cache: str = "") -> str:
+         custom: bool = False, cache: str = "", extra_rows: Mapping[str, str] | None = None) -> str:
     """What the demo is about to do: the families, seeds and methods, what the original and the oracle
     are, how each method is finetuned and tested, and the expected time. ``scale``: a
-    ``SECONDS_PER_RUN`` key; ``custom``: methods or settings other than that scale's."""
-    width = max(map(len, config.methods))
+    ``SECONDS_PER_RUN`` key; ``custom``: methods or settings other than that scale's; ``extra_rows``:
+    the name and description of each row run beside the methods, in a run of its own."""
+    rows = {**{name: METHODS[name].description for name in config.methods}, **(extra_rows or {})}
+    width = max(map(len, rows))
     shortcuts = "; ".join(f"{family} ({SHORTCUTS[family]})" for family in families)
     lines = [
         "relevance-finetune demo: does finetuning a ViT's relevance maps on a few masked images make it "
@@ -99,7 +101,7 @@ def plan(config: BenchConfig, families: Sequence[str], seeds: Sequence[int], sca
         f"shortcut names the class {config.p:.0%} of the time.",
         f"  Seeds: {len(seeds)} ({', '.join(map(str, seeds))}). Methods, each compared with the same seed's "
         "original:",
-        *(f"    {name:<{width}}  {METHODS[name].description}" for name in config.methods),
+        *(f"    {name:<{width}}  {description}" for name, description in rows.items()),
         f"  The original: a small ViT ({config.depth} blocks, width {config.embed_dim}, {config.image_size}-pixel "
         f"images, {config.num_classes} classes) trained first with the shortcut independent of the class, then "
         "with it agreeing: it learns both the object and the shortcut.",
@@ -111,7 +113,9 @@ def plan(config: BenchConfig, families: Sequence[str], seeds: Sequence[int], sca
         f"{_count(len(config.lr_grid), 'learning rate')}) and "
         f"keeps the model its rule picks on {config.val_per_class * len(config.val_classes)} masked validation "
         f"images; every model is then tested on {config.test_images} ID, OOD and adversarial images each.",
-        f"  Expected time: {_expected(scale, len(families) * len(seeds), custom)}."
+        f"  Expected time: {_expected(scale, len(families) * len(seeds), custom)}"
+        + (f", plus the {', '.join(extra_rows)} run{'s' * (len(seeds) * len(families) > 1)}, not in this "
+           "estimate." if extra_rows else ".")
         + (f" Finished seeds in {cache} are reused." if cache else ""),
     ]
     return "\n".join(lines)
